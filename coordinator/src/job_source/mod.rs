@@ -1,0 +1,322 @@
+//! Where jobs come from and where their outcomes go.
+//!
+//! [`JobSource`] is the queue contract of `DESIGN.md` section 2 seen from the coordinator: claim
+//! with a lease, heartbeat, complete with documents, retry-or-fail, cancel detection. Two
+//! implementations: [`embedded_store::EmbeddedStore`] (SQLite in `DATA_DIR`, the default) and
+//! [`convex::ConvexSource`] (the production Convex deployment over its HTTP API).
+
+pub mod convex;
+pub mod embedded_store;
+
+use std::{fmt, str::FromStr, time::Duration};
+
+use async_trait::async_trait;
+
+/// Job id as the source spells it (a Convex id, or an embedded-store id of the same shape).
+pub type JobId = String;
+
+pub type Result<T, E = JobSourceError> = std::result::Result<T, E>;
+
+/// Every status a job can have, with the names Convex uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum JobStatus {
+    Pending,
+    Claimed,
+    Running,
+    Cloning,
+    Analyzing,
+    Gathering,
+    Completed,
+    Failed,
+    Canceled,
+    Dead,
+}
+
+impl JobStatus {
+    pub const ALL: [JobStatus; 10] = [
+        JobStatus::Pending,
+        JobStatus::Claimed,
+        JobStatus::Running,
+        JobStatus::Cloning,
+        JobStatus::Analyzing,
+        JobStatus::Gathering,
+        JobStatus::Completed,
+        JobStatus::Failed,
+        JobStatus::Canceled,
+        JobStatus::Dead,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Pending => "pending",
+            JobStatus::Claimed => "claimed",
+            JobStatus::Running => "running",
+            JobStatus::Cloning => "cloning",
+            JobStatus::Analyzing => "analyzing",
+            JobStatus::Gathering => "gathering",
+            JobStatus::Completed => "completed",
+            JobStatus::Failed => "failed",
+            JobStatus::Canceled => "canceled",
+            JobStatus::Dead => "dead",
+        }
+    }
+
+    /// No further transition happens from these on their own.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            JobStatus::Completed | JobStatus::Failed | JobStatus::Canceled | JobStatus::Dead
+        )
+    }
+}
+
+impl fmt::Display for JobStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for JobStatus {
+    type Err = JobSourceError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        JobStatus::ALL
+            .into_iter()
+            .find(|status| status.as_str() == s)
+            .ok_or_else(|| JobSourceError::Invalid(format!("unknown job status {s:?}")))
+    }
+}
+
+/// The statuses a heartbeat may set (Convex's `queue:heartbeat` validator).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActiveStatus {
+    Running,
+    Cloning,
+    Analyzing,
+    Gathering,
+}
+
+impl ActiveStatus {
+    pub fn as_str(self) -> &'static str {
+        self.job_status().as_str()
+    }
+
+    pub fn job_status(self) -> JobStatus {
+        match self {
+            ActiveStatus::Running => JobStatus::Running,
+            ActiveStatus::Cloning => JobStatus::Cloning,
+            ActiveStatus::Analyzing => JobStatus::Analyzing,
+            ActiveStatus::Gathering => JobStatus::Gathering,
+        }
+    }
+}
+
+/// What to clone for a job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RepoTarget {
+    pub url: String,
+    pub branch: String,
+}
+
+/// A job this coordinator now holds the lease of.
+#[derive(Debug, Clone)]
+pub struct ClaimedJob {
+    pub id: JobId,
+    /// Attempt number of this run, 1-based.
+    pub attempt: u32,
+    pub prompt: String,
+    /// The repository to analyze, or why it could not be resolved (e.g. the repository document is
+    /// missing). The dispatcher fails a job it cannot resolve instead of assigning it.
+    pub target: std::result::Result<RepoTarget, String>,
+}
+
+/// Fields a heartbeat writes besides extending the lease; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProgressUpdate {
+    pub status: Option<ActiveStatus>,
+    pub progress: Option<String>,
+    pub current_step: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DocumentKind {
+    Chapter,
+    Tutorial,
+    Toc,
+    Yaml,
+}
+
+impl DocumentKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DocumentKind::Chapter => "chapter",
+            DocumentKind::Tutorial => "tutorial",
+            DocumentKind::Toc => "toc",
+            DocumentKind::Yaml => "yaml",
+        }
+    }
+}
+
+impl FromStr for DocumentKind {
+    type Err = JobSourceError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "chapter" => Ok(DocumentKind::Chapter),
+            "tutorial" => Ok(DocumentKind::Tutorial),
+            "toc" => Ok(DocumentKind::Toc),
+            "yaml" => Ok(DocumentKind::Yaml),
+            other => Err(JobSourceError::Invalid(format!("unknown document kind {other:?}"))),
+        }
+    }
+}
+
+/// One generated document, as stored by `docs:upsertFromJob`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Document {
+    pub slug: String,
+    pub title: String,
+    pub kind: DocumentKind,
+    pub chapter_index: Option<u32>,
+    pub content: String,
+}
+
+/// A successful run's outcome.
+#[derive(Debug, Clone)]
+pub struct JobResult {
+    /// Identifies the run that produced the documents (the assignment id).
+    pub run_id: String,
+    pub message: String,
+    pub documents: Vec<Document>,
+}
+
+/// What `fail` did with the job.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FailOutcome {
+    /// Back to pending; runs again at `next_run_at_ms` (ms since the Unix epoch).
+    Retrying { attempts: u32, next_run_at_ms: f64 },
+    /// Out of attempts.
+    Dead { attempts: u32 },
+    /// Failed for good without using up its attempts (a non-retryable error, where the source
+    /// supports that).
+    Failed,
+}
+
+/// A job as an operator sees it (`Admin/GetJob`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobView {
+    pub id: JobId,
+    pub status: JobStatus,
+    pub attempts: u32,
+    pub error: Option<String>,
+    pub progress: Option<String>,
+    pub current_step: Option<u32>,
+    pub repo_url: Option<String>,
+    pub branch: Option<String>,
+    /// Whether a cancel was requested (Convex's `cancelRequested`), whatever the status says.
+    pub cancel_requested: bool,
+    /// Who holds the lease (`lockedBy`).
+    pub locked_by: Option<String>,
+    pub created_at_ms: f64,
+    pub updated_at_ms: f64,
+    /// Stored documents, in upload order; `content` is empty unless asked for.
+    pub documents: Vec<Document>,
+}
+
+/// A job to enqueue (`Admin/SubmitJob`).
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub repo_url: String,
+    pub branch: String,
+    pub prompt: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobSourceError {
+    /// The lease is someone else's now (or the job no longer exists): stop working on it.
+    #[error("job {job_id} is not owned by worker {worker_id}")]
+    NotOwned { job_id: JobId, worker_id: String },
+    /// The job was canceled; nothing was written.
+    #[error("job {0} was canceled")]
+    Canceled(JobId),
+    #[error("job {0} not found")]
+    NotFound(JobId),
+    /// The source cannot do this (e.g. submitting jobs to Convex from the coordinator).
+    #[error("{0}")]
+    Unsupported(String),
+    /// The request or the source's reply is malformed.
+    #[error("invalid: {0}")]
+    Invalid(String),
+    /// The result does not fit the source's limits; running again will not help.
+    #[error("result too large: {0}")]
+    TooLarge(String),
+    /// The source could not be reached or was overloaded, after retries; try again later.
+    #[error("job source unavailable: {0}")]
+    Unavailable(String),
+    /// The source's function failed (Convex `status: "error"`), or local storage failed.
+    #[error("job source error: {0}")]
+    Failed(String),
+}
+
+impl JobSourceError {
+    /// Whether calling again later may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, JobSourceError::Unavailable(_))
+    }
+}
+
+/// The job queue as the coordinator uses it. Every method is one logical operation on the source;
+/// implementations retry transient transport errors themselves within a bounded time and report
+/// what is left as [`JobSourceError::Unavailable`].
+#[async_trait]
+pub trait JobSource: Send + Sync + 'static {
+    /// Short name for logs and health ("embedded", "convex").
+    fn kind(&self) -> &'static str;
+
+    /// Claims the oldest due pending job, leasing it to `worker_id` for `lease`.
+    async fn claim(&self, worker_id: &str, lease: Duration) -> Result<Option<ClaimedJob>>;
+
+    /// Extends the lease by `lease` and writes `update`. [`JobSourceError::NotOwned`] when the
+    /// lease is someone else's.
+    async fn heartbeat(
+        &self,
+        job_id: &str,
+        worker_id: &str,
+        update: &ProgressUpdate,
+        lease: Duration,
+    ) -> Result<()>;
+
+    /// Stores all of the result's documents (replacing any earlier set) and marks the job
+    /// completed. Safe to call again after a lost reply: a job already completed by this worker
+    /// counts as success.
+    async fn complete(&self, job_id: &str, worker_id: &str, result: &JobResult) -> Result<()>;
+
+    /// Records a failed attempt: retried with backoff, or dead after the maximum attempts. With
+    /// `retryable == false` a source that can fail a job for good does so.
+    async fn fail(
+        &self,
+        job_id: &str,
+        worker_id: &str,
+        error: &str,
+        retryable: bool,
+    ) -> Result<FailOutcome>;
+
+    /// Reads one job; `include_content` fills in document contents.
+    async fn get_job(&self, job_id: &str, include_content: bool) -> Result<Option<JobView>>;
+
+    /// Enqueues a job.
+    async fn submit(&self, job: NewJob) -> Result<JobId>;
+
+    /// Jobs, newest first, optionally of one status.
+    async fn list_jobs(&self, status: Option<JobStatus>, limit: usize) -> Result<Vec<JobView>>;
+
+    /// Asks for the job to stop: a pending job is canceled at once, a running one is marked so the
+    /// coordinator stops it. Returns the status after the request.
+    async fn request_cancel(&self, job_id: &str) -> Result<JobStatus>;
+}
+
+/// Whether a job as read from the source must be stopped: canceled, failed, or with a pending
+/// cancel request.
+pub fn is_cancel_signal(view: &JobView) -> bool {
+    view.cancel_requested || matches!(view.status, JobStatus::Canceled | JobStatus::Failed)
+}

@@ -1,0 +1,22 @@
+//! The gRPC contract between coordinator and agents (`fondation.v1`), and the input checks both
+//! sides apply to what crosses it.
+//!
+//! Layout:
+//! - [`pb`]: the generated protobuf types and tonic services;
+//! - [`validate`]: repository URL allow-list and git branch-name rules, shared so the coordinator
+//!   (before assigning) and the agent (before cloning) enforce the same thing.
+
+pub mod validate;
+
+/// Generated code for package `fondation.v1`.
+pub mod pb {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("fondation.v1");
+}
+
+/// Encoded `FileDescriptorSet` of our protos, for server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("fondation_descriptor");
+
+/// Fully-qualified service names, as health and reflection report them.
+pub const AGENT_GATEWAY_SERVICE: &str = "fondation.v1.AgentGateway";
+pub const ADMIN_SERVICE: &str = "fondation.v1.Admin";
