@@ -6,13 +6,19 @@ use std::{env, fs, path::PathBuf};
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["fondation/v1/agent_gateway.proto", "fondation/v1/admin.proto"];
+    let files = [
+        "fondation/v1/agent_gateway.proto",
+        "fondation/v1/admin.proto",
+    ];
     for file in files {
         println!("cargo:rerun-if-changed={file}");
     }
     let fds = protox::compile(files, ["."])?;
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
-    fs::write(out_dir.join("fondation_descriptor.bin"), fds.encode_to_vec())?;
+    fs::write(
+        out_dir.join("fondation_descriptor.bin"),
+        fds.encode_to_vec(),
+    )?;
     tonic_prost_build::configure().compile_fds(fds)?;
     Ok(())
 }

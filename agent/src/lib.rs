@@ -1,1 +1,84 @@
-//! stub
+//! The Fondation agent: a long-lived process that dials the coordinator, runs the analyzer CLI on
+//! the jobs it is assigned, streams their progress and returns their documents.
+//!
+//! Layout:
+//! - [`config`]: flags and environment variables;
+//! - [`session`]: the stream to the coordinator, reconnects, held results;
+//! - [`runner`]: one assignment end to end (workspace, clone, analyzer, output);
+//! - [`clone`]: the checked `git clone`; [`process`]: child processes in their own group;
+//! - [`analyzer`]: the `ANALYZER_COMMAND` template; [`progress`]: reading the CLI's progress;
+//! - [`collector`]: the output folder turned into documents;
+//! - [`health`]: the agent's own gRPC health service.
+
+pub mod analyzer;
+pub mod clone;
+pub mod collector;
+pub mod config;
+pub mod health;
+pub mod process;
+pub mod progress;
+pub mod runner;
+pub mod session;
+
+use std::sync::Arc;
+
+pub use config::{AgentConfig, Cli, Command};
+pub use session::Shutdown;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error("cannot prepare the workspace folder {path} (TEMP_DIR): {source}")]
+    Workspace {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Serving(#[from] fondation_proto::serving::ServingError),
+}
+
+/// Runs the agent until `shutdown.drain` is cancelled and its jobs have ended, or were handed back
+/// when `shutdown.now` fired or SHUTDOWN_GRACE ran out. The caller binds the health listener
+/// (tests bind port 0).
+pub async fn run(
+    health_listener: TcpListener,
+    config: AgentConfig,
+    shutdown: Shutdown,
+) -> Result<(), AgentError> {
+    let checked = config.check()?;
+    let workspace_root = config.temp_dir.join(&checked.agent_id);
+    runner::prepare_workspace_root(&workspace_root).map_err(|source| AgentError::Workspace {
+        path: workspace_root.display().to_string(),
+        source,
+    })?;
+    let stop_health = CancellationToken::new();
+    let (health, health_task) = health::serve(health_listener, stop_health.clone()).await?;
+    tracing::info!(agent_id = %checked.agent_id, coordinator = %config.coordinator_url, slots = config.max_concurrent_jobs, "agent starting");
+    let ctx = Arc::new(runner::RunnerContext {
+        config,
+        workspace_root,
+        allowlist: checked.allowlist,
+        template: checked.template,
+    });
+    let grace = ctx.config.shutdown_grace;
+    let grace_timer = {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            shutdown.drain.cancelled().await;
+            tokio::select! {
+                _ = tokio::time::sleep(grace) => shutdown.now.cancel(),
+                _ = shutdown.now.cancelled() => {}
+            }
+        })
+    };
+    session::Agent::new(ctx, checked.agent_id, health)
+        .run(shutdown)
+        .await;
+    grace_timer.abort();
+    stop_health.cancel();
+    let _ = health_task.await;
+    Ok(())
+}

@@ -1,5 +1,30 @@
 //! The Fondation coordinator: the only process that talks to the job source (Convex or the
 //! embedded store). It claims jobs, keeps their leases, streams assignments to agents over gRPC,
 //! turns agent progress into job-source updates and completes or retries jobs.
+//!
+//! Layout:
+//! - [`config`]: flags and environment variables;
+//! - [`job_source`]: the queue contract, with the [`job_source::embedded_store`] and
+//!   [`job_source::convex`] implementations;
+//! - [`dispatcher`]: the claim loop and the hand-out of jobs to agents;
+//! - [`agents`]: the registry of connected agents and their slots;
+//! - [`assignments`]: in-flight assignments, their fencing epochs, and report routing;
+//! - [`lease`]: the lease keeper, one task per in-flight job, until its end is recorded;
+//! - [`gateway`] and [`admin`]: the gRPC services; [`auth`]: their bearer tokens;
+//! - [`server`]: builds all of it and serves until shutdown.
 
+pub mod admin;
+pub mod agents;
+pub mod assignments;
+pub mod auth;
+pub mod config;
+pub mod context;
+pub mod dispatcher;
+pub mod gateway;
+pub mod identity;
 pub mod job_source;
+pub mod lease;
+pub mod server;
+
+pub use config::{Cli, Command, CoordinatorConfig};
+pub use server::run;

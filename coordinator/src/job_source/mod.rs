@@ -166,7 +166,9 @@ impl FromStr for DocumentKind {
             "tutorial" => Ok(DocumentKind::Tutorial),
             "toc" => Ok(DocumentKind::Toc),
             "yaml" => Ok(DocumentKind::Yaml),
-            other => Err(JobSourceError::Invalid(format!("unknown document kind {other:?}"))),
+            other => Err(JobSourceError::Invalid(format!(
+                "unknown document kind {other:?}"
+            ))),
         }
     }
 }
@@ -258,6 +260,23 @@ pub enum JobSourceError {
     Failed(String),
 }
 
+impl From<JobSourceError> for tonic::Status {
+    fn from(error: JobSourceError) -> Self {
+        let message = error.to_string();
+        match error {
+            JobSourceError::NotFound(_) => tonic::Status::not_found(message),
+            JobSourceError::Invalid(_) => tonic::Status::invalid_argument(message),
+            JobSourceError::Unsupported(_) => tonic::Status::unimplemented(message),
+            JobSourceError::Unavailable(_) => tonic::Status::unavailable(message),
+            JobSourceError::NotOwned { .. } | JobSourceError::Canceled(_) => {
+                tonic::Status::failed_precondition(message)
+            }
+            JobSourceError::TooLarge(_) => tonic::Status::out_of_range(message),
+            JobSourceError::Failed(_) => tonic::Status::internal(message),
+        }
+    }
+}
+
 impl JobSourceError {
     /// Whether calling again later may succeed.
     pub fn is_transient(&self) -> bool {
@@ -313,6 +332,12 @@ pub trait JobSource: Send + Sync + 'static {
     /// Asks for the job to stop: a pending job is canceled at once, a running one is marked so the
     /// coordinator stops it. Returns the status after the request.
     async fn request_cancel(&self, job_id: &str) -> Result<JobStatus>;
+
+    /// When the next pending job becomes due (ms since the Unix epoch), for sources that know it
+    /// cheaply; lets the claim loop wake for a retry instead of waiting a whole poll interval.
+    async fn next_due_at_ms(&self) -> Result<Option<f64>> {
+        Ok(None)
+    }
 }
 
 /// Whether a job as read from the source must be stopped: canceled, failed, or with a pending

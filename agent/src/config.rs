@@ -1,0 +1,171 @@
+//! Agent configuration: every setting is a flag and an environment variable, defaults in one
+//! place, checked at start-up with errors that name the variable.
+
+use std::{path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+use fondation_proto::{logging::LogFormat, validate::RepoAllowlist};
+
+use crate::analyzer::CommandTemplate;
+
+fn millis(value: &str) -> Result<Duration, String> {
+    value
+        .trim()
+        .parse::<u64>()
+        .map(Duration::from_millis)
+        .map_err(|_| format!("{value:?} is not a whole number of milliseconds"))
+}
+
+/// The bundled Fondation CLI inside the agent image.
+pub const DEFAULT_ANALYZER_COMMAND: &str =
+    "node /app/cli/dist/cli.bundled.mjs analyze {repo} --profile production";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "fondation-agent",
+    version,
+    about = "Runs Fondation analysis jobs handed out by the coordinator"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub config: AgentConfig,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Exit 0 when this agent's health service at HEALTH_ADDR reports SERVING (for container
+    /// health checks).
+    Health,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AgentConfig {
+    /// Where the coordinator listens.
+    #[arg(
+        long,
+        env = "COORDINATOR_URL",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub coordinator_url: String,
+
+    /// Stable agent name; the host name when unset.
+    #[arg(long, env = "AGENT_ID")]
+    pub agent_id: Option<String>,
+
+    /// The agent's own gRPC health (and reflection) address.
+    #[arg(long, env = "HEALTH_ADDR", default_value = "0.0.0.0:50052")]
+    pub health_addr: String,
+
+    /// Jobs this agent runs at once.
+    #[arg(long, env = "MAX_CONCURRENT_JOBS", default_value = "1")]
+    pub max_concurrent_jobs: u32,
+
+    /// Where job workspaces (clones and outputs) are made; each is removed after its job.
+    #[arg(long, env = "TEMP_DIR", default_value = "/tmp/fondation")]
+    pub temp_dir: PathBuf,
+
+    /// The analyzer command: split like shell words but never run by a shell; `{repo}`,
+    /// `{prompt}` and `{job_id}` are replaced inside each argument.
+    #[arg(long, env = "ANALYZER_COMMAND", default_value = DEFAULT_ANALYZER_COMMAND)]
+    pub analyzer_command: String,
+
+    /// Working directory of the analyzer (the real CLI reads its prompts from there).
+    #[arg(long, env = "ANALYZER_WORKDIR", default_value = "/app/cli")]
+    pub analyzer_workdir: PathBuf,
+
+    /// Comma-separated URL prefixes that may be cloned.
+    #[arg(long, env = "REPO_ALLOWLIST", default_value = RepoAllowlist::DEFAULT)]
+    pub repo_allowlist: String,
+
+    /// Token presented to the coordinator (its AGENT_TOKEN).
+    #[arg(long, env = "AGENT_TOKEN", hide_env_values = true)]
+    pub agent_token: Option<String>,
+
+    /// Longest an analyzer run may take (ms).
+    #[arg(long, env = "ANALYZER_TIMEOUT", default_value = "7200000", value_parser = millis)]
+    pub analyzer_timeout: Duration,
+
+    /// Longest a clone may take (ms).
+    #[arg(long, env = "CLONE_TIMEOUT", default_value = "600000", value_parser = millis)]
+    pub clone_timeout: Duration,
+
+    /// Largest clone on disk, in bytes.
+    #[arg(long, env = "CLONE_MAX_BYTES", default_value = "2147483648")]
+    pub clone_max_bytes: u64,
+
+    /// Between SIGTERM and SIGKILL when a run is stopped (ms).
+    #[arg(long, env = "KILL_GRACE", default_value = "10000", value_parser = millis)]
+    pub kill_grace: Duration,
+
+    /// On SIGTERM, how long running jobs may go on before they are stopped and handed back (ms).
+    #[arg(long, env = "SHUTDOWN_GRACE", default_value = "600000", value_parser = millis)]
+    pub shutdown_grace: Duration,
+
+    /// Longest wait between reconnection attempts (ms); keep it below the coordinator's
+    /// REATTACH_GRACE so running jobs are re-attached in time.
+    #[arg(long, env = "RECONNECT_MAX_BACKOFF", default_value = "5000", value_parser = millis)]
+    pub reconnect_max_backoff: Duration,
+
+    /// Log lines as `plain` text or `json`.
+    #[arg(long, env = "LOG_FORMAT", default_value = "plain")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{name} is invalid: {message}")]
+    Invalid { name: &'static str, message: String },
+}
+
+/// Configuration after its checks.
+#[derive(Debug, Clone)]
+pub struct CheckedConfig {
+    pub agent_id: String,
+    pub allowlist: RepoAllowlist,
+    pub template: CommandTemplate,
+}
+
+impl AgentConfig {
+    pub fn check(&self) -> Result<CheckedConfig, ConfigError> {
+        let invalid = |name, message: String| ConfigError::Invalid { name, message };
+        if !(1..=64).contains(&self.max_concurrent_jobs) {
+            return Err(invalid("MAX_CONCURRENT_JOBS", "must be 1 to 64".into()));
+        }
+        let agent_id = match &self.agent_id {
+            Some(id) => id.clone(),
+            None => hostname::get()
+                .map_err(|e| {
+                    invalid(
+                        "AGENT_ID",
+                        format!("unset, and the host name is unreadable: {e}"),
+                    )
+                })?
+                .to_string_lossy()
+                .into_owned(),
+        };
+        fondation_proto::validate::check_job_id(&agent_id)
+            .map_err(|e| invalid("AGENT_ID", e.to_string()))?;
+        let allowlist = RepoAllowlist::parse(&self.repo_allowlist)
+            .map_err(|e| invalid("REPO_ALLOWLIST", e.to_string()))?;
+        let template = CommandTemplate::parse(&self.analyzer_command)
+            .map_err(|e| invalid("ANALYZER_COMMAND", e.to_string()))?;
+        if !self.coordinator_url.starts_with("http://")
+            && !self.coordinator_url.starts_with("https://")
+        {
+            return Err(invalid(
+                "COORDINATOR_URL",
+                format!(
+                    "{:?} must start with http:// or https://",
+                    self.coordinator_url
+                ),
+            ));
+        }
+        Ok(CheckedConfig {
+            agent_id,
+            allowlist,
+            template,
+        })
+    }
+}

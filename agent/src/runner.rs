@@ -1,0 +1,413 @@
+//! The agent runner: one assignment from start to result.
+//!
+//! Fresh workspace under `TEMP_DIR` -> checked clone -> analyzer CLI (argv, its own process group,
+//! timeout, cancel) with its progress turned into step reports -> documents collected from its
+//! output folder -> result reported. The workspace is removed when the run ends, whatever happened.
+
+use std::{path::Path, sync::Arc, time::Duration};
+
+use fondation_proto::{pb, validate};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::{
+    analyzer::{CommandTemplate, TemplateValues},
+    clone::{clone_repo, CloneError, CloneSpec},
+    collector::{self, CollectLimits, CollectedDocument, DocKind},
+    config::AgentConfig,
+    process::{self, ExitStatusKind, OutputLine, ProcessEnd, ProcessSpec},
+    progress::{self, TOTAL_STEPS},
+};
+
+/// Folder of the CLI's output, relative to the analyzed repository (DESIGN.md section 3).
+pub const OUTPUT_FOLDER: &str = ".claude-tutorial-output";
+/// Prefix of workspace folders, so leftovers of a crashed agent can be recognised and removed.
+pub const WORKSPACE_PREFIX: &str = "fondation-job-";
+/// Longest line of CLI output kept.
+const MAX_LINE_BYTES: usize = 4096;
+/// Lines of CLI output kept for the error message of a failed run.
+const TAIL_LINES: usize = 60;
+/// Error lines quoted in a failed job's error.
+const ERROR_LINES_QUOTED: usize = 10;
+/// How often the output folder is looked at for progress evidence from a silent CLI.
+const OUTPUT_POLL: Duration = Duration::from_secs(1);
+/// Progress text with no new step is sent at most this often.
+const MESSAGE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Failure text of a run stopped on request. Retryable: when the agent stops a run for its own
+/// shutdown the job must go to another agent; when the coordinator asked, it ignores the outcome.
+const STOPPED: &str = "the run was stopped before it finished";
+
+/// A message about a run, for the session to send.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub assignment_id: String,
+    pub kind: pb::agent_message::Kind,
+}
+
+impl Report {
+    /// Whether this report ends the run (after it, only the acknowledgement matters).
+    pub fn is_final(&self) -> bool {
+        matches!(self.kind, pb::agent_message::Kind::Finished(_))
+    }
+}
+
+pub type ReportSink = mpsc::UnboundedSender<Report>;
+
+/// What every run needs from the agent's configuration.
+#[derive(Debug)]
+pub struct RunnerContext {
+    pub config: AgentConfig,
+    /// `TEMP_DIR/<agent id>`: agents sharing a TEMP_DIR never touch each other's workspaces.
+    pub workspace_root: std::path::PathBuf,
+    pub allowlist: validate::RepoAllowlist,
+    pub template: CommandTemplate,
+}
+
+/// Why a run failed.
+#[derive(Debug)]
+struct RunFailure {
+    message: String,
+    retryable: bool,
+}
+
+impl RunFailure {
+    fn permanent(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            retryable: false,
+        }
+    }
+
+    fn transient(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            retryable: true,
+        }
+    }
+}
+
+/// Runs one assignment and reports everything about it on `reports`, ending with `Finished`.
+pub async fn run_assignment(
+    ctx: Arc<RunnerContext>,
+    assignment: pb::Assignment,
+    reports: ReportSink,
+    cancel: CancellationToken,
+) {
+    let reporter = Reporter {
+        assignment_id: assignment.assignment_id.clone(),
+        epoch: assignment.epoch,
+        sink: reports,
+    };
+    reporter.send(pb::agent_message::Kind::Accepted(pb::AssignmentAccepted {
+        assignment_id: assignment.assignment_id.clone(),
+        epoch: assignment.epoch,
+    }));
+    info!(job_id = %assignment.job_id, attempt = assignment.attempt, "run started");
+    let outcome = execute(&ctx, &assignment, &reporter, &cancel).await;
+    let finished = match outcome {
+        Ok(documents) => {
+            let count = documents.len() as u32;
+            for (index, document) in documents.into_iter().enumerate() {
+                reporter.send(pb::agent_message::Kind::Document(pb::ResultDocument {
+                    assignment_id: assignment.assignment_id.clone(),
+                    epoch: assignment.epoch,
+                    index: index as u32,
+                    document: Some(to_wire(document)),
+                }));
+            }
+            info!(job_id = %assignment.job_id, documents = count, "run succeeded");
+            pb::assignment_finished::Outcome::Succeeded(pb::RunSucceeded {
+                document_count: count,
+                message: format!("{count} documents generated"),
+            })
+        }
+        Err(failure) => {
+            warn!(job_id = %assignment.job_id, error = %failure.message, retryable = failure.retryable, "run failed");
+            pb::assignment_finished::Outcome::Failed(pb::RunFailed {
+                message: failure.message,
+                retryable: failure.retryable,
+            })
+        }
+    };
+    reporter.send(pb::agent_message::Kind::Finished(pb::AssignmentFinished {
+        assignment_id: assignment.assignment_id.clone(),
+        epoch: assignment.epoch,
+        outcome: Some(finished),
+    }));
+}
+
+struct Reporter {
+    assignment_id: String,
+    epoch: u64,
+    sink: ReportSink,
+}
+
+impl Reporter {
+    fn send(&self, kind: pb::agent_message::Kind) {
+        // The session outlives its runs; a closed sink means the agent is exiting anyway.
+        let _ = self.sink.send(Report {
+            assignment_id: self.assignment_id.clone(),
+            kind,
+        });
+    }
+
+    fn phase(&self, phase: pb::Phase) {
+        self.send(pb::agent_message::Kind::Phase(pb::PhaseChanged {
+            assignment_id: self.assignment_id.clone(),
+            epoch: self.epoch,
+            phase: phase as i32,
+        }));
+    }
+
+    fn step(&self, step: u32, message: String) {
+        self.send(pb::agent_message::Kind::Progress(pb::StepProgress {
+            assignment_id: self.assignment_id.clone(),
+            epoch: self.epoch,
+            step,
+            total_steps: TOTAL_STEPS,
+            message,
+        }));
+    }
+}
+
+async fn execute(
+    ctx: &RunnerContext,
+    assignment: &pb::Assignment,
+    reporter: &Reporter,
+    cancel: &CancellationToken,
+) -> Result<Vec<CollectedDocument>, RunFailure> {
+    // The coordinator checked these too; an agent trusts nothing it did not check itself.
+    ctx.allowlist
+        .check(&assignment.repo_url)
+        .map_err(|e| RunFailure::permanent(e.to_string()))?;
+    validate::check_branch(&assignment.branch).map_err(|e| RunFailure::permanent(e.to_string()))?;
+    validate::check_prompt(&assignment.prompt).map_err(|e| RunFailure::permanent(e.to_string()))?;
+    validate::check_job_id(&assignment.job_id).map_err(|e| RunFailure::permanent(e.to_string()))?;
+
+    let config = &ctx.config;
+    let workspace = tempfile::Builder::new()
+        .prefix(WORKSPACE_PREFIX)
+        .tempdir_in(&ctx.workspace_root)
+        .map_err(|e| {
+            RunFailure::transient(format!(
+                "cannot create a workspace in {} (under TEMP_DIR): {e}",
+                ctx.workspace_root.display()
+            ))
+        })?;
+    let repo = workspace.path().join("repo");
+
+    reporter.phase(pb::Phase::Cloning);
+    let clone = CloneSpec {
+        url: assignment.repo_url.clone(),
+        branch: assignment.branch.clone(),
+        dest: repo.clone(),
+        timeout: config.clone_timeout,
+        max_bytes: config.clone_max_bytes,
+    };
+    clone_repo(&clone, &ctx.allowlist, cancel.clone())
+        .await
+        .map_err(|error| match error {
+            CloneError::Canceled => RunFailure::transient(STOPPED),
+            error => RunFailure {
+                retryable: error.is_retryable(),
+                message: error.to_string(),
+            },
+        })?;
+
+    reporter.phase(pb::Phase::Analyzing);
+    let output_dir = repo.join(OUTPUT_FOLDER);
+    analyze(ctx, assignment, &repo, &output_dir, reporter, cancel).await?;
+
+    reporter.phase(pb::Phase::Gathering);
+    let limits = CollectLimits::default();
+    let documents = tokio::task::spawn_blocking(move || collector::collect(&output_dir, &limits))
+        .await
+        .map_err(|e| RunFailure::transient(format!("collecting the output panicked: {e}")))?
+        .map_err(|e| RunFailure {
+            retryable: !e.is_permanent(),
+            message: e.to_string(),
+        })?;
+    drop(workspace);
+    Ok(documents)
+}
+
+/// Runs the analyzer CLI, reporting its progress, until it ends.
+async fn analyze(
+    ctx: &RunnerContext,
+    assignment: &pb::Assignment,
+    repo: &Path,
+    output_dir: &Path,
+    reporter: &Reporter,
+    cancel: &CancellationToken,
+) -> Result<(), RunFailure> {
+    let repo_arg = repo.to_string_lossy();
+    let argv = ctx.template.render(TemplateValues {
+        repo: &repo_arg,
+        prompt: &assignment.prompt,
+        job_id: &assignment.job_id,
+    });
+    let spec = ProcessSpec {
+        argv,
+        workdir: ctx.config.analyzer_workdir.clone(),
+        env: Vec::new(),
+        timeout: ctx.config.analyzer_timeout,
+        kill_grace: ctx.config.kill_grace,
+        max_line_bytes: MAX_LINE_BYTES,
+        tail_lines: TAIL_LINES,
+    };
+    let (lines_tx, mut lines) = mpsc::channel::<OutputLine>(1024);
+    let child = process::run(spec, lines_tx, cancel.clone());
+    tokio::pin!(child);
+
+    let mut tracker = StepTracker::default();
+    let mut output_poll = tokio::time::interval(OUTPUT_POLL);
+    let mut lines_open = true;
+    let end = loop {
+        tokio::select! {
+            end = &mut child => break end,
+            line = lines.recv(), if lines_open => match line {
+                Some(line) => {
+                    if let Some(report) = progress::parse_line(&line.text) {
+                        tracker.on_report(report.step, report.message, reporter);
+                    }
+                }
+                None => lines_open = false,
+            },
+            _ = output_poll.tick() => {
+                let dir = output_dir.to_path_buf();
+                if let Ok(Some(step)) = tokio::task::spawn_blocking(move || progress::last_step_with_output(&dir)).await {
+                    tracker.on_output_evidence(step, reporter);
+                }
+            }
+        }
+    };
+    // Lines still queued after the child ended are progress too.
+    while let Ok(line) = lines.try_recv() {
+        if let Some(report) = progress::parse_line(&line.text) {
+            tracker.on_report(report.step, report.message, reporter);
+        }
+    }
+
+    let end = end.map_err(|e| RunFailure::transient(e.to_string()))?;
+    match end {
+        ProcessEnd::Exited {
+            status: ExitStatusKind::Exited(0),
+            ..
+        } => Ok(()),
+        ProcessEnd::Exited { status, tail } => {
+            let how = match status {
+                ExitStatusKind::Exited(code) => format!("exited with code {code}"),
+                ExitStatusKind::Signaled(signal) => format!("was killed by signal {signal}"),
+            };
+            Err(RunFailure::transient(format!(
+                "the analyzer {how}: {}",
+                error_text(&tail)
+            )))
+        }
+        ProcessEnd::TimedOut { tail } => Err(RunFailure::transient(format!(
+            "the analyzer ran longer than ANALYZER_TIMEOUT ({} ms) and was stopped; last output: {}",
+            ctx.config.analyzer_timeout.as_millis(),
+            error_text(&tail)
+        ))),
+        ProcessEnd::Canceled { .. } => Err(RunFailure::transient(STOPPED)),
+    }
+}
+
+/// The CLI's last error lines, else its last lines.
+fn error_text(tail: &[OutputLine]) -> String {
+    let errors: Vec<&str> = tail
+        .iter()
+        .map(|line| line.text.as_str())
+        .filter(|text| progress::is_error_line(text))
+        .collect();
+    let chosen: Vec<&str> = if errors.is_empty() {
+        tail.iter().map(|line| line.text.as_str()).collect()
+    } else {
+        errors
+    };
+    let start = chosen.len().saturating_sub(ERROR_LINES_QUOTED);
+    let text = chosen[start..].join("\n");
+    if text.trim().is_empty() {
+        "(no output)".to_string()
+    } else {
+        text
+    }
+}
+
+/// Turns parsed lines and output-file evidence into step reports: a new step at once, new text
+/// for the same step at most once per `MESSAGE_INTERVAL`.
+#[derive(Default)]
+struct StepTracker {
+    step: u32,
+    last_sent: Option<tokio::time::Instant>,
+}
+
+impl StepTracker {
+    fn on_report(&mut self, step: Option<u32>, message: String, reporter: &Reporter) {
+        let now = tokio::time::Instant::now();
+        match step {
+            Some(step) if step > self.step => {
+                self.step = step;
+                self.last_sent = Some(now);
+                reporter.step(step, message);
+            }
+            _ if self.step > 0
+                && self
+                    .last_sent
+                    .is_none_or(|at| now.duration_since(at) >= MESSAGE_INTERVAL) =>
+            {
+                self.last_sent = Some(now);
+                reporter.step(self.step, message);
+            }
+            _ => {}
+        }
+    }
+
+    fn on_output_evidence(&mut self, done_step: u32, reporter: &Reporter) {
+        if done_step > self.step {
+            self.step = done_step;
+            self.last_sent = Some(tokio::time::Instant::now());
+            reporter.step(
+                done_step,
+                format!("step {done_step}/{TOTAL_STEPS} output written"),
+            );
+        }
+    }
+}
+
+fn to_wire(document: CollectedDocument) -> pb::Document {
+    let kind = match document.kind {
+        DocKind::Chapter => pb::DocumentKind::Chapter,
+        DocKind::Tutorial => pb::DocumentKind::Tutorial,
+        DocKind::Toc => pb::DocumentKind::Toc,
+        DocKind::Yaml => pb::DocumentKind::Yaml,
+    };
+    pb::Document {
+        slug: document.slug,
+        title: document.title,
+        kind: kind as i32,
+        chapter_index: document.chapter_index,
+        content: document.content,
+    }
+}
+
+/// Creates the agent's workspace root and removes workspaces a previous run of this agent left
+/// behind when it died mid-run.
+pub fn prepare_workspace_root(root: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(root)?;
+    let entries = std::fs::read_dir(root)?;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        if name.to_string_lossy().starts_with(WORKSPACE_PREFIX) {
+            match std::fs::remove_dir_all(entry.path()) {
+                Ok(()) => info!(path = %entry.path().display(), "removed a stale workspace"),
+                Err(error) => {
+                    warn!(path = %entry.path().display(), %error, "could not remove a stale workspace")
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,441 @@
+//! The agent's session with the coordinator: dial out, say who we are and what we still run,
+//! take assignments, stream reports, hold results until acknowledged, and reconnect with
+//! exponential backoff and jitter whenever the coordinator is not there.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use fondation_proto::pb::{
+    self, agent_gateway_client::AgentGatewayClient, agent_message::Kind as Up,
+    coordinator_message::Kind as Down,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{
+    metadata::MetadataValue,
+    transport::{Channel, Endpoint},
+    Request, Streaming,
+};
+use tracing::{debug, info, warn};
+
+use crate::{
+    health::HealthState,
+    runner::{run_assignment, Report, RunnerContext},
+};
+
+/// Wait for the coordinator's `Welcome` after `Hello`.
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
+/// Messages queued towards the coordinator.
+const OUTBOUND_QUEUE: usize = 256;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("invalid COORDINATOR_URL {url:?}: {message}")]
+    Url { url: String, message: String },
+    #[error("cannot reach the coordinator at {url}: {message}")]
+    Connect { url: String, message: String },
+    #[error("the coordinator refused the session: {0}")]
+    Refused(String),
+}
+
+/// A run this agent owns, from assignment to acknowledged result.
+struct RunEntry {
+    job_id: String,
+    epoch: u64,
+    cancel: CancellationToken,
+    /// The run's documents and its `Finished`, once it has ended: re-sent after a reconnect until
+    /// the coordinator acknowledges them.
+    result: Option<Vec<Up>>,
+    /// Documents reported so far, collected into `result` when `Finished` arrives.
+    partial: Vec<Up>,
+}
+
+/// How a session ended.
+enum SessionEnd {
+    /// Lost the coordinator: reconnect.
+    Lost(String),
+    /// Shut down and nothing left to run.
+    Done,
+}
+
+pub struct Agent {
+    ctx: Arc<RunnerContext>,
+    agent_id: String,
+    health: HealthState,
+    runs: HashMap<String, RunEntry>,
+    reports_tx: mpsc::UnboundedSender<Report>,
+    reports: mpsc::UnboundedReceiver<Report>,
+    /// No new assignments: drained by an operator or shutting down.
+    draining: bool,
+    /// Running jobs were told to stop (grace over, or a second signal).
+    stopping_all: bool,
+}
+
+/// The two steps of stopping an agent.
+#[derive(Clone, Default)]
+pub struct Shutdown {
+    /// Take no new work; let running jobs finish.
+    pub drain: CancellationToken,
+    /// Stop running jobs now and hand them back (SHUTDOWN_GRACE over, or a second signal).
+    pub now: CancellationToken,
+}
+
+impl Agent {
+    pub fn new(ctx: Arc<RunnerContext>, agent_id: String, health: HealthState) -> Self {
+        let (reports_tx, reports) = mpsc::unbounded_channel();
+        Self {
+            ctx,
+            agent_id,
+            health,
+            runs: HashMap::new(),
+            reports_tx,
+            reports,
+            draining: false,
+            stopping_all: false,
+        }
+    }
+
+    fn slots(&self) -> u32 {
+        self.ctx.config.max_concurrent_jobs
+    }
+
+    fn free_slots(&self) -> u32 {
+        self.slots().saturating_sub(self.runs.len() as u32)
+    }
+
+    /// Runs sessions until `shutdown.drain` and then until the running jobs have ended, or were
+    /// stopped and handed back once `shutdown.now` fired.
+    pub async fn run(mut self, shutdown: Shutdown) {
+        let mut backoff = self.backoff();
+        loop {
+            if shutdown.drain.is_cancelled() && self.runs.is_empty() {
+                break;
+            }
+            match self.connect().await {
+                Ok((outbound, inbound, heartbeat)) => {
+                    backoff = self.backoff();
+                    self.health.set_connected(true).await;
+                    let end = self.serve(outbound, inbound, heartbeat, &shutdown).await;
+                    self.health.set_connected(false).await;
+                    match end {
+                        SessionEnd::Done => break,
+                        SessionEnd::Lost(reason) => {
+                            warn!(%reason, "lost the coordinator; reconnecting")
+                        }
+                    }
+                }
+                Err(error) => {
+                    let wait = backoff
+                        .next()
+                        .unwrap_or(self.ctx.config.reconnect_max_backoff);
+                    warn!(%error, retry_in_ms = wait.as_millis() as u64, "connecting to the coordinator failed");
+                    if self.wait_offline(wait, &shutdown).await {
+                        break;
+                    }
+                }
+            }
+        }
+        info!("agent stopped");
+    }
+
+    fn backoff(&self) -> backon::ExponentialBackoff {
+        ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(self.ctx.config.reconnect_max_backoff)
+            .with_jitter()
+            .without_max_times()
+            .build()
+    }
+
+    /// Reacts to the shutdown signals; call whenever one of them may have fired.
+    async fn on_shutdown_signal(&mut self, shutdown: &Shutdown) {
+        if shutdown.drain.is_cancelled() && !self.draining {
+            self.draining = true;
+            self.health.set_draining().await;
+            info!(
+                running = self.runs.len(),
+                "shutting down: no new jobs; running jobs may finish within SHUTDOWN_GRACE"
+            );
+        }
+        if shutdown.now.is_cancelled() && !self.stopping_all {
+            self.stopping_all = true;
+            warn!(
+                running = self.runs.len(),
+                "stopping running jobs now and handing them back"
+            );
+            for run in self.runs.values() {
+                if run.result.is_none() {
+                    run.cancel.cancel();
+                }
+            }
+        }
+    }
+
+    /// While disconnected: keep collecting run reports (results are held), for `wait` at most.
+    /// Returns true when the agent should exit (shutting down, and every run has ended: results
+    /// cannot be delivered while the coordinator is away, and it will retry those jobs).
+    async fn wait_offline(&mut self, wait: Duration, shutdown: &Shutdown) -> bool {
+        let until = tokio::time::Instant::now() + wait;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(until) => return false,
+                _ = shutdown.drain.cancelled(), if !self.draining => {}
+                _ = shutdown.now.cancelled(), if !self.stopping_all => {}
+                Some(report) = self.reports.recv() => self.record(&report),
+            }
+            self.on_shutdown_signal(shutdown).await;
+            if self.draining && self.runs.values().all(|run| run.result.is_some()) {
+                if !self.runs.is_empty() {
+                    warn!(results = self.runs.len(), "exiting with results the coordinator never acknowledged; it will retry those jobs");
+                }
+                return true;
+            }
+        }
+    }
+
+    async fn connect(
+        &mut self,
+    ) -> Result<
+        (
+            mpsc::Sender<pb::AgentMessage>,
+            Streaming<pb::CoordinatorMessage>,
+            Duration,
+        ),
+        SessionError,
+    > {
+        let url = self.ctx.config.coordinator_url.clone();
+        let endpoint = Endpoint::from_shared(url.clone())
+            .map_err(|e| SessionError::Url {
+                url: url.clone(),
+                message: e.to_string(),
+            })?
+            .connect_timeout(Duration::from_secs(5))
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true);
+        let channel: Channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| SessionError::Connect {
+                url: url.clone(),
+                message: error_chain(&e),
+            })?;
+        let mut client =
+            AgentGatewayClient::new(channel).max_decoding_message_size(8 * 1024 * 1024);
+
+        let (outbound, outbound_rx) = mpsc::channel(OUTBOUND_QUEUE);
+        let hello = pb::Hello {
+            agent_id: self.agent_id.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            slots: self.slots(),
+            labels: Default::default(),
+            running: self
+                .runs
+                .iter()
+                .map(|(assignment_id, run)| pb::RunningAssignment {
+                    assignment_id: assignment_id.clone(),
+                    job_id: run.job_id.clone(),
+                    epoch: run.epoch,
+                    result_pending: run.result.is_some(),
+                })
+                .collect(),
+            protocol_version: pb::ProtocolVersion::ProtocolVersion1 as i32,
+        };
+        outbound
+            .send(pb::AgentMessage {
+                kind: Some(Up::Hello(hello)),
+            })
+            .await
+            .map_err(|_| SessionError::Refused("outbound queue closed".into()))?;
+        let mut request = Request::new(ReceiverStream::new(outbound_rx));
+        if let Some(token) = &self.ctx.config.agent_token {
+            let value = MetadataValue::try_from(format!("Bearer {token}")).map_err(|_| {
+                SessionError::Refused("AGENT_TOKEN is not a valid header value".into())
+            })?;
+            request.metadata_mut().insert("authorization", value);
+        }
+        let mut inbound = client
+            .session(request)
+            .await
+            .map_err(|status| SessionError::Refused(status.message().to_string()))?
+            .into_inner();
+        let first = tokio::time::timeout(WELCOME_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| SessionError::Refused("no Welcome from the coordinator".into()))?
+            .map_err(|status| SessionError::Refused(status.message().to_string()))?;
+        let Some(pb::CoordinatorMessage {
+            kind: Some(Down::Welcome(welcome)),
+        }) = first
+        else {
+            return Err(SessionError::Refused(
+                "the coordinator did not answer Hello with Welcome".into(),
+            ));
+        };
+        info!(coordinator = %welcome.coordinator_id, url = %url, "connected to the coordinator");
+        let heartbeat = Duration::from_millis(u64::from(welcome.heartbeat_interval_ms.max(100)));
+
+        // Results that ended while we were away go out again.
+        for (assignment_id, run) in &self.runs {
+            for kind in run.result.iter().flatten() {
+                debug!(%assignment_id, "re-sending a held result");
+                let _ = outbound
+                    .send(pb::AgentMessage {
+                        kind: Some(kind.clone()),
+                    })
+                    .await;
+            }
+        }
+        Ok((outbound, inbound, heartbeat))
+    }
+
+    async fn serve(
+        &mut self,
+        outbound: mpsc::Sender<pb::AgentMessage>,
+        mut inbound: Streaming<pb::CoordinatorMessage>,
+        heartbeat_every: Duration,
+        shutdown: &Shutdown,
+    ) -> SessionEnd {
+        let mut heartbeat = tokio::time::interval(heartbeat_every);
+        loop {
+            self.on_shutdown_signal(shutdown).await;
+            if self.draining && shutdown.drain.is_cancelled() && self.runs.is_empty() {
+                return SessionEnd::Done;
+            }
+            tokio::select! {
+                message = inbound.message() => match message {
+                    Ok(Some(message)) => {
+                        if let Some(kind) = message.kind {
+                            self.on_message(kind, &outbound).await;
+                        }
+                    }
+                    Ok(None) => return SessionEnd::Lost("the coordinator closed the stream".into()),
+                    Err(status) => return SessionEnd::Lost(format!("stream error: {}", status.message())),
+                },
+                Some(report) = self.reports.recv() => {
+                    self.record(&report);
+                    if outbound.send(pb::AgentMessage { kind: Some(report.kind) }).await.is_err() {
+                        return SessionEnd::Lost("the outbound stream closed".into());
+                    }
+                }
+                _ = heartbeat.tick() => {
+                    let beat = pb::AgentMessage {
+                        kind: Some(Up::Heartbeat(pb::AgentHeartbeat { free_slots: self.free_slots() })),
+                    };
+                    if outbound.send(beat).await.is_err() {
+                        return SessionEnd::Lost("the outbound stream closed".into());
+                    }
+                }
+                _ = shutdown.drain.cancelled(), if !self.draining => {}
+                _ = shutdown.now.cancelled(), if !self.stopping_all => {}
+            }
+        }
+    }
+
+    async fn on_message(&mut self, kind: Down, outbound: &mpsc::Sender<pb::AgentMessage>) {
+        match kind {
+            Down::Assignment(assignment) => self.accept(assignment, outbound).await,
+            Down::Cancel(cancel) => match self.runs.get(&cancel.assignment_id) {
+                Some(run) if run.result.is_some() => {
+                    self.runs.remove(&cancel.assignment_id);
+                }
+                Some(run) => {
+                    info!(job_id = %run.job_id, reason = %cancel.reason, "stopping a run at the coordinator's request");
+                    run.cancel.cancel();
+                }
+                None => debug!(assignment_id = %cancel.assignment_id, "cancel for an unknown run"),
+            },
+            Down::ResultAck(ack) => {
+                if let Some(run) = self.runs.remove(&ack.assignment_id) {
+                    run.cancel.cancel();
+                    if ack.accepted {
+                        info!(job_id = %run.job_id, "result acknowledged");
+                    } else {
+                        warn!(job_id = %run.job_id, reason = %ack.message, "result refused by the coordinator; dropped");
+                    }
+                }
+            }
+            Down::Drain(drain) => {
+                info!(reason = %drain.reason, "draining: no new jobs");
+                self.draining = true;
+                self.health.set_draining().await;
+            }
+            Down::Welcome(_) => warn!("unexpected Welcome mid-session; ignored"),
+        }
+    }
+
+    async fn accept(
+        &mut self,
+        assignment: pb::Assignment,
+        outbound: &mpsc::Sender<pb::AgentMessage>,
+    ) {
+        let refusal = if self.draining {
+            Some("the agent is draining")
+        } else if self.free_slots() == 0 {
+            Some("the agent has no free slot")
+        } else if self.runs.contains_key(&assignment.assignment_id) {
+            Some("duplicate assignment id")
+        } else {
+            None
+        };
+        if let Some(reason) = refusal {
+            warn!(job_id = %assignment.job_id, reason, "assignment refused");
+            let refused = pb::AgentMessage {
+                kind: Some(Up::Finished(pb::AssignmentFinished {
+                    assignment_id: assignment.assignment_id,
+                    epoch: assignment.epoch,
+                    outcome: Some(pb::assignment_finished::Outcome::Failed(pb::RunFailed {
+                        message: format!("assignment refused: {reason}"),
+                        retryable: true,
+                    })),
+                })),
+            };
+            let _ = outbound.send(refused).await;
+            return;
+        }
+        let cancel = CancellationToken::new();
+        self.runs.insert(
+            assignment.assignment_id.clone(),
+            RunEntry {
+                job_id: assignment.job_id.clone(),
+                epoch: assignment.epoch,
+                cancel: cancel.clone(),
+                result: None,
+                partial: Vec::new(),
+            },
+        );
+        tokio::spawn(run_assignment(
+            self.ctx.clone(),
+            assignment,
+            self.reports_tx.clone(),
+            cancel,
+        ));
+    }
+
+    /// Keeps what must survive a disconnect: the documents and the end of each run.
+    fn record(&mut self, report: &Report) {
+        let Some(run) = self.runs.get_mut(&report.assignment_id) else {
+            return;
+        };
+        match &report.kind {
+            Up::Document(_) => run.partial.push(report.kind.clone()),
+            Up::Finished(_) => {
+                let mut result = std::mem::take(&mut run.partial);
+                result.push(report.kind.clone());
+                run.result = Some(result);
+            }
+            _ => {}
+        }
+    }
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
+}

@@ -1,0 +1,286 @@
+//! The registry of connected agents: their slots, what they run, and how to reach them.
+//!
+//! Slot accounting lives here so that the claim loop only claims while some agent can take the
+//! job, and so that no agent is ever handed more assignments than it announced slots.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::Mutex,
+    time::{Instant, SystemTime, UNIX_EPOCH},
+};
+
+use fondation_proto::pb::CoordinatorMessage;
+use tokio::sync::{mpsc, Notify};
+use tonic::Status;
+
+/// Messages down one agent's stream.
+pub type AgentSender = mpsc::Sender<Result<CoordinatorMessage, Status>>;
+
+/// What an agent said about itself in `Hello`.
+#[derive(Debug, Clone)]
+pub struct AgentDescription {
+    pub agent_id: String,
+    pub version: String,
+    pub slots: u32,
+    pub labels: BTreeMap<String, String>,
+    pub peer: String,
+}
+
+/// An agent as `Admin/ListAgents` shows it.
+#[derive(Debug, Clone)]
+pub struct AgentSnapshot {
+    pub description: AgentDescription,
+    pub running: Vec<String>,
+    pub draining: bool,
+    pub last_seen_ms: f64,
+}
+
+struct AgentEntry {
+    description: AgentDescription,
+    /// Identifies the live stream; a reconnect replaces the entry and its session id, so the old
+    /// stream's clean-up cannot remove the new one.
+    session_id: u64,
+    sender: AgentSender,
+    /// Assignment ids this agent is working on, as far as the coordinator knows.
+    running: BTreeSet<String>,
+    draining: bool,
+    last_seen_ms: f64,
+    /// For fairness: among agents with as many free slots, the one served longest ago goes first.
+    last_assigned: Option<Instant>,
+}
+
+impl AgentEntry {
+    fn free_slots(&self) -> u32 {
+        if self.draining {
+            return 0;
+        }
+        self.description
+            .slots
+            .saturating_sub(self.running.len() as u32)
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    agents: HashMap<String, AgentEntry>,
+    next_session_id: u64,
+}
+
+/// Connected agents. Cheap to share behind an `Arc`.
+#[derive(Default)]
+pub struct AgentRegistry {
+    inner: Mutex<Inner>,
+    /// Signalled when capacity may have appeared (agent joined, slot freed, drain lifted).
+    capacity: Notify,
+}
+
+pub fn now_ms() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64() * 1000.0)
+        .unwrap_or_default()
+}
+
+impl AgentRegistry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding this lock leaves plain data behind; keep serving.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers a new session, replacing any earlier one of the same agent id. Returns the new
+    /// session id and the assignments the replaced session was credited with.
+    pub fn connect(
+        &self,
+        description: AgentDescription,
+        sender: AgentSender,
+    ) -> (u64, BTreeSet<String>) {
+        let mut inner = self.lock();
+        inner.next_session_id += 1;
+        let session_id = inner.next_session_id;
+        let entry = AgentEntry {
+            description: description.clone(),
+            session_id,
+            sender,
+            running: BTreeSet::new(),
+            draining: false,
+            last_seen_ms: now_ms(),
+            last_assigned: None,
+        };
+        let previous = inner.agents.insert(description.agent_id, entry);
+        drop(inner);
+        self.capacity.notify_one();
+        (session_id, previous.map(|p| p.running).unwrap_or_default())
+    }
+
+    /// Removes a session if it is still the agent's current one; returns the assignments it ran.
+    pub fn disconnect(&self, agent_id: &str, session_id: u64) -> Option<BTreeSet<String>> {
+        let mut inner = self.lock();
+        match inner.agents.get(agent_id) {
+            Some(entry) if entry.session_id == session_id => {
+                inner.agents.remove(agent_id).map(|entry| entry.running)
+            }
+            _ => None,
+        }
+    }
+
+    pub fn touch(&self, agent_id: &str) {
+        if let Some(entry) = self.lock().agents.get_mut(agent_id) {
+            entry.last_seen_ms = now_ms();
+        }
+    }
+
+    /// Total free slots over all agents that take work.
+    pub fn free_slots(&self) -> u32 {
+        self.lock()
+            .agents
+            .values()
+            .map(AgentEntry::free_slots)
+            .sum()
+    }
+
+    /// Waits until some capacity change was signalled.
+    pub async fn capacity_changed(&self) {
+        self.capacity.notified().await
+    }
+
+    /// Waits for a capacity change, or at most `limit`.
+    pub async fn capacity_changed_or(&self, limit: std::time::Duration) {
+        let _ = tokio::time::timeout(limit, self.capacity.notified()).await;
+    }
+
+    /// Picks the agent with the most free slots (least recently served on a tie), credits it with
+    /// `assignment_id` and returns its id and sender.
+    pub fn reserve_slot(&self, assignment_id: &str) -> Option<(String, AgentSender)> {
+        let mut inner = self.lock();
+        let entry = inner
+            .agents
+            .values_mut()
+            .filter(|entry| entry.free_slots() > 0)
+            .max_by(|a, b| {
+                a.free_slots()
+                    .cmp(&b.free_slots())
+                    // `None` (never served) sorts first among equals: reverse the time order.
+                    .then_with(|| b.last_assigned.cmp(&a.last_assigned))
+                    .then_with(|| b.description.agent_id.cmp(&a.description.agent_id))
+            })?;
+        entry.running.insert(assignment_id.to_string());
+        entry.last_assigned = Some(Instant::now());
+        Some((entry.description.agent_id.clone(), entry.sender.clone()))
+    }
+
+    /// Credits an agent with an assignment it re-attached to after a reconnect.
+    pub fn adopt(&self, agent_id: &str, assignment_id: &str) {
+        if let Some(entry) = self.lock().agents.get_mut(agent_id) {
+            entry.running.insert(assignment_id.to_string());
+        }
+    }
+
+    /// Frees the slot an assignment held.
+    pub fn release(&self, agent_id: &str, assignment_id: &str) {
+        let released = self
+            .lock()
+            .agents
+            .get_mut(agent_id)
+            .is_some_and(|entry| entry.running.remove(assignment_id));
+        if released {
+            self.capacity.notify_one();
+        }
+    }
+
+    /// The current stream of an agent, if it is connected.
+    pub fn sender(&self, agent_id: &str) -> Option<AgentSender> {
+        self.lock()
+            .agents
+            .get(agent_id)
+            .map(|entry| entry.sender.clone())
+    }
+
+    /// Marks an agent as draining; returns its sender, or None when it is not connected.
+    pub fn drain(&self, agent_id: &str) -> Option<AgentSender> {
+        let mut inner = self.lock();
+        let entry = inner.agents.get_mut(agent_id)?;
+        entry.draining = true;
+        Some(entry.sender.clone())
+    }
+
+    pub fn snapshot(&self) -> Vec<AgentSnapshot> {
+        let mut agents: Vec<AgentSnapshot> = self
+            .lock()
+            .agents
+            .values()
+            .map(|entry| AgentSnapshot {
+                description: entry.description.clone(),
+                running: entry.running.iter().cloned().collect(),
+                draining: entry.draining,
+                last_seen_ms: entry.last_seen_ms,
+            })
+            .collect();
+        agents.sort_by(|a, b| a.description.agent_id.cmp(&b.description.agent_id));
+        agents
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agent(
+        registry: &AgentRegistry,
+        id: &str,
+        slots: u32,
+    ) -> mpsc::Receiver<Result<CoordinatorMessage, Status>> {
+        let (tx, rx) = mpsc::channel(8);
+        registry.connect(
+            AgentDescription {
+                agent_id: id.into(),
+                version: "test".into(),
+                slots,
+                labels: BTreeMap::new(),
+                peer: "test".into(),
+            },
+            tx,
+        );
+        rx
+    }
+
+    #[test]
+    fn spreads_work_and_never_exceeds_slots() {
+        let registry = AgentRegistry::default();
+        let _a = agent(&registry, "a", 2);
+        let _b = agent(&registry, "b", 2);
+        let _c = agent(&registry, "c", 2);
+        assert_eq!(registry.free_slots(), 6);
+        let mut per_agent: BTreeMap<String, u32> = BTreeMap::new();
+        for n in 0..6 {
+            let (id, _) = registry
+                .reserve_slot(&format!("as-{n}"))
+                .expect("a free slot");
+            *per_agent.entry(id).or_default() += 1;
+        }
+        assert_eq!(
+            per_agent.values().copied().collect::<Vec<_>>(),
+            vec![2, 2, 2]
+        );
+        assert!(registry.reserve_slot("one-too-many").is_none());
+        registry.release("b", "as-1");
+        registry.release("b", "as-4");
+        assert_eq!(registry.free_slots(), 2);
+        assert_eq!(
+            registry.reserve_slot("next").map(|(id, _)| id).as_deref(),
+            Some("b")
+        );
+    }
+
+    #[test]
+    fn draining_agent_gets_nothing_and_stale_disconnect_is_ignored() {
+        let registry = AgentRegistry::default();
+        let _first = agent(&registry, "a", 1);
+        let _second = agent(&registry, "a", 1); // reconnect replaces session 1
+        assert!(registry.disconnect("a", 1).is_none());
+        assert_eq!(registry.free_slots(), 1);
+        registry.drain("a");
+        assert_eq!(registry.free_slots(), 0);
+        assert!(registry.reserve_slot("x").is_none());
+        assert!(registry.disconnect("a", 2).is_some());
+    }
+}

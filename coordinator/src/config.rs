@@ -1,0 +1,181 @@
+//! Coordinator configuration: every setting is a flag and an environment variable (names kept from
+//! the Node worker where it had one), with defaults in one place and checks at start-up.
+
+use std::{path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+use fondation_proto::{logging::LogFormat, validate::RepoAllowlist};
+
+/// Milliseconds, as the Node worker's variables were.
+fn millis(value: &str) -> Result<Duration, String> {
+    value
+        .trim()
+        .parse::<u64>()
+        .map(Duration::from_millis)
+        .map_err(|_| format!("{value:?} is not a whole number of milliseconds"))
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "fondation-coordinator",
+    version,
+    about = "Claims Fondation jobs and dispatches them to agents over gRPC"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub config: CoordinatorConfig,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Exit 0 when the coordinator at LISTEN_ADDR reports SERVING (for container health checks).
+    Health,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CoordinatorConfig {
+    /// gRPC address for agents, admin, health and reflection.
+    #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:50051")]
+    pub listen_addr: String,
+
+    /// Folder for the embedded job store and the coordinator's state (worker id).
+    #[arg(long, env = "DATA_DIR", default_value = "./fondation-data")]
+    pub data_dir: PathBuf,
+
+    /// Convex deployment URL; without it the embedded job store is used.
+    #[arg(long, env = "CONVEX_URL")]
+    pub convex_url: Option<String>,
+
+    /// Convex deploy key, sent as `Authorization: Convex <key>`. Never logged.
+    #[arg(long, env = "CONVEX_DEPLOY_KEY", hide_env_values = true)]
+    pub convex_deploy_key: Option<String>,
+
+    /// Identity towards the job source (`lockedBy` of claimed jobs). Must be stable across
+    /// restarts: when unset, one is generated once and kept in DATA_DIR/worker-id.
+    #[arg(long, env = "WORKER_ID")]
+    pub worker_id: Option<String>,
+
+    /// Wait after a claim that found nothing (ms).
+    #[arg(long, env = "POLL_INTERVAL", default_value = "5000", value_parser = millis)]
+    pub poll_interval: Duration,
+
+    /// Lease requested for each claimed job and each heartbeat (ms).
+    #[arg(long, env = "LEASE_TIME", default_value = "300000", value_parser = millis)]
+    pub lease_time: Duration,
+
+    /// How often the lease of a running job is extended (ms).
+    #[arg(long, env = "HEARTBEAT_INTERVAL", default_value = "60000", value_parser = millis)]
+    pub heartbeat_interval: Duration,
+
+    /// At most one progress write per job per this interval (ms).
+    #[arg(long, env = "PROGRESS_INTERVAL", default_value = "2000", value_parser = millis)]
+    pub progress_interval: Duration,
+
+    /// How often a running job is checked for cancellation (ms).
+    #[arg(long, env = "CANCEL_CHECK_INTERVAL", default_value = "5000", value_parser = millis)]
+    pub cancel_check_interval: Duration,
+
+    /// An agent silent for this long is considered gone (ms).
+    #[arg(long, env = "AGENT_TIMEOUT", default_value = "10000", value_parser = millis)]
+    pub agent_timeout: Duration,
+
+    /// How long a gone agent's jobs wait for it to reconnect before they are handed back (ms).
+    #[arg(long, env = "REATTACH_GRACE", default_value = "15000", value_parser = millis)]
+    pub reattach_grace: Duration,
+
+    /// Clone URL built from a Convex repository document.
+    #[arg(
+        long,
+        env = "CLONE_URL_TEMPLATE",
+        default_value = "https://github.com/{fullName}.git"
+    )]
+    pub clone_url_template: String,
+
+    /// Comma-separated URL prefixes that may be cloned.
+    #[arg(long, env = "REPO_ALLOWLIST", default_value = RepoAllowlist::DEFAULT)]
+    pub repo_allowlist: String,
+
+    /// Shared token agents must present (`authorization: Bearer <token>`); none when unset.
+    #[arg(long, env = "AGENT_TOKEN", hide_env_values = true)]
+    pub agent_token: Option<String>,
+
+    /// Token for Admin calls that change state (SubmitJob, CancelJob, DrainAgent); open when unset.
+    #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
+    /// Embedded store: attempts before a job is dead.
+    #[arg(long, env = "MAX_ATTEMPTS", default_value = "5")]
+    pub max_attempts: u32,
+
+    /// Embedded store: first retry delay, doubled per attempt up to 10 minutes (ms).
+    #[arg(long, env = "RETRY_BACKOFF", default_value = "5000", value_parser = millis)]
+    pub retry_backoff: Duration,
+
+    /// Log lines as `plain` text or `json`.
+    #[arg(long, env = "LOG_FORMAT", default_value = "plain")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{name} is invalid: {message}")]
+    Invalid { name: &'static str, message: String },
+}
+
+impl CoordinatorConfig {
+    /// Checks what clap cannot, naming the variable at fault.
+    pub fn validate(&self) -> Result<RepoAllowlist, ConfigError> {
+        let invalid = |name, message: String| Err(ConfigError::Invalid { name, message });
+        if self.lease_time < Duration::from_secs(1) {
+            return invalid("LEASE_TIME", "must be at least 1000 ms".into());
+        }
+        if self.heartbeat_interval.is_zero() || self.heartbeat_interval >= self.lease_time {
+            return invalid(
+                "HEARTBEAT_INTERVAL",
+                format!(
+                    "must be above 0 and below LEASE_TIME ({} ms), or leases expire between heartbeats",
+                    self.lease_time.as_millis()
+                ),
+            );
+        }
+        for (name, value) in [
+            ("POLL_INTERVAL", self.poll_interval),
+            ("PROGRESS_INTERVAL", self.progress_interval),
+            ("CANCEL_CHECK_INTERVAL", self.cancel_check_interval),
+            ("AGENT_TIMEOUT", self.agent_timeout),
+        ] {
+            if value.is_zero() {
+                return invalid(name, "must be above 0".into());
+            }
+        }
+        if self.max_attempts == 0 {
+            return invalid("MAX_ATTEMPTS", "must be at least 1".into());
+        }
+        if !self.clone_url_template.contains("{fullName}") {
+            return invalid(
+                "CLONE_URL_TEMPLATE",
+                format!(
+                    "{:?} has no {{fullName}} placeholder",
+                    self.clone_url_template
+                ),
+            );
+        }
+        if let Some(id) = &self.worker_id {
+            if id.trim().is_empty() || id.len() > 128 {
+                return invalid("WORKER_ID", "must be 1 to 128 characters".into());
+            }
+        }
+        RepoAllowlist::parse(&self.repo_allowlist).map_err(|e| ConfigError::Invalid {
+            name: "REPO_ALLOWLIST",
+            message: e.to_string(),
+        })
+    }
+
+    /// How often agents are asked to send an application heartbeat: a third of the timeout, so
+    /// two lost heartbeats do not yet count as a lost agent.
+    pub fn agent_heartbeat_interval(&self) -> Duration {
+        (self.agent_timeout / 3).max(Duration::from_millis(100))
+    }
+}

@@ -1,0 +1,28 @@
+//! State shared by the coordinator's tasks and services.
+
+use std::sync::Arc;
+
+use fondation_proto::validate::RepoAllowlist;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    agents::AgentRegistry, assignments::AssignmentTable, config::CoordinatorConfig,
+    job_source::JobSource,
+};
+
+pub struct Context {
+    pub config: CoordinatorConfig,
+    pub allowlist: RepoAllowlist,
+    /// Our `lockedBy` towards the job source.
+    pub worker_id: String,
+    pub source: Arc<dyn JobSource>,
+    pub agents: AgentRegistry,
+    pub assignments: AssignmentTable,
+    /// Wakes the claim loop early (a job was submitted).
+    pub wake_claimer: Notify,
+    /// Cancelled when the coordinator shuts down.
+    pub shutdown: CancellationToken,
+    /// Cancelled once in-flight jobs are handed back at shutdown: agent streams then close.
+    pub sessions_closed: CancellationToken,
+}

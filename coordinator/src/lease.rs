@@ -1,0 +1,519 @@
+//! The lease keeper: one task per in-flight job, from assignment to its final write.
+//!
+//! It keeps the job's lease alive every `HEARTBEAT_INTERVAL` whatever the CLI prints, turns agent
+//! reports into job-source writes (status changes at once, step progress coalesced to one write per
+//! `PROGRESS_INTERVAL`), watches for cancellation, and ends the job exactly once: completed with
+//! its documents, failed (retry or dead), handed back when its agent is lost, or left canceled.
+
+use std::{sync::Arc, time::Duration};
+
+use fondation_proto::{limits, pb};
+use tokio::{
+    sync::mpsc,
+    time::{interval_at, sleep_until, Instant, MissedTickBehavior},
+};
+use tracing::{debug, info, warn};
+
+use crate::{
+    assignments::AssignmentRecord,
+    context::Context,
+    job_source::{
+        is_cancel_signal, ActiveStatus, Document, FailOutcome, JobResult, JobSourceError,
+        ProgressUpdate,
+    },
+};
+
+/// Something that happened to an in-flight job.
+#[derive(Debug)]
+pub enum JobEvent {
+    /// The agent took the assignment.
+    Accepted,
+    Phase(ActiveStatus),
+    Progress {
+        step: u32,
+        message: String,
+    },
+    /// One result document, already checked by the gateway.
+    Document {
+        index: u32,
+        document: Document,
+    },
+    Finished(RunOutcome),
+    /// The agent's session ended; it may come back within the re-attach grace.
+    AgentGone,
+    /// The agent reconnected and still runs the assignment.
+    AgentBack,
+    /// The agent reconnected without the assignment: the run is lost.
+    AgentLostRun,
+    /// Check for cancellation now (an operator asked).
+    CheckCancel,
+}
+
+#[derive(Debug)]
+pub enum RunOutcome {
+    Succeeded {
+        document_count: u32,
+        message: String,
+    },
+    Failed {
+        message: String,
+        retryable: bool,
+    },
+}
+
+/// How long a stopped run may take to report its end before its slot is freed anyway.
+const STOP_REPORT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Waits between attempts to deliver a final write while the job source is unavailable.
+const FINAL_WRITE_BACKOFF: [u64; 6] = [1, 2, 5, 10, 20, 30];
+
+pub fn spawn_keeper(
+    ctx: Arc<Context>,
+    record: AssignmentRecord,
+    events: mpsc::UnboundedReceiver<JobEvent>,
+) -> tokio::task::JoinHandle<()> {
+    let keeper = Keeper {
+        ctx,
+        record,
+        pending: ProgressUpdate::default(),
+        last_write: None,
+        documents: Vec::new(),
+        result_bytes: 0,
+        invalid_result: None,
+        agent_gone_at: None,
+    };
+    tokio::spawn(keeper.run(events))
+}
+
+/// How the keeper's loop ended.
+enum End {
+    /// The job reached its final state in the job source (or we lost it); the agent is done.
+    Done,
+    /// The run must be stopped on the agent; wait for it to report before freeing the slot.
+    StopRun { reason: String },
+}
+
+struct Keeper {
+    ctx: Arc<Context>,
+    record: AssignmentRecord,
+    /// Fields to write with the next heartbeat.
+    pending: ProgressUpdate,
+    last_write: Option<Instant>,
+    documents: Vec<Document>,
+    result_bytes: u64,
+    /// Why the documents received so far cannot be stored, if they cannot.
+    invalid_result: Option<String>,
+    agent_gone_at: Option<Instant>,
+}
+
+impl Keeper {
+    async fn run(mut self, mut events: mpsc::UnboundedReceiver<JobEvent>) {
+        let config = &self.ctx.config;
+        let start = Instant::now();
+        let mut heartbeat =
+            interval_at(start + config.heartbeat_interval, config.heartbeat_interval);
+        heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut cancel_check = interval_at(
+            start + config.cancel_check_interval,
+            config.cancel_check_interval,
+        );
+        cancel_check.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let grace = config.reattach_grace;
+
+        let end = loop {
+            let flush_at = self.flush_deadline();
+            let gone_deadline = self.agent_gone_at.map(|at| at + grace);
+            let step = tokio::select! {
+                biased;
+                _ = self.ctx.shutdown.cancelled() => Some(self.hand_back("the coordinator is shutting down").await),
+                event = events.recv() => match event {
+                    Some(event) => self.on_event(event).await,
+                    None => Some(End::Done),
+                },
+                _ = sleep_until(gone_deadline.unwrap_or(start)), if gone_deadline.is_some() => {
+                    let message = format!(
+                        "agent {} lost: it did not come back within the {} ms re-attach grace",
+                        self.record.agent_id,
+                        grace.as_millis()
+                    );
+                    Some(self.fail(&message, true).await)
+                }
+                _ = heartbeat.tick() => self.write().await,
+                _ = sleep_until(flush_at.unwrap_or(start)), if flush_at.is_some() => self.write().await,
+                _ = cancel_check.tick() => self.check_cancel().await,
+            };
+            if let Some(end) = step {
+                break end;
+            }
+        };
+
+        if let End::StopRun { reason } = end {
+            self.stop_run(&reason, &mut events).await;
+        }
+        self.ctx.assignments.remove(&self.record.assignment_id);
+        self.ctx
+            .agents
+            .release(&self.record.agent_id, &self.record.assignment_id);
+        debug!(job_id = %self.record.job_id, assignment_id = %self.record.assignment_id, "keeper done");
+    }
+
+    async fn on_event(&mut self, event: JobEvent) -> Option<End> {
+        match event {
+            JobEvent::Accepted => {
+                info!(job_id = %self.record.job_id, agent_id = %self.record.agent_id, "assignment accepted");
+                self.set_status(ActiveStatus::Running).await
+            }
+            JobEvent::Phase(status) => self.set_status(status).await,
+            JobEvent::Progress { step, message } => {
+                self.pending.current_step = Some(step);
+                self.pending.progress = Some(message);
+                if self.flush_deadline().is_some_and(|at| at <= Instant::now()) {
+                    self.write().await
+                } else {
+                    None
+                }
+            }
+            JobEvent::Document { index, document } => {
+                self.add_document(index, document);
+                None
+            }
+            JobEvent::Finished(outcome) => Some(self.finish(outcome).await),
+            JobEvent::AgentGone => {
+                warn!(job_id = %self.record.job_id, agent_id = %self.record.agent_id, "agent gone; waiting for it to re-attach");
+                self.agent_gone_at = Some(Instant::now());
+                // A reconnecting agent re-sends its whole result.
+                self.documents.clear();
+                self.result_bytes = 0;
+                self.invalid_result = None;
+                None
+            }
+            JobEvent::AgentBack => {
+                info!(job_id = %self.record.job_id, agent_id = %self.record.agent_id, "agent re-attached");
+                self.agent_gone_at = None;
+                None
+            }
+            JobEvent::AgentLostRun => {
+                let message = format!(
+                    "agent {} reconnected without this run (it restarted)",
+                    self.record.agent_id
+                );
+                Some(self.fail(&message, true).await)
+            }
+            JobEvent::CheckCancel => self.check_cancel().await,
+        }
+    }
+
+    /// When pending progress should be written: one `PROGRESS_INTERVAL` after the last write.
+    fn flush_deadline(&self) -> Option<Instant> {
+        if self.pending == ProgressUpdate::default() {
+            return None;
+        }
+        Some(match self.last_write {
+            Some(at) => at + self.ctx.config.progress_interval,
+            None => Instant::now(),
+        })
+    }
+
+    async fn set_status(&mut self, status: ActiveStatus) -> Option<End> {
+        self.pending.status = Some(status);
+        self.write().await
+    }
+
+    /// Extends the lease and writes pending fields.
+    async fn write(&mut self) -> Option<End> {
+        // A heartbeat carrying a status would silently un-cancel a canceled Convex job: look first.
+        if self.pending.status.is_some() {
+            if let Some(end) = self.check_cancel().await {
+                return Some(end);
+            }
+        }
+        let ctx = &self.ctx;
+        let result = ctx
+            .source
+            .heartbeat(
+                &self.record.job_id,
+                &ctx.worker_id,
+                &self.pending,
+                ctx.config.lease_time,
+            )
+            .await;
+        match result {
+            Ok(()) => {
+                self.pending = ProgressUpdate::default();
+                self.last_write = Some(Instant::now());
+                None
+            }
+            Err(error) => self.on_write_error(error),
+        }
+    }
+
+    fn on_write_error(&mut self, error: JobSourceError) -> Option<End> {
+        match error {
+            JobSourceError::NotOwned { .. } => {
+                warn!(job_id = %self.record.job_id, "lease lost to another worker; stopping the run");
+                Some(End::StopRun {
+                    reason: "the job's lease was taken over".into(),
+                })
+            }
+            JobSourceError::Canceled(_) | JobSourceError::NotFound(_) => {
+                info!(job_id = %self.record.job_id, "job canceled; stopping the run");
+                Some(End::StopRun {
+                    reason: "the job was canceled".into(),
+                })
+            }
+            error => {
+                // Keep the pending fields: they go out with the next heartbeat.
+                warn!(job_id = %self.record.job_id, %error, "heartbeat failed; will retry");
+                self.last_write = Some(Instant::now());
+                None
+            }
+        }
+    }
+
+    async fn check_cancel(&mut self) -> Option<End> {
+        let view = match self.ctx.source.get_job(&self.record.job_id, false).await {
+            Ok(Some(view)) => view,
+            Ok(None) => {
+                return Some(End::StopRun {
+                    reason: "the job no longer exists".into(),
+                })
+            }
+            Err(error) => {
+                warn!(job_id = %self.record.job_id, %error, "could not check the job for cancellation");
+                return None;
+            }
+        };
+        if is_cancel_signal(&view) {
+            info!(job_id = %self.record.job_id, status = %view.status, "job canceled; stopping the run");
+            return Some(End::StopRun {
+                reason: "the job was canceled".into(),
+            });
+        }
+        let ours = view.locked_by.as_deref() == Some(self.ctx.worker_id.as_str());
+        if view.status.is_terminal() || !ours {
+            warn!(job_id = %self.record.job_id, status = %view.status, locked_by = ?view.locked_by, "job is no longer ours; stopping the run");
+            return Some(End::StopRun {
+                reason: "the job is no longer held by this coordinator".into(),
+            });
+        }
+        None
+    }
+
+    fn add_document(&mut self, index: u32, document: Document) {
+        if self.invalid_result.is_some() {
+            return;
+        }
+        let size = document.content.len() as u64;
+        self.invalid_result = if index as usize != self.documents.len() {
+            Some(format!(
+                "document {index} arrived out of order (expected {})",
+                self.documents.len()
+            ))
+        } else if self.documents.len() >= limits::MAX_DOCUMENTS {
+            Some(format!(
+                "more than {} documents in one result",
+                limits::MAX_DOCUMENTS
+            ))
+        } else if size > limits::MAX_DOCUMENT_BYTES {
+            Some(format!(
+                "document {} is {size} bytes, over the {}-byte limit for one document",
+                document.slug,
+                limits::MAX_DOCUMENT_BYTES
+            ))
+        } else if self.result_bytes + size > limits::MAX_RESULT_BYTES {
+            Some(format!(
+                "the documents add up to more than the {}-byte limit for one result",
+                limits::MAX_RESULT_BYTES
+            ))
+        } else {
+            None
+        };
+        self.result_bytes += size;
+        self.documents.push(document);
+    }
+
+    async fn finish(&mut self, outcome: RunOutcome) -> End {
+        let end = match outcome {
+            RunOutcome::Failed { message, retryable } => self.fail(&message, retryable).await,
+            RunOutcome::Succeeded {
+                document_count,
+                message,
+            } => {
+                if let Some(problem) = self.invalid_result.take() {
+                    self.fail(&format!("the result cannot be stored: {problem}"), false)
+                        .await
+                } else if document_count as usize != self.documents.len() {
+                    let problem = format!(
+                        "the agent announced {document_count} documents but sent {}",
+                        self.documents.len()
+                    );
+                    self.fail(&problem, true).await
+                } else {
+                    self.complete(message).await
+                }
+            }
+        };
+        if matches!(end, End::Done) {
+            self.ack(true, "");
+        }
+        end
+    }
+
+    async fn complete(&mut self, message: String) -> End {
+        let result = JobResult {
+            run_id: self.record.assignment_id.clone(),
+            message,
+            documents: std::mem::take(&mut self.documents),
+        };
+        let count = result.documents.len();
+        let outcome = self
+            .final_write(|ctx, job_id| {
+                let result = &result;
+                async move { ctx.source.complete(job_id, &ctx.worker_id, result).await }
+            })
+            .await;
+        match outcome {
+            Ok(()) => {
+                info!(job_id = %self.record.job_id, documents = count, "job completed");
+                End::Done
+            }
+            Err(JobSourceError::TooLarge(problem)) => {
+                self.fail(&format!("the result cannot be stored: {problem}"), false)
+                    .await
+            }
+            Err(error) => self.final_error(error),
+        }
+    }
+
+    /// Records a failed attempt (retry or dead), or a permanent failure.
+    async fn fail(&mut self, message: &str, retryable: bool) -> End {
+        let message = truncate(message, limits::MAX_MESSAGE_BYTES);
+        let outcome = self
+            .final_write(|ctx, job_id| {
+                let message = &message;
+                async move {
+                    ctx.source
+                        .fail(job_id, &ctx.worker_id, message, retryable)
+                        .await
+                }
+            })
+            .await;
+        match outcome {
+            Ok(FailOutcome::Retrying {
+                attempts,
+                next_run_at_ms,
+            }) => {
+                warn!(job_id = %self.record.job_id, attempts, next_run_at_ms, error = %message, "job failed; will be retried");
+                End::Done
+            }
+            Ok(FailOutcome::Dead { attempts }) => {
+                warn!(job_id = %self.record.job_id, attempts, error = %message, "job failed for the last time; it is dead");
+                End::Done
+            }
+            Ok(FailOutcome::Failed) => {
+                warn!(job_id = %self.record.job_id, error = %message, "job failed; retrying cannot help");
+                End::Done
+            }
+            Err(error) => self.final_error(error),
+        }
+    }
+
+    fn final_error(&self, error: JobSourceError) -> End {
+        match error {
+            JobSourceError::Canceled(_) => {
+                info!(job_id = %self.record.job_id, "job was canceled before its end was recorded");
+            }
+            JobSourceError::NotOwned { .. } => {
+                warn!(job_id = %self.record.job_id, "job was taken over before its end was recorded; result dropped");
+            }
+            error => {
+                warn!(job_id = %self.record.job_id, %error, "recording the job's end failed");
+            }
+        }
+        End::Done
+    }
+
+    /// Runs a final write (complete or fail), retrying while the job source is unavailable: a
+    /// result is delayed by an outage, never dropped. Gives up only at shutdown.
+    async fn final_write<'a, T, F, Fut>(&'a self, call: F) -> Result<T, JobSourceError>
+    where
+        F: Fn(&'a Context, &'a str) -> Fut,
+        Fut: std::future::Future<Output = Result<T, JobSourceError>> + 'a,
+    {
+        let mut attempt = 0usize;
+        loop {
+            match call(&self.ctx, &self.record.job_id).await {
+                Err(error) if error.is_transient() && !self.ctx.shutdown.is_cancelled() => {
+                    let wait = FINAL_WRITE_BACKOFF[attempt.min(FINAL_WRITE_BACKOFF.len() - 1)];
+                    attempt += 1;
+                    warn!(job_id = %self.record.job_id, %error, wait_s = wait, "job source unavailable; retrying the final write");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(wait)) => {}
+                        _ = self.ctx.shutdown.cancelled() => {}
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn hand_back(&mut self, reason: &str) -> End {
+        self.send(pb::coordinator_message::Kind::Cancel(
+            pb::CancelAssignment {
+                assignment_id: self.record.assignment_id.clone(),
+                reason: reason.to_string(),
+            },
+        ));
+        self.fail(&format!("run interrupted: {reason}"), true).await
+    }
+
+    /// Tells the agent to stop the run and waits (bounded) for it to say it has.
+    async fn stop_run(&self, reason: &str, events: &mut mpsc::UnboundedReceiver<JobEvent>) {
+        self.send(pb::coordinator_message::Kind::Cancel(
+            pb::CancelAssignment {
+                assignment_id: self.record.assignment_id.clone(),
+                reason: reason.to_string(),
+            },
+        ));
+        let deadline = Instant::now() + STOP_REPORT_TIMEOUT;
+        loop {
+            tokio::select! {
+                event = events.recv() => match event {
+                    Some(JobEvent::Finished(_)) => {
+                        self.ack(false, reason);
+                        return;
+                    }
+                    Some(JobEvent::AgentGone | JobEvent::AgentLostRun) | None => return,
+                    Some(_) => {}
+                },
+                _ = sleep_until(deadline) => return,
+            }
+        }
+    }
+
+    fn ack(&self, accepted: bool, message: &str) {
+        self.send(pb::coordinator_message::Kind::ResultAck(pb::ResultAck {
+            assignment_id: self.record.assignment_id.clone(),
+            accepted,
+            message: message.to_string(),
+        }));
+    }
+
+    fn send(&self, kind: pb::coordinator_message::Kind) {
+        if let Some(sender) = self.ctx.agents.sender(&self.record.agent_id) {
+            // A full or closed stream means the agent is going away; its re-attach sorts it out.
+            let _ = sender.try_send(Ok(pb::CoordinatorMessage { kind: Some(kind) }));
+        }
+    }
+}
+
+/// Cuts a message to at most `max` bytes on a character boundary.
+pub fn truncate(message: &str, max: usize) -> String {
+    if message.len() <= max {
+        return message.to_string();
+    }
+    let mut end = max;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    message[..end].to_string()
+}

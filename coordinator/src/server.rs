@@ -1,0 +1,164 @@
+//! Builds the coordinator from its configuration and serves it until shutdown.
+
+use std::{sync::Arc, time::Duration};
+
+use fondation_proto::{
+    pb::{admin_server::AdminServer, agent_gateway_server::AgentGatewayServer},
+    serving, ADMIN_SERVICE, AGENT_GATEWAY_SERVICE,
+};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic_health::ServingStatus;
+use tracing::{info, warn};
+
+use crate::{
+    admin::Admin,
+    agents::AgentRegistry,
+    assignments::AssignmentTable,
+    config::{ConfigError, CoordinatorConfig},
+    context::Context,
+    dispatcher,
+    gateway::Gateway,
+    identity,
+    job_source::{
+        convex::{ConvexConfig, ConvexSource},
+        embedded_store::{EmbeddedOptions, EmbeddedStore},
+        JobSource, JobSourceError,
+    },
+};
+
+/// How long in-flight jobs get to be handed back at shutdown before the server stops anyway.
+const HAND_BACK_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("could not create DATA_DIR {path}: {source}")]
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Identity(#[from] identity::IdentityError),
+    #[error("could not open the job source: {0}")]
+    Source(#[from] JobSourceError),
+    #[error(transparent)]
+    Serving(#[from] serving::ServingError),
+    #[error("the gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Opens the job source the configuration asks for: Convex when `CONVEX_URL` is set, else the
+/// embedded store in `DATA_DIR`.
+fn open_source(config: &CoordinatorConfig) -> Result<Arc<dyn JobSource>, ServeError> {
+    Ok(match &config.convex_url {
+        Some(url) => Arc::new(ConvexSource::new(ConvexConfig {
+            url: url.clone(),
+            deploy_key: config.convex_deploy_key.clone(),
+            clone_url_template: config.clone_url_template.clone(),
+            ..ConvexConfig::default()
+        })?),
+        None => Arc::new(EmbeddedStore::open(
+            &config.data_dir,
+            EmbeddedOptions {
+                max_attempts: config.max_attempts,
+                backoff_base: config.retry_backoff,
+                backoff_jitter: config.retry_backoff,
+                ..EmbeddedOptions::default()
+            },
+        )?),
+    })
+}
+
+/// Serves the coordinator on `listener` until `shutdown` is cancelled, then hands back what it
+/// cannot finish and returns.
+pub async fn run(
+    listener: TcpListener,
+    config: CoordinatorConfig,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    let allowlist = config.validate()?;
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| ServeError::DataDir {
+        path: config.data_dir.display().to_string(),
+        source,
+    })?;
+    let worker_id = identity::resolve(config.worker_id.as_deref(), &config.data_dir)?;
+    let source = open_source(&config)?;
+    info!(
+        listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        source = source.kind(),
+        worker_id = %worker_id,
+        "coordinator starting"
+    );
+
+    let keepalive = config.agent_heartbeat_interval();
+    let keepalive_timeout = config.agent_timeout;
+    let ctx = Arc::new(Context {
+        config,
+        allowlist,
+        worker_id,
+        source,
+        agents: AgentRegistry::default(),
+        assignments: AssignmentTable::default(),
+        wake_claimer: tokio::sync::Notify::new(),
+        shutdown: shutdown.clone(),
+        sessions_closed: CancellationToken::new(),
+    });
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    for service in ["", AGENT_GATEWAY_SERVICE, ADMIN_SERVICE] {
+        health
+            .set_service_status(service, ServingStatus::Serving)
+            .await;
+    }
+
+    let claimer = tokio::spawn(dispatcher::run_claim_loop(ctx.clone()));
+
+    let stopping = {
+        let ctx = ctx.clone();
+        async move {
+            ctx.shutdown.cancelled().await;
+            info!("shutting down: no more claims; handing back in-flight jobs");
+            for service in ["", AGENT_GATEWAY_SERVICE, ADMIN_SERVICE] {
+                health
+                    .set_service_status(service, ServingStatus::NotServing)
+                    .await;
+            }
+            wait_for_keepers(&ctx).await;
+            ctx.sessions_closed.cancel();
+        }
+    };
+
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(keepalive))
+        .http2_keepalive_timeout(Some(keepalive_timeout))
+        .add_service(health_service)
+        .add_service(serving::reflection_v1()?)
+        .add_service(serving::reflection_v1alpha()?)
+        .add_service(AgentGatewayServer::new(Gateway::new(ctx.clone())))
+        .add_service(AdminServer::new(Admin::new(ctx.clone())))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopping)
+        .await?;
+    let _ = claimer.await;
+    info!("coordinator stopped");
+    Ok(())
+}
+
+/// Waits until every lease keeper has recorded its job's end, within a bound.
+async fn wait_for_keepers(ctx: &Context) {
+    let deadline = tokio::time::Instant::now() + HAND_BACK_TIMEOUT;
+    while !ctx.assignments.is_empty() {
+        if tokio::time::Instant::now() >= deadline {
+            warn!(
+                remaining = ctx.assignments.len(),
+                "jobs not handed back in time; their leases will expire"
+            );
+            return;
+        }
+        ctx.agents
+            .capacity_changed_or(Duration::from_millis(50))
+            .await;
+    }
+}

@@ -1,0 +1,91 @@
+//! What every gRPC server of ours offers besides its own services: server reflection (v1 and
+//! v1alpha, since grpcurl 1.8 only speaks v1alpha) covering our protos and the health protocol,
+//! and a health probe client for the `health` subcommands used by container health checks.
+
+use std::time::Duration;
+
+use tonic::transport::Endpoint;
+use tonic_health::pb::{
+    health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+};
+
+/// Errors of the reflection setup and of health probes.
+#[derive(Debug, thiserror::Error)]
+pub enum ServingError {
+    #[error("building the reflection service failed: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("invalid health address {addr:?}: {message}")]
+    Address { addr: String, message: String },
+    #[error(
+        "health check of {addr} failed: {message}; is the process running and listening there?"
+    )]
+    Probe { addr: String, message: String },
+}
+
+/// Reflection service, protocol `grpc.reflection.v1`.
+pub fn reflection_v1() -> Result<
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+    ServingError,
+> {
+    Ok(tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?)
+}
+
+/// Reflection service, protocol `grpc.reflection.v1alpha`.
+pub fn reflection_v1alpha() -> Result<
+    tonic_reflection::server::v1alpha::ServerReflectionServer<
+        impl tonic_reflection::server::v1alpha::ServerReflection,
+    >,
+    ServingError,
+> {
+    Ok(tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?)
+}
+
+/// Turns a listen address such as `0.0.0.0:50052` into one a local probe can dial.
+pub fn local_dial_url(listen_addr: &str) -> String {
+    let addr = listen_addr
+        .replace("0.0.0.0", "127.0.0.1")
+        .replace("[::]", "[::1]");
+    if addr.starts_with("http://") || addr.starts_with("https://") {
+        addr
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+/// Asks the health service at `addr` about `service` ("" for the whole server).
+pub async fn probe_health(
+    addr: &str,
+    service: &str,
+    timeout: Duration,
+) -> Result<ServingStatus, ServingError> {
+    let url = local_dial_url(addr);
+    let endpoint = Endpoint::from_shared(url.clone()).map_err(|e| ServingError::Address {
+        addr: addr.to_string(),
+        message: e.to_string(),
+    })?;
+    let probe_error = |message: String| ServingError::Probe {
+        addr: url.clone(),
+        message,
+    };
+    let channel = endpoint
+        .connect_timeout(timeout)
+        .timeout(timeout)
+        .connect()
+        .await
+        .map_err(|e| probe_error(e.to_string()))?;
+    let response = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: service.to_string(),
+        })
+        .await
+        .map_err(|status| probe_error(status.message().to_string()))?;
+    Ok(response.into_inner().status())
+}
