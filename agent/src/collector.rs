@@ -1,34 +1,1072 @@
-//! TEMP STUB
-use std::path::Path;
+//! Turning the analyzer's output folder into the documents stored in Convex.
+//!
+//! The CLI writes `step1_abstractions.yaml`, `step2_relationships.yaml`, `step3_order.yaml`,
+//! `chapters/*.md`, `reviewed-chapters/*.md` and `tutorials/*.md` (DESIGN.md section 3). This
+//! module maps them to documents the way the Node worker it replaces did, except that files are
+//! ordered naturally (`chapter_2` before `chapter_10`). The folder is written by a program
+//! working on an untrusted repository, so collection follows no symlinks, reads only regular
+//! files, and caps every size before reading (DESIGN.md section 5): an oversize result fails with
+//! an error naming the file, it is never truncated.
+
+use std::borrow::Cow;
+use std::cmp::Ordering;
+use std::fs::{self, Metadata};
+use std::io::Read;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::ser::{Serialize, SerializeMap, Serializer};
+use tracing::warn;
+
+/// The YAML files of steps 1 to 3, in step order.
+pub const STEP_YAML_FILES: [&str; 3] = [
+    "step1_abstractions.yaml",
+    "step2_relationships.yaml",
+    "step3_order.yaml",
+];
+
+/// The titles of [`STEP_YAML_FILES`], as the Node worker stored them.
+const STEP_YAML_TITLES: [&str; 3] = ["Abstractions", "Relationships", "Chapter Order"];
+
+/// The markdown folders of steps 4 to 6, in step order.
+pub const OUTPUT_DIRS: [&str; 3] = ["chapters", "reviewed-chapters", "tutorials"];
+
+/// Kind and title prefix of the documents of each of [`OUTPUT_DIRS`].
+const OUTPUT_DIR_KINDS: [(DocKind, &str); 3] = [
+    (DocKind::Chapter, ""),
+    (DocKind::Chapter, "Reviewed: "),
+    (DocKind::Tutorial, "Tutorial: "),
+];
+
+/// Longest title kept, in bytes: a title comes from a line of the file, and a runaway line must
+/// not eat the headroom the other fields of a Convex document need.
+const MAX_TITLE_BYTES: usize = 500;
+
+/// What a document is, as stored in Convex's `kind` field.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DocKind {
     Chapter,
     Tutorial,
+    /// Part of the Convex contract; the analyzer's output folder holds no table of contents, so
+    /// [`collect`] never produces one.
     Toc,
     Yaml,
 }
+
+impl DocKind {
+    /// The name Convex uses for this kind.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DocKind::Chapter => "chapter",
+            DocKind::Tutorial => "tutorial",
+            DocKind::Toc => "toc",
+            DocKind::Yaml => "yaml",
+        }
+    }
+}
+
+/// One document read from the output folder.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CollectedDocument {
+    /// Path relative to the output folder, e.g. `chapters/chapter_0_intro.md`.
     pub slug: String,
     pub title: String,
     pub kind: DocKind,
+    /// 0-based position within its folder, in natural order; None for YAML documents.
     pub chapter_index: Option<u32>,
     pub content: String,
 }
-#[derive(Debug, Clone, Default)]
+
+/// Size bounds of one job's documents, set by what Convex accepts.
+#[derive(Debug, Clone)]
 pub struct CollectLimits {
+    /// Largest content of one document, in bytes.
     pub max_document_bytes: u64,
+    /// Largest sum of the contents of all documents, in bytes.
     pub max_total_bytes: u64,
+    /// Most files collected from one output folder.
     pub max_files: usize,
 }
-#[derive(Debug, thiserror::Error)]
-#[error("x")]
-pub struct CollectError;
-impl CollectError {
-    pub fn is_permanent(&self) -> bool {
-        true
+
+impl Default for CollectLimits {
+    fn default() -> Self {
+        Self {
+            // 1 MiB per Convex document, minus 16 KiB of headroom for its other fields.
+            max_document_bytes: 1024 * 1024 - 16 * 1024,
+            // `docs:upsertFromJob` takes 16 MiB of arguments; keep 1 MiB for everything else.
+            max_total_bytes: 15 * 1024 * 1024,
+            max_files: 2000,
+        }
     }
 }
-pub fn collect(_d: &Path, _l: &CollectLimits) -> Result<Vec<CollectedDocument>, CollectError> {
-    Err(CollectError)
+
+pub type Result<T, E = CollectError> = std::result::Result<T, E>;
+
+/// Why an output folder could not be turned into documents.
+#[derive(Debug, thiserror::Error)]
+pub enum CollectError {
+    #[error(
+        "the analyzer produced no output folder at {}: it exited successfully without writing \
+         results; check its output-dir setting and its log",
+        path.display()
+    )]
+    MissingOutput { path: PathBuf },
+
+    #[error(
+        "the analyzer output folder {} is a symlink; it is not followed, so the job's output \
+         cannot be collected",
+        path.display()
+    )]
+    OutputIsSymlink { path: PathBuf },
+
+    #[error(
+        "the analyzer output path {} is not a folder; check the analyzer's output-dir setting",
+        path.display()
+    )]
+    OutputNotFolder { path: PathBuf },
+
+    #[error(
+        "the analyzer wrote no documents in {}: it exited successfully but none of the expected \
+         files (step*.yaml, chapters/*.md, reviewed-chapters/*.md, tutorials/*.md) is there",
+        path.display()
+    )]
+    NoDocuments { path: PathBuf },
+
+    #[error(
+        "the analyzer output folder {} holds more than {limit} files; the job cannot be stored",
+        path.display()
+    )]
+    TooManyFiles { path: PathBuf, limit: usize },
+
+    /// `path` is the document's slug (its path relative to the output folder).
+    #[error(
+        "output file {path} is {size} bytes, over the {limit}-byte limit for one document; \
+         the job cannot be stored"
+    )]
+    Oversize { path: String, size: u64, limit: u64 },
+
+    #[error(
+        "the analyzer output adds up to {total} bytes, over the {limit}-byte limit for one job's \
+         documents; the job cannot be stored"
+    )]
+    TotalTooLarge { total: u64, limit: u64 },
+
+    /// `path` is the file's slug.
+    #[error(
+        "output file {path} is not valid YAML ({source}); the analyzer wrote a corrupt result"
+    )]
+    InvalidYaml {
+        path: String,
+        #[source]
+        source: serde_yaml::Error,
+    },
+
+    /// `path` is the file's slug.
+    #[error("output file {path} could not be written as JSON ({source})")]
+    YamlToJson {
+        path: String,
+        #[source]
+        source: serde_json::Error,
+    },
+
+    #[error(
+        "output file {} was replaced while it was being collected (no longer the regular file \
+         that was listed); it was not read",
+        path.display()
+    )]
+    Changed { path: PathBuf },
+
+    #[error(
+        "could not read analyzer output {} ({source}); check that the agent can read its work \
+         folder",
+        path.display()
+    )]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Reads every document of the analyzer's output folder, in the order they are stored: the YAML
+/// files (steps 1, 2, 3, then any other), then chapters, reviewed chapters and tutorials, each in
+/// natural order of file names.
+pub fn collect(output_dir: &Path, limits: &CollectLimits) -> Result<Vec<CollectedDocument>> {
+    check_output_dir(output_dir)?;
+    let mut lister = Lister {
+        root: output_dir,
+        limits,
+        listed: 0,
+    };
+
+    // List everything first, so that too many files or an oversize one fail before any reading.
+    let mut yaml_files = lister.list(output_dir, "", is_yaml_name)?;
+    yaml_files.sort_by(|a, b| {
+        let rank = |c: &Candidate| known_yaml_index(&c.name).unwrap_or(STEP_YAML_FILES.len());
+        rank(a)
+            .cmp(&rank(b))
+            .then_with(|| natural_cmp(&a.name, &b.name))
+    });
+    let mut folders = Vec::with_capacity(OUTPUT_DIRS.len());
+    for folder in OUTPUT_DIRS {
+        let dir = output_dir.join(folder);
+        let files = if is_collectable_folder(&dir, folder)? {
+            lister.list(&dir, folder, |name| name.ends_with(".md"))?
+        } else {
+            Vec::new()
+        };
+        folders.push(files);
+    }
+    if yaml_files.is_empty() && folders.iter().all(Vec::is_empty) {
+        return Err(CollectError::NoDocuments {
+            path: output_dir.to_owned(),
+        });
+    }
+
+    let mut documents = Vec::new();
+    for file in &yaml_files {
+        documents.push(yaml_document(file, limits)?);
+    }
+
+    // Markdown is stored as read, so its size on disk is its size as a document (more only if
+    // it is not UTF-8): refuse an output that is too large before reading it into memory.
+    let yaml_bytes: u64 = documents.iter().map(|d| d.content.len() as u64).sum();
+    let markdown_bytes: u64 = folders.iter().flatten().map(|c| c.metadata.len()).sum();
+    check_total(yaml_bytes.saturating_add(markdown_bytes), limits)?;
+
+    for (files, (kind, title_prefix)) in folders.iter().zip(OUTPUT_DIR_KINDS) {
+        for (index, file) in files.iter().enumerate() {
+            let content = read_text(file, limits)?;
+            let stem = file.name.strip_suffix(".md").unwrap_or(&file.name);
+            let title = markdown_title(&content).unwrap_or_else(|| stem.replace('_', " "));
+            documents.push(CollectedDocument {
+                slug: file.slug.clone(),
+                title: format!("{title_prefix}{title}"),
+                kind,
+                chapter_index: Some(u32::try_from(index).unwrap_or(u32::MAX)),
+                content,
+            });
+        }
+    }
+    check_total(
+        documents.iter().map(|d| d.content.len() as u64).sum(),
+        limits,
+    )?;
+    Ok(documents)
+}
+
+/// Compares names so that digit runs compare as numbers: `chapter_2_x` < `chapter_10_x`.
+/// Names equal but for leading zeros (`a01`, `a1`) fall back to plain order, so the order is
+/// total and sorting is deterministic.
+pub fn natural_cmp(a: &str, b: &str) -> Ordering {
+    let (mut x, mut y) = (a, b);
+    loop {
+        match (x.chars().next(), y.chars().next()) {
+            (None, None) => return a.cmp(b),
+            (None, Some(_)) => return Ordering::Less,
+            (Some(_), None) => return Ordering::Greater,
+            (Some(c), Some(d)) if c.is_ascii_digit() && d.is_ascii_digit() => {
+                let (x_digits, x_rest) = split_digits(x);
+                let (y_digits, y_rest) = split_digits(y);
+                // Compare by value without parsing, so any length of digits works.
+                let x_value = x_digits.trim_start_matches('0');
+                let y_value = y_digits.trim_start_matches('0');
+                let order = x_value
+                    .len()
+                    .cmp(&y_value.len())
+                    .then_with(|| x_value.cmp(y_value));
+                if order != Ordering::Equal {
+                    return order;
+                }
+                (x, y) = (x_rest, y_rest);
+            }
+            (Some(c), Some(d)) => {
+                if c != d {
+                    return c.cmp(&d);
+                }
+                (x, y) = (&x[c.len_utf8()..], &y[d.len_utf8()..]);
+            }
+        }
+    }
+}
+
+fn split_digits(text: &str) -> (&str, &str) {
+    let digits = text.bytes().take_while(u8::is_ascii_digit).count();
+    text.split_at(digits)
+}
+
+/// A regular file listed for collection.
+struct Candidate {
+    /// File name within its folder.
+    name: String,
+    slug: String,
+    path: PathBuf,
+    /// From `symlink_metadata` at listing time; reading checks it is still the same file.
+    metadata: Metadata,
+}
+
+/// Lists candidate files, counting them across folders against the file limit.
+struct Lister<'a> {
+    root: &'a Path,
+    limits: &'a CollectLimits,
+    listed: usize,
+}
+
+impl Lister<'_> {
+    /// The regular files directly in `dir` whose name is `wanted`, in natural order. `folder` is
+    /// the slug prefix ("" for the output folder itself).
+    fn list(
+        &mut self,
+        dir: &Path,
+        folder: &str,
+        wanted: fn(&str) -> bool,
+    ) -> Result<Vec<Candidate>> {
+        let io_error = |source| CollectError::Io {
+            path: dir.to_owned(),
+            source,
+        };
+        let mut files = Vec::new();
+        for entry in fs::read_dir(dir).map_err(io_error)? {
+            let entry = entry.map_err(io_error)?;
+            let file_name = entry.file_name();
+            let Some(name) = file_name.to_str() else {
+                if wanted(&file_name.to_string_lossy()) {
+                    warn!(path = %entry.path().display(), "skipping output file whose name is not UTF-8");
+                }
+                continue;
+            };
+            if !wanted(name) {
+                continue;
+            }
+            let slug = if folder.is_empty() {
+                name.to_owned()
+            } else {
+                format!("{folder}/{name}")
+            };
+            let path = entry.path();
+            let metadata = fs::symlink_metadata(&path).map_err(|source| CollectError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            if metadata.file_type().is_symlink() {
+                warn!(file = %slug, "skipping symlink in analyzer output; symlinks are not followed");
+                continue;
+            }
+            if !metadata.file_type().is_file() {
+                warn!(file = %slug, "skipping analyzer output entry that is not a regular file");
+                continue;
+            }
+            self.listed += 1;
+            if self.listed > self.limits.max_files {
+                return Err(CollectError::TooManyFiles {
+                    path: self.root.to_owned(),
+                    limit: self.limits.max_files,
+                });
+            }
+            check_document_size(&slug, metadata.len(), self.limits)?;
+            files.push(Candidate {
+                name: name.to_owned(),
+                slug,
+                path,
+                metadata,
+            });
+        }
+        files.sort_by(|a, b| natural_cmp(&a.name, &b.name));
+        Ok(files)
+    }
+}
+
+fn check_output_dir(path: &Path) -> Result<()> {
+    let metadata = match fs::symlink_metadata(path) {
+        Ok(metadata) => metadata,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(CollectError::MissingOutput {
+                path: path.to_owned(),
+            })
+        }
+        Err(source) => {
+            return Err(CollectError::Io {
+                path: path.to_owned(),
+                source,
+            })
+        }
+    };
+    if metadata.file_type().is_symlink() {
+        return Err(CollectError::OutputIsSymlink {
+            path: path.to_owned(),
+        });
+    }
+    if !metadata.file_type().is_dir() {
+        return Err(CollectError::OutputNotFolder {
+            path: path.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// Whether `dir` is a real folder to list; a missing one is simply an absent step, a symlink or
+/// anything else is skipped with a warning.
+fn is_collectable_folder(dir: &Path, folder: &str) -> Result<bool> {
+    match fs::symlink_metadata(dir) {
+        Ok(metadata) if metadata.file_type().is_dir() => Ok(true),
+        Ok(metadata) if metadata.file_type().is_symlink() => {
+            warn!(
+                folder,
+                "skipping symlinked folder in analyzer output; symlinks are not followed"
+            );
+            Ok(false)
+        }
+        Ok(_) => {
+            warn!(
+                folder,
+                "skipping analyzer output entry that should be a folder but is not"
+            );
+            Ok(false)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(source) => Err(CollectError::Io {
+            path: dir.to_owned(),
+            source,
+        }),
+    }
+}
+
+fn is_yaml_name(name: &str) -> bool {
+    name.ends_with(".yaml") || name.ends_with(".yml")
+}
+
+fn known_yaml_index(name: &str) -> Option<usize> {
+    STEP_YAML_FILES.iter().position(|known| *known == name)
+}
+
+fn yaml_document(file: &Candidate, limits: &CollectLimits) -> Result<CollectedDocument> {
+    let text = read_text(file, limits)?;
+    let mut value: serde_yaml::Value =
+        serde_yaml::from_str(&text).map_err(|source| CollectError::InvalidYaml {
+            path: file.slug.clone(),
+            source,
+        })?;
+    // The Node worker's js-yaml resolved `<<` merge keys; serde_yaml only does it on request.
+    value
+        .apply_merge()
+        .map_err(|source| CollectError::InvalidYaml {
+            path: file.slug.clone(),
+            source,
+        })?;
+    let content = serde_json::to_string_pretty(&AsJson(&value)).map_err(|source| {
+        CollectError::YamlToJson {
+            path: file.slug.clone(),
+            source,
+        }
+    })?;
+    // Pretty JSON is often larger than the YAML it came from.
+    check_document_size(&file.slug, content.len() as u64, limits)?;
+    let title = match known_yaml_index(&file.name) {
+        Some(index) => STEP_YAML_TITLES[index].to_owned(),
+        None => Path::new(&file.name)
+            .file_stem()
+            .map(|stem| stem.to_string_lossy().into_owned())
+            .unwrap_or_else(|| file.name.clone()),
+    };
+    Ok(CollectedDocument {
+        slug: file.slug.clone(),
+        title,
+        kind: DocKind::Yaml,
+        chapter_index: None,
+        content,
+    })
+}
+
+/// The first `# ` heading anywhere in the file, as the Node worker read titles.
+fn markdown_title(content: &str) -> Option<String> {
+    content
+        .lines()
+        .filter_map(|line| line.strip_prefix("# ").map(str::trim))
+        .find(|title| !title.is_empty())
+        .map(|title| crate::progress::cap(title, MAX_TITLE_BYTES).to_owned())
+}
+
+/// Reads a listed file as text, refusing to follow a symlink swapped in since listing and never
+/// reading more than one document's limit.
+fn read_text(file: &Candidate, limits: &CollectLimits) -> Result<String> {
+    let io_error = |source| CollectError::Io {
+        path: file.path.clone(),
+        source,
+    };
+    let mut handle = fs::OpenOptions::new()
+        .read(true)
+        // No following a symlink, and no blocking forever on a FIFO swapped in after listing.
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(&file.path)
+        .map_err(io_error)?;
+    let opened = handle.metadata().map_err(io_error)?;
+    // A parent folder swapped for a symlink would lead elsewhere: check it is the listed file.
+    if !opened.file_type().is_file()
+        || opened.dev() != file.metadata.dev()
+        || opened.ino() != file.metadata.ino()
+    {
+        return Err(CollectError::Changed {
+            path: file.path.clone(),
+        });
+    }
+    let limit = limits.max_document_bytes;
+    let capacity = opened.len().min(limit.saturating_add(1));
+    let mut bytes = Vec::with_capacity(usize::try_from(capacity).unwrap_or(0));
+    // The file may have grown since its size was checked: read one byte past the limit at most.
+    (&mut handle)
+        .take(limit.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(io_error)?;
+    let read = bytes.len() as u64;
+    if read > limit {
+        return Err(CollectError::Oversize {
+            path: file.slug.clone(),
+            size: read.max(opened.len()),
+            limit,
+        });
+    }
+    let text = match String::from_utf8(bytes) {
+        Ok(text) => text,
+        Err(not_utf8) => {
+            warn!(file = %file.slug, "analyzer output is not valid UTF-8; invalid bytes replaced");
+            String::from_utf8_lossy(not_utf8.as_bytes()).into_owned()
+        }
+    };
+    // Replacement characters are longer than the bytes they replace.
+    check_document_size(&file.slug, text.len() as u64, limits)?;
+    Ok(text)
+}
+
+fn check_document_size(slug: &str, size: u64, limits: &CollectLimits) -> Result<()> {
+    if size > limits.max_document_bytes {
+        return Err(CollectError::Oversize {
+            path: slug.to_owned(),
+            size,
+            limit: limits.max_document_bytes,
+        });
+    }
+    Ok(())
+}
+
+fn check_total(total: u64, limits: &CollectLimits) -> Result<()> {
+    if total > limits.max_total_bytes {
+        return Err(CollectError::TotalTooLarge {
+            total,
+            limit: limits.max_total_bytes,
+        });
+    }
+    Ok(())
+}
+
+/// Serializes a YAML value as JSON the way `JSON.stringify` did in the Node worker: mapping
+/// order kept (a `serde_json::Value` would sort keys), non-string keys written as strings, tags
+/// dropped, non-finite numbers as null.
+struct AsJson<'a>(&'a serde_yaml::Value);
+
+impl Serialize for AsJson<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde_yaml::Value;
+        match self.0 {
+            Value::Null => serializer.serialize_unit(),
+            Value::Bool(b) => serializer.serialize_bool(*b),
+            Value::Number(n) => {
+                if let Some(i) = n.as_i64() {
+                    serializer.serialize_i64(i)
+                } else if let Some(u) = n.as_u64() {
+                    serializer.serialize_u64(u)
+                } else {
+                    match n.as_f64() {
+                        Some(f) if f.is_finite() => serializer.serialize_f64(f),
+                        _ => serializer.serialize_unit(),
+                    }
+                }
+            }
+            Value::String(s) => serializer.serialize_str(s),
+            Value::Sequence(items) => serializer.collect_seq(items.iter().map(AsJson)),
+            Value::Mapping(mapping) => {
+                let mut map = serializer.serialize_map(Some(mapping.len()))?;
+                for (key, value) in mapping {
+                    map.serialize_entry(&json_key(key), &AsJson(value))?;
+                }
+                map.end()
+            }
+            Value::Tagged(tagged) => AsJson(&tagged.value).serialize(serializer),
+        }
+    }
+}
+
+fn json_key(key: &serde_yaml::Value) -> Cow<'_, str> {
+    use serde_yaml::Value;
+    match key {
+        Value::String(s) => Cow::Borrowed(s),
+        Value::Null => Cow::Borrowed("null"),
+        Value::Bool(b) => Cow::Owned(b.to_string()),
+        Value::Number(n) => Cow::Owned(n.to_string()),
+        Value::Tagged(tagged) => json_key(&tagged.value),
+        Value::Sequence(_) | Value::Mapping(_) => {
+            Cow::Owned(serde_json::to_string(&AsJson(key)).unwrap_or_default())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CHAPTER_NAMES: [&str; 11] = [
+        "0_workflow_orchestration",
+        "1_react-based_terminal_ui",
+        "2_claude_sdk_integration",
+        "3_schema_validation_framework",
+        "4_message_and_chat_system",
+        "5_tool_integration_layer",
+        "6_content_analysis_framework",
+        "7_prompt_template_system",
+        "8_chapter_generation_pipeline",
+        "9_file_generation_utilities",
+        "10_mock_and_testing_infrastructure",
+    ];
+
+    fn sample_dir() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/claude-tutorial-output")
+    }
+
+    fn find<'a>(documents: &'a [CollectedDocument], slug: &str) -> &'a CollectedDocument {
+        documents
+            .iter()
+            .find(|d| d.slug == slug)
+            .unwrap_or_else(|| panic!("no document {slug}"))
+    }
+
+    /// A temporary output folder; `files` are (relative path, content) pairs.
+    fn output_with(files: &[(&str, &[u8])]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (path, content) in files {
+            let path = dir.path().join(path);
+            fs::create_dir_all(path.parent().expect("a parent")).expect("mkdir");
+            fs::write(path, content).expect("write");
+        }
+        dir
+    }
+
+    fn slugs(documents: &[CollectedDocument]) -> Vec<&str> {
+        documents.iter().map(|d| d.slug.as_str()).collect()
+    }
+
+    #[test]
+    fn collects_the_real_sample_in_order() {
+        let documents = collect(&sample_dir(), &CollectLimits::default()).expect("collect");
+        assert_eq!(documents.len(), 36);
+
+        let mut expected: Vec<String> = STEP_YAML_FILES.iter().map(|f| f.to_string()).collect();
+        for (folder, prefix) in [
+            ("chapters", "chapter"),
+            ("reviewed-chapters", "chapter"),
+            ("tutorials", "tutorial"),
+        ] {
+            for name in CHAPTER_NAMES {
+                expected.push(format!("{folder}/{prefix}_{name}.md"));
+            }
+        }
+        assert_eq!(slugs(&documents), expected);
+
+        for (index, document) in documents.iter().enumerate() {
+            let expected_kind = match index {
+                0..=2 => DocKind::Yaml,
+                3..=24 => DocKind::Chapter,
+                _ => DocKind::Tutorial,
+            };
+            assert_eq!(document.kind, expected_kind, "{}", document.slug);
+            let expected_index = (index >= 3).then(|| ((index - 3) % 11) as u32);
+            assert_eq!(document.chapter_index, expected_index, "{}", document.slug);
+        }
+    }
+
+    #[test]
+    fn sample_yaml_becomes_pretty_json_in_file_order() {
+        let documents = collect(&sample_dir(), &CollectLimits::default()).expect("collect");
+        for (index, file) in STEP_YAML_FILES.iter().enumerate() {
+            let document = &documents[index];
+            assert_eq!(document.slug, *file);
+            assert_eq!(document.title, STEP_YAML_TITLES[index]);
+            assert_eq!(document.chapter_index, None);
+
+            let text = fs::read_to_string(sample_dir().join(file)).expect("read sample");
+            let parsed: serde_json::Value = serde_yaml::from_str(&text).expect("sample yaml");
+            let stored: serde_json::Value =
+                serde_json::from_str(&document.content).expect("content is JSON");
+            assert_eq!(stored, parsed, "{file}");
+            // Same text as serializing the order-keeping YAML value: keys stay in file order.
+            let ordered: serde_yaml::Value = serde_yaml::from_str(&text).expect("sample yaml");
+            let pretty = serde_json::to_string_pretty(&ordered).expect("json");
+            assert_eq!(document.content, pretty, "{file}");
+        }
+    }
+
+    #[test]
+    fn sample_titles_and_indexes() {
+        let documents = collect(&sample_dir(), &CollectLimits::default()).expect("collect");
+
+        let chapter = find(&documents, "chapters/chapter_2_claude_sdk_integration.md");
+        assert_eq!(chapter.title, "Chapter 2: Claude SDK Integration");
+        assert_eq!(chapter.chapter_index, Some(2));
+        let chapter = find(
+            &documents,
+            "chapters/chapter_10_mock_and_testing_infrastructure.md",
+        );
+        assert_eq!(chapter.title, "Chapter 10: Mock and Testing Infrastructure");
+        assert_eq!(chapter.chapter_index, Some(10));
+        let on_disk = fs::read_to_string(
+            sample_dir().join("chapters/chapter_10_mock_and_testing_infrastructure.md"),
+        )
+        .expect("read sample");
+        assert_eq!(chapter.content, on_disk);
+
+        let reviewed = find(
+            &documents,
+            "reviewed-chapters/chapter_10_mock_and_testing_infrastructure.md",
+        );
+        assert_eq!(
+            reviewed.title,
+            "Reviewed: Chapter 10: Mock and Testing Infrastructure"
+        );
+        assert_eq!(reviewed.kind, DocKind::Chapter);
+        assert_eq!(reviewed.chapter_index, Some(10));
+
+        let tutorial = find(
+            &documents,
+            "tutorials/tutorial_4_message_and_chat_system.md",
+        );
+        assert_eq!(
+            tutorial.title,
+            "Tutorial: Interactive Tutorial: Message and Chat System"
+        );
+        assert_eq!(tutorial.kind, DocKind::Tutorial);
+        assert_eq!(tutorial.chapter_index, Some(4));
+        // No `# ` line at all: the title comes from the file name.
+        let tutorial = find(&documents, "tutorials/tutorial_0_workflow_orchestration.md");
+        assert_eq!(
+            tutorial.title,
+            "Tutorial: tutorial 0 workflow orchestration"
+        );
+        // As in the Node worker, the first `# ` line anywhere counts, even a shell comment in a
+        // code block.
+        let tutorial = find(&documents, "tutorials/tutorial_2_claude_sdk_integration.md");
+        assert_eq!(tutorial.title, "Tutorial: Type checking");
+    }
+
+    #[test]
+    fn yaml_mapping_follows_the_node_worker() {
+        let dir = output_with(&[
+            ("step3_order.yaml", b"z: 1\na: 2\n"),
+            (
+                "extra.yml",
+                b"base: &b {x: 1}\nderived:\n  <<: *b\n  y: 2\n1: int key\nf: .nan\n",
+            ),
+            ("another_10.yaml", b"[]"),
+            ("another_9.yaml", b"!custom {k: v}"),
+            ("step1_abstractions.yaml", b"- one\n"),
+        ]);
+        let documents = collect(dir.path(), &CollectLimits::default()).expect("collect");
+        assert_eq!(
+            slugs(&documents),
+            [
+                "step1_abstractions.yaml",
+                "step3_order.yaml",
+                "another_9.yaml",
+                "another_10.yaml",
+                "extra.yml"
+            ]
+        );
+        assert_eq!(documents[1].title, "Chapter Order");
+        assert_eq!(documents[1].content, "{\n  \"z\": 1,\n  \"a\": 2\n}");
+        assert_eq!(documents[2].title, "another_9");
+        assert_eq!(documents[2].content, "{\n  \"k\": \"v\"\n}");
+        assert_eq!(documents[4].title, "extra");
+        let extra: serde_json::Value =
+            serde_json::from_str(&documents[4].content).expect("content is JSON");
+        assert_eq!(
+            extra,
+            serde_json::json!({
+                "base": {"x": 1},
+                "derived": {"x": 1, "y": 2},
+                "1": "int key",
+                "f": null
+            })
+        );
+    }
+
+    #[test]
+    fn markdown_title_and_fallback() {
+        let dir = output_with(&[
+            (
+                "chapters/chapter_0_intro.md",
+                b"intro\n#NoSpace\n# \n## Sub\n#  Real Title  \r\n# Later\n",
+            ),
+            (
+                "chapters/chapter_1_no_heading.md",
+                b"text\n## Only a subheading\n",
+            ),
+            ("tutorials/notes.md", b""),
+        ]);
+        let documents = collect(dir.path(), &CollectLimits::default()).expect("collect");
+        assert_eq!(documents[0].title, "Real Title");
+        assert_eq!(documents[1].title, "chapter 1 no heading");
+        assert_eq!(documents[2].title, "Tutorial: notes");
+        assert_eq!(documents[2].kind, DocKind::Tutorial);
+        assert_eq!(documents[2].chapter_index, Some(0));
+    }
+
+    #[test]
+    fn long_titles_are_capped() {
+        let heading = format!("# {}\n", "é".repeat(400));
+        let dir = output_with(&[("chapters/a.md", heading.as_bytes())]);
+        let documents = collect(dir.path(), &CollectLimits::default()).expect("collect");
+        assert_eq!(documents[0].title.len(), 500);
+    }
+
+    #[test]
+    fn only_markdown_directly_in_known_folders() {
+        let dir = output_with(&[
+            ("chapters/a.md", b"# A"),
+            ("chapters/a.txt", b"not markdown"),
+            ("chapters/nested/b.md", b"# nested"),
+            ("chapters/dir.md/c.md", b"# in a folder named like a file"),
+            ("other/d.md", b"# unknown folder"),
+            ("README.md", b"# root markdown"),
+            ("nested/e.yaml", b"a: 1"),
+        ]);
+        let documents = collect(dir.path(), &CollectLimits::default()).expect("collect");
+        assert_eq!(slugs(&documents), ["chapters/a.md"]);
+    }
+
+    #[test]
+    fn symlinked_files_are_not_read() {
+        let dir = output_with(&[("chapters/a.md", b"# A")]);
+        std::os::unix::fs::symlink("/etc/passwd", dir.path().join("chapters/passwd.md"))
+            .expect("symlink");
+        std::os::unix::fs::symlink("/etc/passwd", dir.path().join("step1_abstractions.yaml"))
+            .expect("symlink");
+        let documents = collect(dir.path(), &CollectLimits::default()).expect("collect");
+        assert_eq!(slugs(&documents), ["chapters/a.md"]);
+        assert!(documents.iter().all(|d| !d.content.contains("root:")));
+    }
+
+    #[test]
+    fn symlinked_folders_are_not_followed() {
+        let elsewhere = output_with(&[("secret.md", b"# Secret")]);
+        let dir = output_with(&[("chapters/a.md", b"# A")]);
+        std::os::unix::fs::symlink(elsewhere.path(), dir.path().join("tutorials"))
+            .expect("symlink");
+        let documents = collect(dir.path(), &CollectLimits::default()).expect("collect");
+        assert_eq!(slugs(&documents), ["chapters/a.md"]);
+
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(elsewhere.path(), &link).expect("symlink");
+        let error = collect(&link, &CollectLimits::default()).expect_err("a symlinked output");
+        assert!(
+            matches!(error, CollectError::OutputIsSymlink { .. }),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn oversize_file_is_named() {
+        let big = vec![b'x'; 2 * 1024 * 1024];
+        let dir = output_with(&[("chapters/a.md", b"# A"), ("chapters/big.md", &big)]);
+        let error = collect(dir.path(), &CollectLimits::default()).expect_err("oversize");
+        assert!(
+            matches!(&error, CollectError::Oversize { path, size: 2_097_152, limit: 1_032_192 } if path == "chapters/big.md"),
+            "{error:?}"
+        );
+        assert_eq!(
+            error.to_string(),
+            "output file chapters/big.md is 2097152 bytes, over the 1032192-byte limit for one \
+             document; the job cannot be stored"
+        );
+    }
+
+    #[test]
+    fn document_limit_applies_to_stored_content() {
+        let limits = CollectLimits {
+            max_document_bytes: 20,
+            ..CollectLimits::default()
+        };
+        // 15 bytes of YAML become 40 bytes of pretty JSON.
+        let dir = output_with(&[("step2_relationships.yaml", b"a: [1, 2, 3, 4]")]);
+        let error = collect(dir.path(), &limits).expect_err("oversize");
+        assert!(
+            matches!(&error, CollectError::Oversize { path, limit: 20, .. } if path == "step2_relationships.yaml"),
+            "{error:?}"
+        );
+
+        // 10 invalid bytes become 30 bytes of replacement characters.
+        let dir = output_with(&[("chapters/a.md", &[0xff; 10])]);
+        let error = collect(dir.path(), &limits).expect_err("oversize");
+        assert!(
+            matches!(error, CollectError::Oversize { size: 30, .. }),
+            "{error:?}"
+        );
+
+        // Exactly at the limit is fine.
+        let dir = output_with(&[("chapters/a.md", &[b'x'; 20])]);
+        collect(dir.path(), &limits).expect("collect");
+    }
+
+    #[test]
+    fn total_too_large() {
+        let limits = CollectLimits {
+            max_total_bytes: 100,
+            ..CollectLimits::default()
+        };
+        let chunk = [b'x'; 60];
+        let dir = output_with(&[("chapters/a.md", &chunk), ("tutorials/b.md", &chunk)]);
+        let error = collect(dir.path(), &limits).expect_err("too large");
+        assert!(
+            matches!(
+                error,
+                CollectError::TotalTooLarge {
+                    total: 120,
+                    limit: 100
+                }
+            ),
+            "{error:?}"
+        );
+        assert!(error.to_string().contains("120 bytes"), "{error}");
+        assert!(error.to_string().contains("100-byte limit"), "{error}");
+    }
+
+    #[test]
+    fn too_many_files() {
+        let limits = CollectLimits {
+            max_files: 2,
+            ..CollectLimits::default()
+        };
+        let dir = output_with(&[("chapters/a.md", b"a"), ("chapters/b.md", b"b")]);
+        assert_eq!(collect(dir.path(), &limits).expect("collect").len(), 2);
+        fs::write(dir.path().join("tutorials.md"), "not counted").expect("write");
+        fs::create_dir(dir.path().join("tutorials")).expect("mkdir");
+        fs::write(dir.path().join("tutorials/c.md"), "c").expect("write");
+        let error = collect(dir.path(), &limits).expect_err("too many");
+        assert!(
+            matches!(error, CollectError::TooManyFiles { limit: 2, .. }),
+            "{error:?}"
+        );
+    }
+
+    #[test]
+    fn invalid_yaml_names_the_file() {
+        let dir = output_with(&[("step1_abstractions.yaml", b"key: [unclosed\n")]);
+        let error = collect(dir.path(), &CollectLimits::default()).expect_err("invalid");
+        assert!(
+            matches!(&error, CollectError::InvalidYaml { path, .. } if path == "step1_abstractions.yaml"),
+            "{error:?}"
+        );
+        assert!(
+            error
+                .to_string()
+                .contains("step1_abstractions.yaml is not valid YAML"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn missing_or_empty_output() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let missing = dir.path().join(".claude-tutorial-output");
+        let error = collect(&missing, &CollectLimits::default()).expect_err("missing");
+        assert!(
+            matches!(error, CollectError::MissingOutput { .. }),
+            "{error:?}"
+        );
+        assert!(
+            error.to_string().contains(".claude-tutorial-output"),
+            "{error}"
+        );
+
+        let error = collect(dir.path(), &CollectLimits::default()).expect_err("empty");
+        assert!(
+            matches!(error, CollectError::NoDocuments { .. }),
+            "{error:?}"
+        );
+
+        for folder in OUTPUT_DIRS {
+            fs::create_dir(dir.path().join(folder)).expect("mkdir");
+        }
+        fs::write(dir.path().join("chapters/notes.txt"), "x").expect("write");
+        let error = collect(dir.path(), &CollectLimits::default()).expect_err("no documents");
+        assert!(
+            matches!(error, CollectError::NoDocuments { .. }),
+            "{error:?}"
+        );
+
+        let file = dir.path().join("chapters/notes.txt");
+        let error = collect(&file, &CollectLimits::default()).expect_err("not a folder");
+        assert!(
+            matches!(error, CollectError::OutputNotFolder { .. }),
+            "{error:?}"
+        );
+    }
+
+    #[test]
+    fn non_utf8_content_is_converted() {
+        let dir = output_with(&[("chapters/chapter_0_cafe.md", b"# Caf\xe9\nbody \xff\n")]);
+        let documents = collect(dir.path(), &CollectLimits::default()).expect("collect");
+        assert_eq!(documents[0].content, "# Caf\u{fffd}\nbody \u{fffd}\n");
+        assert_eq!(documents[0].title, "Caf\u{fffd}");
+    }
+
+    #[test]
+    fn natural_order() {
+        let mut names = vec![
+            "chapter_10_x.md",
+            "chapter_2_x.md",
+            "chapter_1_x.md",
+            "chapter_02_y.md",
+            "chapter_x.md",
+            "chapter_100000000000000000000000_x.md",
+            "chapter_0_x.md",
+            "a",
+            "",
+        ];
+        names.sort_by(|a, b| natural_cmp(a, b));
+        assert_eq!(
+            names,
+            [
+                "",
+                "a",
+                "chapter_0_x.md",
+                "chapter_1_x.md",
+                "chapter_2_x.md",
+                "chapter_02_y.md",
+                "chapter_10_x.md",
+                "chapter_100000000000000000000000_x.md",
+                "chapter_x.md",
+            ]
+        );
+        assert_eq!(natural_cmp("a01", "a1"), Ordering::Less);
+        assert_eq!(natural_cmp("a1", "a01"), Ordering::Greater);
+        assert_eq!(natural_cmp("a1", "a1"), Ordering::Equal);
+        assert_eq!(natural_cmp("é2", "é10"), Ordering::Less);
+    }
+
+    #[test]
+    fn kinds_have_convex_names() {
+        let names = [
+            DocKind::Chapter,
+            DocKind::Tutorial,
+            DocKind::Toc,
+            DocKind::Yaml,
+        ]
+        .map(DocKind::as_str);
+        assert_eq!(names, ["chapter", "tutorial", "toc", "yaml"]);
+    }
+
+    #[test]
+    fn default_limits() {
+        let limits = CollectLimits::default();
+        assert_eq!(limits.max_document_bytes, 1_032_192);
+        assert_eq!(limits.max_total_bytes, 15 * 1024 * 1024);
+        assert_eq!(limits.max_files, 2000);
+    }
 }

@@ -1,16 +1,523 @@
-//! TEMP STUB
+//! Recognising the analyzer's progress in its output.
+//!
+//! The CLI reports progress differently by build and by whether stdout is a terminal (DESIGN.md
+//! section 3): pino JSON lines, `[N/6] Phase: message`, `Step N: ...`, `[PROGRESS] ...`, or nothing
+//! at all. This module turns one output line into a [`StepReport`], tells error lines apart (they
+//! become a failed job's error text), and, for a silent CLI, reads progress off the files the CLI
+//! has written so far.
+
+use std::path::Path;
+
+use crate::collector::{OUTPUT_DIRS, STEP_YAML_FILES};
+
+/// Number of analyzer steps; every step number reported is in `1..=TOTAL_STEPS`.
 pub const TOTAL_STEPS: u32 = 6;
+
+/// Longest message kept, in bytes: progress is forwarded to Convex and shown to users, so a
+/// runaway line must not travel further than this.
+const MAX_MESSAGE_BYTES: usize = 500;
+
+/// The pino messages that start each step, in step order (step = index + 1).
+const STEP_START_MESSAGES: [&str; TOTAL_STEPS as usize] = [
+    "Extracting core abstractions from codebase",
+    "Analyzing relationships between components",
+    "Determining optimal chapter order",
+    "Generating chapter content",
+    "Reviewing and enhancing chapters",
+    "Generating interactive tutorials",
+];
+
+/// One progress report read from the CLI's output.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StepReport {
+    /// The step that started, when the line names one.
     pub step: Option<u32>,
+    /// What the CLI said, trimmed and capped at 500 bytes.
     pub message: String,
 }
-pub fn parse_line(_line: &str) -> Option<StepReport> {
+
+/// One line of CLI output (already lossy-UTF-8 and length-capped by the caller). Some when the
+/// line reports progress.
+pub fn parse_line(line: &str) -> Option<StepReport> {
+    let line = strip_ansi(line);
+    let line = line.trim();
+    if line.starts_with('{') {
+        if let Some(entry) = PinoEntry::parse(line) {
+            // A JSON log line is progress only when it is one of the known step starts: pino
+            // also logs many other info messages that say nothing about how far along we are.
+            let step = step_of_pino_message(&entry.msg)?;
+            return Some(report(Some(step), &entry.msg));
+        }
+    }
+    parse_counter(line)
+        .or_else(|| parse_step_prefix(line))
+        .or_else(|| parse_progress_tag(line))
+}
+
+/// Whether a line reports an error (used to pick the CLI's "last error lines" for a failed job).
+pub fn is_error_line(line: &str) -> bool {
+    let line = strip_ansi(line);
+    let line = line.trim();
+    if line.starts_with('{') {
+        if let Some(entry) = PinoEntry::parse(line) {
+            return entry.is_error;
+        }
+    }
+    const PREFIXES: [&str; 5] = ["Error", "error:", "ERROR", "[ERROR]", "fatal"];
+    PREFIXES.iter().any(|p| line.starts_with(p)) || starts_with_ignore_case(line, "fatal")
+}
+
+/// The last analyzer step whose output file exists in `output_dir` (progress evidence for a
+/// silent CLI), or None.
+pub fn last_step_with_output(output_dir: &Path) -> Option<u32> {
+    // Symlinks are never evidence: the CLI does not write them, and following one could make us
+    // stat files outside the output folder.
+    if !is_real_dir(output_dir) {
+        return None;
+    }
+    for (index, folder) in OUTPUT_DIRS.iter().enumerate().rev() {
+        if folder_has_markdown(&output_dir.join(folder)) {
+            return Some(4 + index as u32);
+        }
+    }
+    for (index, file) in STEP_YAML_FILES.iter().enumerate().rev() {
+        if is_regular_file(&output_dir.join(file)) {
+            return Some(1 + index as u32);
+        }
+    }
     None
 }
-pub fn is_error_line(_line: &str) -> bool {
-    false
+
+/// The fields of a pino JSON log line that matter here.
+struct PinoEntry {
+    msg: String,
+    is_error: bool,
 }
-pub fn last_step_with_output(_d: &std::path::Path) -> Option<u32> {
+
+impl PinoEntry {
+    /// None when the line is not a JSON object with a message and a level.
+    fn parse(line: &str) -> Option<Self> {
+        let value: serde_json::Value = serde_json::from_str(line).ok()?;
+        let object = value.as_object()?;
+        let msg = object
+            .get("msg")
+            .or_else(|| object.get("message"))
+            .and_then(|m| m.as_str())
+            .unwrap_or_default()
+            .to_owned();
+        // pino writes numeric levels by default (50 error, 60 fatal) and names with a formatter.
+        let is_error = match object.get("level")? {
+            serde_json::Value::String(name) => {
+                name.eq_ignore_ascii_case("error") || name.eq_ignore_ascii_case("fatal")
+            }
+            serde_json::Value::Number(n) => n.as_f64().is_some_and(|n| n >= 50.0),
+            _ => return None,
+        };
+        Some(Self { msg, is_error })
+    }
+}
+
+/// The step a pino message starts: it must begin with a known step-start message (any case),
+/// which also admits a trailing "..." or other suffix.
+fn step_of_pino_message(msg: &str) -> Option<u32> {
+    let msg = msg.trim();
+    STEP_START_MESSAGES
+        .iter()
+        .position(|start| starts_with_ignore_case(msg, start))
+        .map(|index| index as u32 + 1)
+}
+
+/// `[N/6] Phase: message` (the terminal format).
+fn parse_counter(line: &str) -> Option<StepReport> {
+    let rest = line.strip_prefix('[')?;
+    let (step, rest) = split_number(rest)?;
+    let rest = rest.strip_prefix('/')?;
+    let (total, rest) = split_number(rest)?;
+    let rest = rest.strip_prefix(']')?;
+    if total != TOTAL_STEPS {
+        return None;
+    }
+    let step = valid_step(step)?;
+    let message = if rest.trim().is_empty() { line } else { rest };
+    Some(report(Some(step), message))
+}
+
+/// `Step N: ...` and `Step N/6: ...`.
+fn parse_step_prefix(line: &str) -> Option<StepReport> {
+    if !starts_with_ignore_case(line, "step ") {
+        return None;
+    }
+    let (step, rest) = split_number(line["step ".len()..].trim_start())?;
+    let rest = match rest.strip_prefix('/') {
+        Some(after_slash) => {
+            let (total, after_total) = split_number(after_slash)?;
+            if total != TOTAL_STEPS {
+                return None;
+            }
+            after_total
+        }
+        None => rest,
+    };
+    // "Step 10x" or "Step 2abc" is not a step counter.
+    if rest.chars().next().is_some_and(|c| c.is_alphanumeric()) {
+        return None;
+    }
+    let step = valid_step(step)?;
+    let text = rest.trim_start_matches(|c: char| {
+        c.is_whitespace() || c == ':' || c == '-' || c == '.' || c == ')'
+    });
+    let message = if text.trim().is_empty() { line } else { text };
+    Some(report(Some(step), message))
+}
+
+/// `[PROGRESS] ...`: progress without a step unless the text holds `N/6` or `Step N`.
+fn parse_progress_tag(line: &str) -> Option<StepReport> {
+    const TAG: &str = "[PROGRESS]";
+    if !starts_with_ignore_case(line, TAG) {
+        return None;
+    }
+    let text = line[TAG.len()..].trim();
+    let step = step_mentioned_in(text).and_then(valid_step);
+    let message = if text.is_empty() { line } else { text };
+    Some(report(step, message))
+}
+
+/// A step number named in free text as `N/6` or `Step N`.
+fn step_mentioned_in(text: &str) -> Option<u32> {
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i].is_ascii_digit() {
+            let start = i;
+            while i < bytes.len() && bytes[i].is_ascii_digit() {
+                i += 1;
+            }
+            // `i` and `start` sit on ASCII digits or their ends, so both are char boundaries.
+            let after = &text[i..];
+            if let Some(after_slash) = after.strip_prefix('/') {
+                if let Some((total, _)) = split_number(after_slash) {
+                    if total == TOTAL_STEPS {
+                        return text[start..i].parse().ok();
+                    }
+                }
+            }
+            let before = text[..start].trim_end();
+            if before.len() >= 4 && before.is_char_boundary(before.len() - 4) {
+                let word = &before[before.len() - 4..];
+                let word_starts = before.len() == 4
+                    || !before.as_bytes()[before.len() - 5].is_ascii_alphanumeric();
+                if word.eq_ignore_ascii_case("step") && word_starts && before.len() < start {
+                    return text[start..i].parse().ok();
+                }
+            }
+        } else {
+            i += 1;
+        }
+    }
     None
+}
+
+/// Splits a leading run of ASCII digits off `text`; None when there is none or it overflows.
+fn split_number(text: &str) -> Option<(u32, &str)> {
+    let digits = text.bytes().take_while(u8::is_ascii_digit).count();
+    if digits == 0 {
+        return None;
+    }
+    let (number, rest) = text.split_at(digits);
+    Some((number.parse().ok()?, rest))
+}
+
+fn valid_step(step: u32) -> Option<u32> {
+    (1..=TOTAL_STEPS).contains(&step).then_some(step)
+}
+
+fn report(step: Option<u32>, message: &str) -> StepReport {
+    StepReport {
+        step,
+        message: cap(message.trim(), MAX_MESSAGE_BYTES).to_owned(),
+    }
+}
+
+/// The longest prefix of `text` of at most `max` bytes that ends on a char boundary.
+pub(crate) fn cap(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+fn starts_with_ignore_case(text: &str, prefix: &str) -> bool {
+    text.as_bytes()
+        .get(..prefix.len())
+        .is_some_and(|head| head.eq_ignore_ascii_case(prefix.as_bytes()))
+}
+
+/// Removes ANSI escape sequences: some builds colour their output even when it is piped, and a
+/// colour code in front of `[3/6]` must not hide the step.
+fn strip_ansi(line: &str) -> std::borrow::Cow<'_, str> {
+    if !line.contains('\u{1b}') {
+        return std::borrow::Cow::Borrowed(line);
+    }
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '\u{1b}' {
+            out.push(c);
+            continue;
+        }
+        // CSI: parameters and intermediates, then one final char in '@'..='~'. Any other escape
+        // is two characters long, and both are dropped by the `next` in the condition.
+        if chars.next() == Some('[') {
+            for c in chars.by_ref() {
+                if ('@'..='~').contains(&c) {
+                    break;
+                }
+            }
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+fn is_real_dir(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_dir())
+}
+
+fn is_regular_file(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_file())
+}
+
+/// Whether `folder` (not a symlink) directly holds a regular `*.md` file.
+fn folder_has_markdown(folder: &Path) -> bool {
+    if !is_real_dir(folder) {
+        return false;
+    }
+    let Ok(entries) = std::fs::read_dir(folder) else {
+        return false;
+    };
+    entries.filter_map(Result::ok).any(|entry| {
+        entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.ends_with(".md"))
+            && is_regular_file(&entry.path())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(step: u32, message: &str) -> Option<StepReport> {
+        Some(StepReport {
+            step: Some(step),
+            message: message.to_owned(),
+        })
+    }
+
+    #[test]
+    fn pino_step_starts_are_steps_one_to_six() {
+        for (index, msg) in STEP_START_MESSAGES.iter().enumerate() {
+            let line = format!(r#"{{"level":"info","time":1700000000000,"msg":"{msg}"}}"#);
+            assert_eq!(parse_line(&line), step(index as u32 + 1, msg), "{line}");
+        }
+    }
+
+    #[test]
+    fn pino_step_starts_tolerate_case_suffix_and_numeric_level() {
+        let line = r#"{"level":30,"time":1,"pid":7,"msg":"generating CHAPTER content..."}"#;
+        assert_eq!(parse_line(line), step(4, "generating CHAPTER content..."));
+        let line =
+            r#"{"level":"info","msg":"  Determining optimal chapter order for 11 chapters"}"#;
+        assert_eq!(
+            parse_line(line),
+            step(3, "Determining optimal chapter order for 11 chapters")
+        );
+    }
+
+    #[test]
+    fn other_pino_messages_are_not_progress() {
+        for line in [
+            r#"{"level":"info","time":1,"msg":"Loaded 42 files"}"#,
+            r#"{"level":"error","time":1,"msg":"Analysis failed","err":{"message":"boom"}}"#,
+            r#"{"level":"info","time":1}"#,
+            r#"{"level":"info","msg":"Step 3: not a pino step start"}"#,
+        ] {
+            assert_eq!(parse_line(line), None, "{line}");
+        }
+    }
+
+    #[test]
+    fn terminal_counter_format() {
+        assert_eq!(
+            parse_line("[2/6] Relationships: mapping how components interact"),
+            step(2, "Relationships: mapping how components interact")
+        );
+        assert_eq!(
+            parse_line("  [6/6] Tutorials: done  "),
+            step(6, "Tutorials: done")
+        );
+        assert_eq!(
+            parse_line("\u{1b}[36m[3/6]\u{1b}[0m Order: sorting"),
+            step(3, "Order: sorting")
+        );
+        assert_eq!(parse_line("[0/6] Nothing"), None);
+        assert_eq!(parse_line("[7/6] Too far"), None);
+        assert_eq!(parse_line("[2/5] Other total"), None);
+        assert_eq!(parse_line("[99999999999/6] overflow"), None);
+    }
+
+    #[test]
+    fn step_prefix_formats() {
+        assert_eq!(
+            parse_line("Step 1: Extracting abstractions"),
+            step(1, "Extracting abstractions")
+        );
+        assert_eq!(parse_line("Step 5/6: Reviewing"), step(5, "Reviewing"));
+        assert_eq!(
+            parse_line("step 4 - writing chapters"),
+            step(4, "writing chapters")
+        );
+        assert_eq!(parse_line("Step 2:"), step(2, "Step 2:"));
+        assert_eq!(parse_line("Step 7: beyond the end"), None);
+        assert_eq!(parse_line("Step 0: before the start"), None);
+        assert_eq!(parse_line("Step 3/7: other total"), None);
+        assert_eq!(parse_line("Step 2abc"), None);
+        assert_eq!(parse_line("Stepping through files"), None);
+    }
+
+    #[test]
+    fn progress_tag_with_and_without_step() {
+        assert_eq!(
+            parse_line("[PROGRESS] Reading files"),
+            Some(StepReport {
+                step: None,
+                message: "Reading files".to_owned()
+            })
+        );
+        assert_eq!(
+            parse_line("[PROGRESS] 3/6 ordering chapters"),
+            step(3, "3/6 ordering chapters")
+        );
+        assert_eq!(
+            parse_line("[PROGRESS] now at Step 5, reviewing"),
+            step(5, "now at Step 5, reviewing")
+        );
+        // 45/60 is not "N/6", and step 9 is out of range: progress without a step.
+        for text in ["45/60 files read", "Step 9 of something", "Footstep 2"] {
+            assert_eq!(
+                parse_line(&format!("[PROGRESS] {text}")),
+                Some(StepReport {
+                    step: None,
+                    message: text.to_owned()
+                }),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn plain_lines_are_not_progress() {
+        for line in [
+            "",
+            "   ",
+            "Cloning into 'repo'...",
+            "Error: boom",
+            "{not json",
+        ] {
+            assert_eq!(parse_line(line), None, "{line:?}");
+        }
+    }
+
+    #[test]
+    fn messages_are_capped_on_a_char_boundary() {
+        let long = format!("[1/6] {}", "é".repeat(400)); // 800 bytes of two-byte chars
+        let report = parse_line(&long).expect("a counter line");
+        assert_eq!(report.message.len(), 500);
+        assert!(report.message.chars().all(|c| c == 'é'));
+
+        let long = format!("[1/6] a{}", "é".repeat(400)); // the 500th byte splits a char
+        let report = parse_line(&long).expect("a counter line");
+        assert_eq!(report.message.len(), 499);
+    }
+
+    #[test]
+    fn error_lines() {
+        for line in [
+            r#"{"level":"error","time":1,"msg":"Analysis failed","err":"boom"}"#,
+            r#"{"level":"FATAL","msg":"out of memory"}"#,
+            r#"{"level":50,"msg":"request failed"}"#,
+            r#"{"level":60,"msg":"crash"}"#,
+            "Error: ENOENT: no such file",
+            "  error: something",
+            "ERROR something",
+            "[ERROR] failed to write",
+            "fatal: not a git repository",
+            "Fatal error in V8",
+            "\u{1b}[31mError\u{1b}[0m: red",
+        ] {
+            assert!(is_error_line(line), "{line}");
+        }
+        for line in [
+            r#"{"level":"info","msg":"Error handling is described in chapter 3"}"#,
+            r#"{"level":40,"msg":"Error rate rising"}"#,
+            r#"{"level":30,"msg":"Analysis failed"}"#,
+            "[3/6] Order: errors chapter",
+            "no errors found",
+            "",
+        ] {
+            assert!(!is_error_line(line), "{line}");
+        }
+    }
+
+    #[test]
+    fn output_files_show_the_last_step() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        assert_eq!(last_step_with_output(root), None);
+        assert_eq!(last_step_with_output(&root.join("missing")), None);
+
+        std::fs::write(root.join("step1_abstractions.yaml"), "a: 1").expect("write");
+        assert_eq!(last_step_with_output(root), Some(1));
+        std::fs::write(root.join("step3_order.yaml"), "a: 1").expect("write");
+        assert_eq!(last_step_with_output(root), Some(3));
+
+        // An empty folder, or one without markdown, is no evidence of step 4.
+        std::fs::create_dir(root.join("chapters")).expect("mkdir");
+        std::fs::write(root.join("chapters/notes.txt"), "x").expect("write");
+        assert_eq!(last_step_with_output(root), Some(3));
+        std::fs::write(root.join("chapters/chapter_0_a.md"), "# A").expect("write");
+        assert_eq!(last_step_with_output(root), Some(4));
+
+        std::fs::create_dir(root.join("tutorials")).expect("mkdir");
+        std::fs::write(root.join("tutorials/t.md"), "x").expect("write");
+        assert_eq!(last_step_with_output(root), Some(6));
+    }
+
+    #[test]
+    fn symlinks_are_not_evidence() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        let elsewhere = tempfile::tempdir().expect("tempdir");
+        std::fs::write(elsewhere.path().join("x.md"), "x").expect("write");
+
+        std::os::unix::fs::symlink("/etc/hostname", root.join("step1_abstractions.yaml"))
+            .expect("symlink");
+        std::os::unix::fs::symlink(elsewhere.path(), root.join("tutorials")).expect("symlink");
+        std::fs::create_dir(root.join("reviewed-chapters")).expect("mkdir");
+        std::os::unix::fs::symlink(
+            elsewhere.path().join("x.md"),
+            root.join("reviewed-chapters/x.md"),
+        )
+        .expect("symlink");
+        assert_eq!(last_step_with_output(root), None);
+
+        let link = root.join("link-to-output");
+        std::fs::write(elsewhere.path().join("step2_relationships.yaml"), "a: 1").expect("write");
+        std::os::unix::fs::symlink(elsewhere.path(), &link).expect("symlink");
+        assert_eq!(last_step_with_output(&link), None);
+    }
 }
