@@ -188,6 +188,21 @@ pub enum CollectError {
     },
 }
 
+impl CollectError {
+    /// Whether running the analyzer again cannot help: output over the size limits stays over
+    /// them, and a symlinked output folder is a misbehaving CLI. Other problems (missing or
+    /// malformed output) may not recur on a second run of a non-deterministic analyzer.
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            CollectError::Oversize { .. }
+                | CollectError::TotalTooLarge { .. }
+                | CollectError::TooManyFiles { .. }
+                | CollectError::OutputIsSymlink { .. }
+        )
+    }
+}
+
 /// Reads every document of the analyzer's output folder, in the order they are stored: the YAML
 /// files (steps 1, 2, 3, then any other), then chapters, reviewed chapters and tutorials, each in
 /// natural order of file names.
