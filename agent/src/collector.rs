@@ -90,12 +90,11 @@ pub struct CollectLimits {
 
 impl Default for CollectLimits {
     fn default() -> Self {
+        // The same limits the coordinator enforces on a result (Convex's document and call sizes).
         Self {
-            // 1 MiB per Convex document, minus 16 KiB of headroom for its other fields.
-            max_document_bytes: 1024 * 1024 - 16 * 1024,
-            // `docs:upsertFromJob` takes 16 MiB of arguments; keep 1 MiB for everything else.
-            max_total_bytes: 15 * 1024 * 1024,
-            max_files: 2000,
+            max_document_bytes: fondation_proto::limits::MAX_DOCUMENT_BYTES,
+            max_total_bytes: fondation_proto::limits::MAX_RESULT_BYTES,
+            max_files: fondation_proto::limits::MAX_DOCUMENTS,
         }
     }
 }
