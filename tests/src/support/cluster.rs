@@ -1,0 +1,295 @@
+//! A coordinator and agents started as real processes, with timings shortened for tests, a git
+//! repository to clone, and the fixture CLI as the analyzer.
+
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use fondation_proto::pb::{self, admin_client::AdminClient};
+use tempfile::TempDir;
+use tonic::transport::Channel;
+
+use super::{bin_path, free_port, git::GitFixture, process::Proc, wait};
+
+/// Coordinator settings that make tests quick; each can be overridden.
+pub const FAST_COORDINATOR_ENV: &[(&str, &str)] = &[
+    ("POLL_INTERVAL", "200"),
+    ("HEARTBEAT_INTERVAL", "1000"),
+    ("LEASE_TIME", "30000"),
+    ("PROGRESS_INTERVAL", "200"),
+    ("CANCEL_CHECK_INTERVAL", "500"),
+    ("AGENT_TIMEOUT", "3000"),
+    ("REATTACH_GRACE", "3000"),
+    ("RETRY_BACKOFF", "200"),
+    ("MAX_ATTEMPTS", "3"),
+    ("RUST_LOG", "info"),
+];
+
+/// Everything a test's processes share: a temp root, a repository, the run log of the fixture CLI.
+pub struct Sandbox {
+    pub root: TempDir,
+    pub repo: GitFixture,
+    pub run_log: PathBuf,
+}
+
+impl Sandbox {
+    pub fn new() -> Self {
+        let root = tempfile::tempdir().expect("a temp dir for the test");
+        let run_log = root.path().join("runs.log");
+        Self {
+            root,
+            repo: GitFixture::new(),
+            run_log,
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.root.path().join(name)
+    }
+
+    /// REPO_ALLOWLIST covering the test repository (and GitHub, like the default).
+    pub fn allowlist(&self) -> String {
+        format!("https://github.com/,{}", self.repo.allow_prefix)
+    }
+}
+
+impl Default for Sandbox {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn env_with(base: &[(&str, &str)], extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = base
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    for (key, value) in extra {
+        env.retain(|(k, _)| k != key);
+        env.push((key.to_string(), value.to_string()));
+    }
+    env
+}
+
+pub struct CoordinatorProc {
+    pub proc: Proc,
+    pub port: u16,
+    pub data_dir: PathBuf,
+}
+
+impl CoordinatorProc {
+    /// Starts a coordinator on `port` and waits until it reports SERVING.
+    pub async fn start(sandbox: &Sandbox, port: u16, extra: &[(&str, &str)]) -> Self {
+        let data_dir = sandbox.path("coordinator-data");
+        let allowlist = sandbox.allowlist();
+        let listen = format!("127.0.0.1:{port}");
+        let mut base: Vec<(&str, &str)> = FAST_COORDINATOR_ENV.to_vec();
+        base.push(("LISTEN_ADDR", &listen));
+        base.push(("REPO_ALLOWLIST", &allowlist));
+        let data = data_dir.to_string_lossy().into_owned();
+        base.push(("DATA_DIR", &data));
+        let env = env_with(&base, extra);
+        let proc = Proc::spawn("coordinator", &bin_path("fondation-coordinator"), &[], &env);
+        let coordinator = Self {
+            proc,
+            port,
+            data_dir,
+        };
+        coordinator.wait_serving().await;
+        coordinator
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub async fn wait_serving(&self) {
+        let addr = self.addr();
+        wait::until("the coordinator to report SERVING", Duration::from_secs(30), || {
+            let addr = addr.clone();
+            async move {
+                match fondation_proto::serving::probe_health(&addr, "", Duration::from_secs(1)).await {
+                    Ok(status) if status as i32 == 1 => Ok(Some(())),
+                    Ok(status) => Err(format!("{status:?}")),
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+        })
+        .await
+    }
+
+    pub async fn admin(&self) -> Admin {
+        let channel = Channel::from_shared(self.url())
+            .expect("a valid URL")
+            .connect()
+            .await
+            .expect("connecting to the coordinator's admin service");
+        Admin {
+            client: AdminClient::new(channel),
+        }
+    }
+}
+
+pub struct AgentProc {
+    pub proc: Proc,
+    pub id: String,
+    pub health_port: u16,
+}
+
+/// How to start an agent.
+pub struct AgentOptions<'a> {
+    pub id: &'a str,
+    pub coordinator_url: String,
+    pub slots: u32,
+    pub extra: &'a [(&'a str, &'a str)],
+}
+
+impl AgentProc {
+    /// Starts an agent running the fixture CLI; does not wait for it to connect.
+    pub fn spawn(sandbox: &Sandbox, options: AgentOptions<'_>) -> Self {
+        let health_port = free_port();
+        let health = format!("127.0.0.1:{health_port}");
+        let temp_dir = sandbox.path("agents-tmp");
+        let workdir = sandbox.path("analyzer-workdir");
+        std::fs::create_dir_all(&workdir).expect("creating the analyzer workdir");
+        let command = format!(
+            "'{}' analyze {{repo}} --prompt {{prompt}} --job-id {{job_id}}",
+            bin_path("fondation-fixture-cli").display()
+        );
+        let slots = options.slots.to_string();
+        let allowlist = sandbox.allowlist();
+        let temp = temp_dir.to_string_lossy().into_owned();
+        let work = workdir.to_string_lossy().into_owned();
+        let run_log = sandbox.run_log.to_string_lossy().into_owned();
+        let base: Vec<(&str, &str)> = vec![
+            ("COORDINATOR_URL", &options.coordinator_url),
+            ("AGENT_ID", options.id),
+            ("HEALTH_ADDR", &health),
+            ("MAX_CONCURRENT_JOBS", &slots),
+            ("TEMP_DIR", &temp),
+            ("ANALYZER_COMMAND", &command),
+            ("ANALYZER_WORKDIR", &work),
+            ("REPO_ALLOWLIST", &allowlist),
+            ("RECONNECT_MAX_BACKOFF", "1000"),
+            ("KILL_GRACE", "2000"),
+            ("FIXTURE_RUN_LOG", &run_log),
+            ("FIXTURE_AGENT_ID", options.id),
+            ("RUST_LOG", "info"),
+        ];
+        let env = env_with(&base, options.extra);
+        let proc = Proc::spawn(
+            &format!("agent-{}", options.id),
+            &bin_path("fondation-agent"),
+            &[],
+            &env,
+        );
+        Self {
+            proc,
+            id: options.id.to_string(),
+            health_port,
+        }
+    }
+
+    pub async fn wait_connected(&mut self) {
+        self.proc
+            .wait_for_log("connected to the coordinator", Duration::from_secs(30))
+            .await;
+    }
+}
+
+/// Admin client with the calls tests make most.
+pub struct Admin {
+    pub client: AdminClient<Channel>,
+}
+
+impl Admin {
+    pub async fn submit(&mut self, repo_url: &str, branch: &str, prompt: &str) -> String {
+        self.client
+            .submit_job(pb::SubmitJobRequest {
+                repo_url: repo_url.into(),
+                branch: branch.into(),
+                prompt: prompt.into(),
+            })
+            .await
+            .expect("SubmitJob")
+            .into_inner()
+            .job_id
+    }
+
+    pub async fn job(&mut self, job_id: &str, include_content: bool) -> pb::Job {
+        self.client
+            .get_job(pb::GetJobRequest {
+                job_id: job_id.into(),
+                include_content,
+            })
+            .await
+            .expect("GetJob")
+            .into_inner()
+    }
+
+    /// Waits until the job reaches one of `statuses`.
+    pub async fn wait_status(&mut self, job_id: &str, statuses: &[&str], timeout: Duration) -> pb::Job {
+        let what = format!("job {job_id} to reach {statuses:?}");
+        let client = self.client.clone();
+        wait::until(&what, timeout, || {
+            let mut client = client.clone();
+            let job_id = job_id.to_string();
+            async move {
+                let job = client
+                    .get_job(pb::GetJobRequest {
+                        job_id,
+                        include_content: false,
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .into_inner();
+                if statuses.contains(&job.status.as_str()) {
+                    Ok(Some(job))
+                } else {
+                    Err(format!(
+                        "status {} attempts {} error {:?} step {}",
+                        job.status, job.attempts, job.error, job.current_step
+                    ))
+                }
+            }
+        })
+        .await
+    }
+
+    pub async fn agents(&mut self) -> Vec<pb::AgentInfo> {
+        self.client
+            .list_agents(pb::ListAgentsRequest {})
+            .await
+            .expect("ListAgents")
+            .into_inner()
+            .agents
+    }
+}
+
+/// Reads a whole folder tree as (relative path, bytes), sorted.
+pub fn read_tree(root: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut files = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).expect("reading a folder").flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                let relative = path
+                    .strip_prefix(root)
+                    .expect("under the root")
+                    .to_string_lossy()
+                    .into_owned();
+                files.push((relative, std::fs::read(&path).expect("reading a file")));
+            }
+        }
+    }
+    files.sort();
+    files
+}

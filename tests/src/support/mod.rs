@@ -1,0 +1,36 @@
+//! Shared helpers of the end-to-end tests: start the real binaries as processes, make git
+//! repositories to clone, and wait for states and log lines with deadlines that say what they
+//! were waiting for.
+
+pub mod cluster;
+pub mod git;
+pub mod process;
+pub mod wait;
+
+use std::path::PathBuf;
+
+/// Path of a binary of this workspace, next to the running test executable
+/// (`target/<profile>/deps/<test>` -> `target/<profile>/<name>`).
+pub fn bin_path(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test executable has a path");
+    let mut dir = exe.parent().expect("the test executable has a folder").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace's binaries first (`cargo build --workspace --bins`, \
+         which `cargo nextest run --workspace` and `.ci/run` do)",
+        path.display()
+    );
+    path
+}
+
+/// A port that was free a moment ago on 127.0.0.1, for processes that must bind it themselves.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .expect("binding an ephemeral port on 127.0.0.1")
+}
