@@ -1,4 +1,5 @@
 //! Fondation's test kit: the fixture analyzer CLI, the fake Convex deployment, and the helpers
-//! the end-to-end tests use to start and watch real processes.
+//! the end-to-end tests and the demo use to start and watch real processes.
 
+pub mod fixture_cli;
 pub mod support;
