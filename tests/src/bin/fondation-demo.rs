@@ -1,1 +1,155 @@
-fn main() {}
+//! The README's first command: a coordinator and two agents on the embedded store, in one process,
+//! run one job on a demo repository to completion, showing its progress and its documents.
+//!
+//! The fixture CLI stands in for the real analyzer (which needs Node and Claude credentials):
+//! this binary runs it itself when invoked as `fondation-demo analyze ...`.
+
+use std::{process::ExitCode, time::Duration};
+
+use anyhow::{bail, Context as _};
+use clap::Parser;
+use fondation_proto::pb::{self, admin_client::AdminClient};
+use fondation_testkit::{fixture_cli, support::git::GitFixture};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+const AGENTS: usize = 2;
+
+fn main() -> anyhow::Result<ExitCode> {
+    if std::env::args().nth(1).as_deref() == Some("analyze") {
+        return Ok(fixture_cli::main_from_env());
+    }
+    tokio::runtime::Runtime::new()
+        .context("starting the async runtime")?
+        .block_on(demo())
+}
+
+async fn demo() -> anyhow::Result<ExitCode> {
+    fondation_proto::logging::init(fondation_proto::logging::LogFormat::Plain);
+    let root = tempfile::tempdir().context("creating a temp folder for the demo")?;
+    let repo = GitFixture::new();
+    let allowlist = format!("https://github.com/,{}", repo.allow_prefix);
+    let exe = std::env::current_exe().context("locating this binary")?;
+
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let coordinator_url = format!("http://{}", listener.local_addr()?);
+    let data_dir = root.path().join("coordinator");
+    let coordinator = fondation_coordinator::Cli::try_parse_from([
+        "fondation-coordinator",
+        "--data-dir",
+        &data_dir.to_string_lossy(),
+        "--repo-allowlist",
+        &allowlist,
+        "--poll-interval",
+        "1000",
+        "--progress-interval",
+        "200",
+    ])?
+    .config;
+    if coordinator.convex_url.is_some() {
+        bail!("unset CONVEX_URL: the demo runs on the embedded store");
+    }
+    let stop = CancellationToken::new();
+    let coordinator_task = tokio::spawn(fondation_coordinator::run(listener, coordinator, stop.clone()));
+
+    let mut agents = Vec::new();
+    let agent_shutdown = fondation_agent::Shutdown::default();
+    for n in 1..=AGENTS {
+        let health = TcpListener::bind("127.0.0.1:0").await?;
+        let command = format!(
+            "'{}' analyze {{repo}} --prompt {{prompt}} --job-id {{job_id}}",
+            exe.display()
+        );
+        let config = fondation_agent::Cli::try_parse_from([
+            "fondation-agent",
+            "--coordinator-url",
+            &coordinator_url,
+            "--agent-id",
+            &format!("demo-agent-{n}"),
+            "--temp-dir",
+            &root.path().join("agents").to_string_lossy(),
+            "--analyzer-command",
+            &command,
+            "--analyzer-workdir",
+            &root.path().to_string_lossy(),
+            "--repo-allowlist",
+            &allowlist,
+        ])?
+        .config;
+        agents.push(tokio::spawn(fondation_agent::run(health, config, agent_shutdown.clone())));
+    }
+
+    let mut admin = connect(&coordinator_url).await?;
+    // Agents connect within a moment; wait for them so the job starts at once.
+    for _ in 0..100 {
+        let connected = admin.list_agents(pb::ListAgentsRequest {}).await?.into_inner().agents;
+        if connected.len() == AGENTS {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let job_id = admin
+        .submit_job(pb::SubmitJobRequest {
+            repo_url: repo.url.clone(),
+            branch: "main".into(),
+            // Slow the fixture down so the progress is visible.
+            prompt: "Explain this project. fixture:slow=400".into(),
+        })
+        .await?
+        .into_inner()
+        .job_id;
+    println!("submitted job {job_id} for {}", repo.url);
+
+    let mut last = String::new();
+    let job = loop {
+        let job = admin
+            .get_job(pb::GetJobRequest { job_id: job_id.clone(), include_content: false })
+            .await?
+            .into_inner();
+        let line = format!(
+            "  {:<10} step {}/6  {}{}",
+            job.status,
+            job.current_step,
+            job.progress,
+            if job.agent_id.is_empty() { String::new() } else { format!("  (on {})", job.agent_id) }
+        );
+        if line != last {
+            println!("{line}");
+            last = line;
+        }
+        if ["completed", "failed", "dead", "canceled"].contains(&job.status.as_str()) {
+            break job;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+
+    println!("\njob {} is {} after {} attempt(s)", job.job_id, job.status, job.attempts);
+    if !job.error.is_empty() {
+        println!("error: {}", job.error);
+    }
+    println!("{} documents:", job.documents.len());
+    for document in &job.documents {
+        println!(
+            "  {:<9} {:>7} B  {:<58} {}",
+            document.kind, document.size_bytes, document.slug, document.title
+        );
+    }
+
+    agent_shutdown.drain.cancel();
+    for agent in agents {
+        agent.await??;
+    }
+    stop.cancel();
+    coordinator_task.await??;
+    Ok(if job.status == "completed" { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+async fn connect(url: &str) -> anyhow::Result<AdminClient<tonic::transport::Channel>> {
+    for _ in 0..50 {
+        if let Ok(client) = AdminClient::connect(url.to_string()).await {
+            return Ok(client);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("the coordinator at {url} did not come up")
+}

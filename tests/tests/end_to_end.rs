@@ -1,0 +1,253 @@
+//! Issue 2 end to end: a real coordinator and real agents as processes, the embedded job store,
+//! real git clones over file://, and the fixture CLI as the analyzer.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use fondation_testkit::{
+    fixture_cli::{self, read_run_log, runs_per_job, max_concurrency_per_agent},
+    support::{
+        cluster::{AgentOptions, AgentProc, CoordinatorProc, Sandbox},
+        free_port,
+    },
+};
+
+const JOB_TIMEOUT: Duration = Duration::from_secs(90);
+const TERMINAL: &[&str] = &["completed", "failed", "dead", "canceled"];
+
+/// What the CLI wrote, as DESIGN.md section 3 says it must be stored: (slug, kind, title, index).
+fn expected_documents() -> BTreeMap<String, (String, String, Option<u32>, serde_json::Value)> {
+    let mut expected = BTreeMap::new();
+    for file in fixture_cli::sample_files() {
+        let path = file.path().to_string_lossy().into_owned();
+        let text = file.contents_utf8().expect("sample files are UTF-8");
+        let name = path.rsplit('/').next().unwrap().to_string();
+        if let Some(folder) = path.strip_suffix(&format!("/{name}")) {
+            let heading = text
+                .lines()
+                .find_map(|line| line.strip_prefix("# "))
+                .map(|title| title.trim().to_string())
+                .unwrap_or_else(|| name.trim_end_matches(".md").replace('_', " "));
+            let (kind, title) = match folder {
+                "chapters" => ("chapter", heading),
+                "reviewed-chapters" => ("chapter", format!("Reviewed: {heading}")),
+                "tutorials" => ("tutorial", format!("Tutorial: {heading}")),
+                other => panic!("unexpected sample folder {other}"),
+            };
+            // Sample names are `<kind>_<n>_...`: n is the natural-order position in the folder.
+            let index: u32 = name.split('_').nth(1).unwrap().parse().unwrap();
+            expected.insert(
+                path.clone(),
+                (kind.into(), title, Some(index), serde_json::Value::String(text.into())),
+            );
+        } else {
+            let title = match name.as_str() {
+                "step1_abstractions.yaml" => "Abstractions",
+                "step2_relationships.yaml" => "Relationships",
+                "step3_order.yaml" => "Chapter Order",
+                other => panic!("unexpected sample file {other}"),
+            };
+            let parsed: serde_json::Value = serde_yaml::from_str(text).expect("sample YAML parses");
+            expected.insert(path.clone(), ("yaml".into(), title.into(), None, parsed));
+        }
+    }
+    expected
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn submitted_job_completes_with_exactly_the_documents_the_cli_wrote() {
+    let sandbox = Sandbox::new();
+    let coordinator = CoordinatorProc::start(&sandbox, free_port(), &[]).await;
+    let mut agent = AgentProc::spawn(
+        &sandbox,
+        AgentOptions { id: "agent-1", coordinator_url: coordinator.url(), slots: 1, extra: &[] },
+    );
+    agent.wait_connected().await;
+    let mut admin = coordinator.admin().await;
+
+    let job_id = admin.submit(&sandbox.repo.url, "main", "explain this project").await;
+    let job = admin.wait_status(&job_id, TERMINAL, JOB_TIMEOUT).await;
+    assert_eq!(job.status, "completed", "{job:?}");
+    assert_eq!(job.attempts, 1);
+    assert_eq!(job.current_step, 6, "the last step was reported");
+
+    let job = admin.job(&job_id, true).await;
+    let expected = expected_documents();
+    assert_eq!(job.documents.len(), expected.len(), "one document per output file");
+    for document in &job.documents {
+        let (kind, title, index, content) = expected
+            .get(&document.slug)
+            .unwrap_or_else(|| panic!("unexpected document {}", document.slug));
+        assert_eq!(&document.kind, kind, "{}", document.slug);
+        assert_eq!(&document.title, title, "{}", document.slug);
+        assert_eq!(document.chapter_index, *index, "{}", document.slug);
+        assert_eq!(document.size_bytes, document.content.len() as u64);
+        match content {
+            serde_json::Value::String(text) => assert_eq!(&document.content, text, "{}", document.slug),
+            parsed => {
+                let stored: serde_json::Value = serde_json::from_str(&document.content)
+                    .unwrap_or_else(|e| panic!("{} is not JSON: {e}", document.slug));
+                assert_eq!(&stored, parsed, "{} holds the YAML as JSON", document.slug);
+                assert!(document.content.contains("\n  "), "pretty-printed JSON");
+            }
+        }
+    }
+    let runs = read_run_log(&sandbox.run_log).unwrap();
+    assert_eq!(runs_per_job(&runs).get(&job_id), Some(&1));
+    // The workspace is gone once the job is done.
+    let workspaces: Vec<_> = std::fs::read_dir(sandbox.path("agents-tmp/agent-1")).unwrap().collect();
+    assert!(workspaces.is_empty(), "left behind: {workspaces:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn twelve_jobs_on_three_agents_run_once_each_within_slots_and_spread() {
+    let sandbox = Sandbox::new();
+    let coordinator = CoordinatorProc::start(&sandbox, free_port(), &[]).await;
+    let mut agents = Vec::new();
+    for id in ["agent-a", "agent-b", "agent-c"] {
+        agents.push(AgentProc::spawn(
+            &sandbox,
+            AgentOptions {
+                id,
+                coordinator_url: coordinator.url(),
+                slots: 2,
+                // Slow enough that runs overlap, so slot limits are really exercised.
+                extra: &[("FIXTURE_STEP_DELAY_MS", "120")],
+            },
+        ));
+    }
+    for agent in &mut agents {
+        agent.wait_connected().await;
+    }
+    let mut admin = coordinator.admin().await;
+    let mut job_ids = Vec::new();
+    for n in 0..12 {
+        job_ids.push(admin.submit(&sandbox.repo.url, "main", &format!("job {n}")).await);
+    }
+    for job_id in &job_ids {
+        let job = admin.wait_status(job_id, TERMINAL, JOB_TIMEOUT).await;
+        assert_eq!(job.status, "completed", "{job:?}");
+        assert_eq!(job.attempts, 1, "{job:?}");
+    }
+
+    let runs = read_run_log(&sandbox.run_log).unwrap();
+    let per_job = runs_per_job(&runs);
+    for job_id in &job_ids {
+        assert_eq!(per_job.get(job_id), Some(&1), "job {job_id} ran exactly once");
+    }
+    let concurrency = max_concurrency_per_agent(&runs);
+    println!("max concurrent runs per agent: {concurrency:?}");
+    assert_eq!(concurrency.len(), 3, "every agent ran jobs: {concurrency:?}");
+    for (agent, max) in &concurrency {
+        assert!(*max <= 2, "agent {agent} ran {max} jobs at once with 2 slots");
+    }
+    assert!(concurrency.values().any(|max| *max == 2), "slots were used in parallel");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failing_cli_is_retried_with_backoff_and_ends_dead_with_its_error() {
+    let sandbox = Sandbox::new();
+    let coordinator = CoordinatorProc::start(
+        &sandbox,
+        free_port(),
+        &[("MAX_ATTEMPTS", "3"), ("RETRY_BACKOFF", "300")],
+    )
+    .await;
+    let mut agent = AgentProc::spawn(
+        &sandbox,
+        AgentOptions {
+            id: "agent-1",
+            coordinator_url: coordinator.url(),
+            slots: 1,
+            extra: &[("FIXTURE_DIRECTIVES", "fail")],
+        },
+    );
+    agent.wait_connected().await;
+    let mut admin = coordinator.admin().await;
+    let job_id = admin.submit(&sandbox.repo.url, "main", "explain").await;
+    let job = admin.wait_status(&job_id, TERMINAL, JOB_TIMEOUT).await;
+    assert_eq!(job.status, "dead", "{job:?}");
+    assert_eq!(job.attempts, 3);
+    assert!(
+        job.error.contains("fixture failure: simulated analyzer crash"),
+        "the CLI's error text is on the job: {:?}",
+        job.error
+    );
+    assert!(job.error.contains("exited with code 1"), "{:?}", job.error);
+
+    let starts: Vec<u128> = read_run_log(&sandbox.run_log)
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.kind == fixture_cli::RunEventKind::Start && r.job_id == job_id)
+        .map(|r| r.at_nanos)
+        .collect();
+    assert_eq!(starts.len(), 3, "one run per attempt");
+    // Backoff: at least 300 ms before the second run, at least 600 ms before the third.
+    let gap = |a: u128, b: u128| Duration::from_nanos((b - a) as u64);
+    assert!(gap(starts[0], starts[1]) >= Duration::from_millis(300), "{starts:?}");
+    assert!(gap(starts[1], starts[2]) >= Duration::from_millis(600), "{starts:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn agent_started_before_the_coordinator_connects_once_it_is_up() {
+    let sandbox = Sandbox::new();
+    let port = free_port();
+    let mut agent = AgentProc::spawn(
+        &sandbox,
+        AgentOptions {
+            id: "early-agent",
+            coordinator_url: format!("http://127.0.0.1:{port}"),
+            slots: 1,
+            extra: &[],
+        },
+    );
+    agent
+        .proc
+        .wait_for_log("connecting to the coordinator failed", Duration::from_secs(20))
+        .await;
+    let coordinator = CoordinatorProc::start(&sandbox, port, &[]).await;
+    agent.wait_connected().await;
+    let mut admin = coordinator.admin().await;
+    let agents = admin.agents().await;
+    assert_eq!(agents.len(), 1);
+    assert_eq!(agents[0].agent_id, "early-agent");
+    assert_eq!(agents[0].slots, 1);
+    let job_id = admin.submit(&sandbox.repo.url, "main", "explain").await;
+    let job = admin.wait_status(&job_id, TERMINAL, JOB_TIMEOUT).await;
+    assert_eq!(job.status, "completed", "{job:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn disallowed_urls_and_hostile_branches_fail_clearly_and_run_nothing() {
+    let sandbox = Sandbox::new();
+    let coordinator = CoordinatorProc::start(&sandbox, free_port(), &[]).await;
+    let mut agent = AgentProc::spawn(
+        &sandbox,
+        AgentOptions { id: "agent-1", coordinator_url: coordinator.url(), slots: 1, extra: &[] },
+    );
+    agent.wait_connected().await;
+    let mut admin = coordinator.admin().await;
+    let pwned = sandbox.path("pwned");
+    let upload_pack = format!("--upload-pack=touch {}", pwned.display());
+    let rm = "main;rm -rf /".to_string();
+    let cases = [
+        ("https://evil.example.com/x.git".to_string(), "main".to_string(), "REPO_ALLOWLIST"),
+        ("ext::sh -c touch% /tmp/pwned".to_string(), "main".to_string(), "REPO_ALLOWLIST"),
+        (sandbox.repo.url.clone(), upload_pack, "branch"),
+        (sandbox.repo.url.clone(), "--upload-pack=x".to_string(), "branch"),
+        (sandbox.repo.url.clone(), rm, "branch"),
+    ];
+    for (url, branch, mentions) in cases {
+        let job_id = admin.submit(&url, &branch, "explain").await;
+        let job = admin.wait_status(&job_id, TERMINAL, JOB_TIMEOUT).await;
+        assert_eq!(job.status, "failed", "url {url:?} branch {branch:?}: {job:?}");
+        assert!(
+            job.error.contains(mentions),
+            "the error for url {url:?} branch {branch:?} names the {mentions} rule: {:?}",
+            job.error
+        );
+        assert_eq!(job.attempts, 1, "a rule violation is not retried");
+    }
+    assert!(!pwned.exists(), "no option was injected into git");
+    assert!(!sandbox.run_log.exists(), "the analyzer never ran");
+    assert!(!agent.proc.log_contains("run started"), "no assignment reached the agent");
+}
