@@ -1,56 +1,1388 @@
-//! TEMP STUB
-use super::*;
-use std::{path::Path, time::Duration};
+//! The embedded job source: the Convex queue of `DESIGN.md` section 2 replicated in a SQLite file
+//! under `DATA_DIR`, so the whole system runs on one machine with no cloud account.
+//!
+//! Semantics follow the Convex functions: claim leases the oldest due pending job, heartbeats
+//! extend the lease, a failed attempt goes back to pending with exponential backoff until it is
+//! dead, a cancel leaves the lease holder in place so the coordinator notices and stops its agent.
+//! One addition: expired leases are reclaimed at the start of every claim (the deployment has
+//! `queue:reclaimExpired`, but nothing schedules it).
+//!
+//! Every change is one transaction, committed with `synchronous = FULL` before the call returns,
+//! so an acknowledged change survives a crash. The coordinator's journal lives in the same file
+//! (its own tables): this module only touches `jobs` and `documents`.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, PoisonError},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use async_trait::async_trait;
+use rand::Rng;
+use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, TransactionBehavior};
+
+use super::{
+    ClaimedJob, Document, DocumentKind, FailOutcome, JobId, JobResult, JobSource, JobSourceError,
+    JobStatus, JobView, NewJob, ProgressUpdate, RepoTarget, Result,
+};
+
+/// File name of the database inside `DATA_DIR`.
+pub const DATABASE_FILE: &str = "jobs.sqlite3";
+
+/// Version of the `jobs`/`documents` schema, kept in `PRAGMA user_version`.
+const SCHEMA_VERSION: i64 = 1;
+
+/// Largest prompt accepted by `submit`.
+const MAX_PROMPT_BYTES: usize = 64 * 1024;
+/// Longest error text stored; longer ones are cut (a CLI can print a lot before dying).
+const MAX_ERROR_BYTES: usize = 16 * 1024;
+/// Convex limits a stored document to 1 MiB and a call's arguments to 16 MiB; the embedded store
+/// refuses the same results so that tests here see what production would.
+const MAX_DOCUMENT_BYTES: usize = 1024 * 1024;
+const MAX_RESULT_BYTES: usize = 16 * 1024 * 1024;
+
+/// How long a writer waits for another connection (e.g. the journal's) to release the file.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Convex id alphabet: lowercase Crockford base32 (no i, l, o, u).
+const ID_ALPHABET: &[u8; 32] = b"0123456789abcdefghjkmnpqrstvwxyz";
+const ID_LENGTH: usize = 32;
+
+/// Statuses in which a job holds a lease, as an SQL list.
+const LEASED_STATUSES_SQL: &str = "('claimed', 'running', 'cloning', 'analyzing', 'gathering')";
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS jobs (
+    id               TEXT PRIMARY KEY NOT NULL,
+    status           TEXT NOT NULL,
+    repo_url         TEXT NOT NULL,
+    branch           TEXT NOT NULL,
+    prompt           TEXT NOT NULL,
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    run_at           REAL NOT NULL,
+    locked_by        TEXT,
+    lease_until      REAL,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    progress         TEXT,
+    current_step     INTEGER,
+    error            TEXT,
+    -- who completed the job, so that a repeated complete (lost reply) is recognised
+    completed_by     TEXT,
+    run_id           TEXT,
+    result_message   TEXT,
+    docs_count       INTEGER,
+    created_at       REAL NOT NULL,
+    updated_at       REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_by_due ON jobs (status, run_at, created_at);
+CREATE INDEX IF NOT EXISTS jobs_by_created ON jobs (created_at);
+
+CREATE TABLE IF NOT EXISTS documents (
+    job_id        TEXT NOT NULL,
+    position      INTEGER NOT NULL,
+    slug          TEXT NOT NULL,
+    title         TEXT NOT NULL,
+    kind          TEXT NOT NULL,
+    chapter_index INTEGER,
+    content       TEXT NOT NULL,
+    size_bytes    INTEGER NOT NULL,
+    PRIMARY KEY (job_id, position)
+);
+";
+
+/// Retry policy, the same as Convex's `queue:retryOrFail` by default.
 #[derive(Debug, Clone)]
 pub struct EmbeddedOptions {
+    /// Attempts after which a failing job is dead.
     pub max_attempts: u32,
+    /// Delay before the second attempt; doubles with each further attempt.
     pub backoff_base: Duration,
     pub backoff_max: Duration,
+    /// Random delay in `[0, backoff_jitter)` added to each backoff.
     pub backoff_jitter: Duration,
 }
+
 impl Default for EmbeddedOptions {
     fn default() -> Self {
-        Self {
+        EmbeddedOptions {
             max_attempts: 5,
             backoff_base: Duration::from_secs(5),
-            backoff_max: Duration::from_secs(600),
+            backoff_max: Duration::from_secs(10 * 60),
             backoff_jitter: Duration::from_secs(5),
         }
     }
 }
-pub struct EmbeddedStore;
-impl EmbeddedStore {
-    pub fn open(_d: &Path, _o: EmbeddedOptions) -> Result<Self> {
-        todo!()
+
+/// The job queue in `<DATA_DIR>/jobs.sqlite3`. Cheap to clone: clones share the connection.
+#[derive(Debug, Clone)]
+pub struct EmbeddedStore {
+    /// One connection, used from blocking tasks; the mutex serialises this process's calls and
+    /// `BEGIN IMMEDIATE` serialises writers across connections.
+    conn: Arc<Mutex<Connection>>,
+    path: PathBuf,
+    options: EmbeddedOptions,
+}
+
+/// What goes wrong inside one database operation, before it gets its context.
+enum OpError {
+    Db(rusqlite::Error),
+    /// The file or a stored value is not what this build can use (unknown status, newer schema).
+    Unusable(String),
+    Job(JobSourceError),
+}
+
+impl From<rusqlite::Error> for OpError {
+    fn from(err: rusqlite::Error) -> Self {
+        OpError::Db(err)
     }
 }
+
+impl From<JobSourceError> for OpError {
+    fn from(err: JobSourceError) -> Self {
+        OpError::Job(err)
+    }
+}
+
+impl OpError {
+    fn with_context(self, what: &str) -> JobSourceError {
+        match self {
+            OpError::Db(err) => JobSourceError::Failed(format!("embedded store: {what}: {err}")),
+            OpError::Unusable(msg) => {
+                JobSourceError::Failed(format!("embedded store: {what}: {msg}"))
+            }
+            OpError::Job(err) => err,
+        }
+    }
+}
+
+type OpResult<T> = std::result::Result<T, OpError>;
+
+impl EmbeddedStore {
+    /// Opens (creating if needed) `<data_dir>/jobs.sqlite3`.
+    pub fn open(data_dir: &Path, options: EmbeddedOptions) -> Result<Self> {
+        let path = data_dir.join(DATABASE_FILE);
+        let failed = |what: String| JobSourceError::Failed(format!("embedded store: {what}"));
+        std::fs::create_dir_all(data_dir)
+            .map_err(|err| failed(format!("creating {}: {err}", data_dir.display())))?;
+        let mut conn = Connection::open(&path)
+            .map_err(|err| failed(format!("opening {}: {err}", path.display())))?;
+        prepare(&mut conn)
+            .map_err(|err| err.with_context(&format!("opening {}", path.display())))?;
+        Ok(EmbeddedStore {
+            conn: Arc::new(Mutex::new(conn)),
+            path,
+            options,
+        })
+    }
+
+    /// Where the database lives.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The earliest `runAt` of a pending job, so the dispatcher can wake up exactly when a retry
+    /// becomes due.
+    pub async fn next_due_at_ms(&self) -> Result<Option<f64>> {
+        self.run("reading the next due time", |conn| {
+            let due = conn.query_row(
+                "SELECT MIN(run_at) FROM jobs WHERE status = 'pending'",
+                [],
+                |row| row.get(0),
+            )?;
+            Ok(due)
+        })
+        .await
+    }
+
+    /// The byte sizes of a job's documents, in the order of [`JobView::documents`] (whose content
+    /// is empty unless asked for).
+    pub async fn get_job_document_sizes(&self, job_id: &str) -> Result<Vec<u64>> {
+        let job_id = job_id.to_owned();
+        self.run("reading document sizes", move |conn| {
+            let tx = conn.transaction()?;
+            if !job_exists(&tx, &job_id)? {
+                return Err(JobSourceError::NotFound(job_id).into());
+            }
+            let mut stmt =
+                tx.prepare("SELECT size_bytes FROM documents WHERE job_id = ?1 ORDER BY position")?;
+            let sizes = stmt
+                .query_map([&job_id], |row| row.get(0))?
+                .collect::<rusqlite::Result<Vec<u64>>>()?;
+            Ok(sizes)
+        })
+        .await
+    }
+
+    /// Runs `op` on the connection in a blocking task; `what` names the operation in errors.
+    async fn run<T, F>(&self, what: &'static str, op: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> OpResult<T> + Send + 'static,
+    {
+        let conn = Arc::clone(&self.conn);
+        tokio::task::spawn_blocking(move || {
+            // A panic while holding the lock leaves no open transaction behind (dropping a
+            // `Transaction` rolls it back), so a poisoned connection is still consistent.
+            let mut conn = conn.lock().unwrap_or_else(PoisonError::into_inner);
+            op(&mut conn).map_err(|err| err.with_context(what))
+        })
+        .await
+        .map_err(|err| {
+            JobSourceError::Failed(format!("embedded store: {what}: task failed: {err}"))
+        })?
+    }
+}
+
 #[async_trait]
 impl JobSource for EmbeddedStore {
+    async fn next_due_at_ms(&self) -> Result<Option<f64>> {
+        EmbeddedStore::next_due_at_ms(self).await
+    }
+
     fn kind(&self) -> &'static str {
         "embedded"
     }
-    async fn claim(&self, _w: &str, _l: Duration) -> Result<Option<ClaimedJob>> {
-        todo!()
+
+    async fn claim(&self, worker_id: &str, lease: Duration) -> Result<Option<ClaimedJob>> {
+        let worker_id = worker_id.to_owned();
+        let options = self.options.clone();
+        self.run("claiming a job", move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let now = now_ms();
+            reclaim_expired(&tx, now, &options)?;
+
+            let next = tx
+                .query_row(
+                    "SELECT id, prompt, repo_url, branch, attempts FROM jobs
+                     WHERE status = 'pending' AND run_at <= ?1
+                     ORDER BY run_at, created_at, rowid
+                     LIMIT 1",
+                    [now],
+                    |row| {
+                        Ok((
+                            row.get::<_, String>(0)?,
+                            row.get::<_, String>(1)?,
+                            row.get::<_, String>(2)?,
+                            row.get::<_, String>(3)?,
+                            row.get::<_, u32>(4)?,
+                        ))
+                    },
+                )
+                .optional()?;
+            let Some((id, prompt, url, branch, attempts)) = next else {
+                // Keep what reclaiming did even though there is nothing to take.
+                tx.commit()?;
+                return Ok(None);
+            };
+            let attempt = attempts.saturating_add(1);
+            // Progress of an earlier attempt would be misleading for this one.
+            tx.execute(
+                "UPDATE jobs SET status = 'claimed', locked_by = ?2, lease_until = ?3,
+                     attempts = ?4, progress = NULL, current_step = NULL, updated_at = ?5
+                 WHERE id = ?1",
+                params![id, worker_id, now + duration_ms(lease), attempt, now],
+            )?;
+            tx.commit()?;
+            Ok(Some(ClaimedJob {
+                id,
+                attempt,
+                prompt,
+                target: Ok(RepoTarget { url, branch }),
+            }))
+        })
+        .await
     }
-    async fn heartbeat(&self, _j: &str, _w: &str, _u: &ProgressUpdate, _l: Duration) -> Result<()> {
-        todo!()
+
+    async fn heartbeat(
+        &self,
+        job_id: &str,
+        worker_id: &str,
+        update: &ProgressUpdate,
+        lease: Duration,
+    ) -> Result<()> {
+        let (job_id, worker_id, update) = (job_id.to_owned(), worker_id.to_owned(), update.clone());
+        self.run("recording a heartbeat", move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            check_owned(&tx, &job_id, &worker_id)?;
+            let now = now_ms();
+            // COALESCE keeps the fields the update leaves out.
+            tx.execute(
+                "UPDATE jobs SET lease_until = ?2,
+                     status = COALESCE(?3, status),
+                     progress = COALESCE(?4, progress),
+                     current_step = COALESCE(?5, current_step),
+                     updated_at = ?6
+                 WHERE id = ?1",
+                params![
+                    job_id,
+                    now + duration_ms(lease),
+                    update.status.map(|status| status.as_str()),
+                    update.progress,
+                    update.current_step,
+                    now,
+                ],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
     }
-    async fn complete(&self, _j: &str, _w: &str, _r: &JobResult) -> Result<()> {
-        todo!()
+
+    async fn complete(&self, job_id: &str, worker_id: &str, result: &JobResult) -> Result<()> {
+        check_result_size(job_id, result)?;
+        let (job_id, worker_id, result) = (job_id.to_owned(), worker_id.to_owned(), result.clone());
+        self.run("completing a job", move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let state = load_state(&tx, &job_id)?;
+            // A repeated call after a lost reply: store the documents again (they replace the
+            // set, like `docs:upsertFromJob`) and report success.
+            let repeated = state.as_ref().is_some_and(|state| {
+                state.status == JobStatus::Completed
+                    && state.completed_by.as_deref() == Some(worker_id.as_str())
+            });
+            if !repeated {
+                check_owned(&tx, &job_id, &worker_id)?;
+            }
+            let now = now_ms();
+            tx.execute("DELETE FROM documents WHERE job_id = ?1", [&job_id])?;
+            {
+                let mut insert = tx.prepare(
+                    "INSERT INTO documents
+                         (job_id, position, slug, title, kind, chapter_index, content, size_bytes)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                )?;
+                for (position, doc) in result.documents.iter().enumerate() {
+                    insert.execute(params![
+                        job_id,
+                        position,
+                        doc.slug,
+                        doc.title,
+                        doc.kind.as_str(),
+                        doc.chapter_index,
+                        doc.content,
+                        doc.content.len(),
+                    ])?;
+                }
+            }
+            tx.execute(
+                "UPDATE jobs SET status = 'completed', locked_by = NULL, lease_until = NULL,
+                     completed_by = ?2, run_id = ?3, result_message = ?4, docs_count = ?5,
+                     updated_at = ?6
+                 WHERE id = ?1",
+                params![
+                    job_id,
+                    worker_id,
+                    result.run_id,
+                    result.message,
+                    result.documents.len(),
+                    now,
+                ],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
     }
-    async fn fail(&self, _j: &str, _w: &str, _e: &str, _r: bool) -> Result<FailOutcome> {
-        todo!()
+
+    async fn fail(
+        &self,
+        job_id: &str,
+        worker_id: &str,
+        error: &str,
+        retryable: bool,
+    ) -> Result<FailOutcome> {
+        let (job_id, worker_id) = (job_id.to_owned(), worker_id.to_owned());
+        let error = cap_error(error);
+        let options = self.options.clone();
+        self.run("failing a job", move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let state = check_owned(&tx, &job_id, &worker_id)?;
+            let now = now_ms();
+            let outcome = if retryable {
+                retry_or_die(&tx, &job_id, state.attempts, &error, now, &options)?
+            } else {
+                tx.execute(
+                    "UPDATE jobs SET status = 'failed', locked_by = NULL, lease_until = NULL,
+                         error = ?2, updated_at = ?3
+                     WHERE id = ?1",
+                    params![job_id, error, now],
+                )?;
+                FailOutcome::Failed
+            };
+            tx.commit()?;
+            Ok(outcome)
+        })
+        .await
     }
-    async fn get_job(&self, _j: &str, _i: bool) -> Result<Option<JobView>> {
-        todo!()
+
+    async fn get_job(&self, job_id: &str, include_content: bool) -> Result<Option<JobView>> {
+        let job_id = job_id.to_owned();
+        self.run("reading a job", move |conn| {
+            let tx = conn.transaction()?;
+            let raw = tx
+                .query_row(
+                    &format!("SELECT {VIEW_COLUMNS} FROM jobs WHERE id = ?1"),
+                    [&job_id],
+                    RawView::from_row,
+                )
+                .optional()?;
+            raw.map(|raw| raw.into_view(&tx, include_content))
+                .transpose()
+        })
+        .await
     }
-    async fn submit(&self, _j: NewJob) -> Result<JobId> {
-        todo!()
+
+    async fn submit(&self, job: NewJob) -> Result<JobId> {
+        if job.repo_url.is_empty() {
+            return Err(JobSourceError::Invalid("repo_url is empty".to_owned()));
+        }
+        if job.prompt.len() > MAX_PROMPT_BYTES {
+            return Err(JobSourceError::Invalid(format!(
+                "prompt is {} bytes, more than {MAX_PROMPT_BYTES}",
+                job.prompt.len()
+            )));
+        }
+        let branch = if job.branch.is_empty() {
+            "main".to_owned()
+        } else {
+            job.branch
+        };
+        let id = new_id();
+        let job_id = id.clone();
+        self.run("submitting a job", move |conn| {
+            let now = now_ms();
+            conn.execute(
+                "INSERT INTO jobs (id, status, repo_url, branch, prompt, attempts, run_at,
+                     created_at, updated_at)
+                 VALUES (?1, 'pending', ?2, ?3, ?4, 0, ?5, ?5, ?5)",
+                params![job_id, job.repo_url, branch, job.prompt, now],
+            )?;
+            Ok(())
+        })
+        .await?;
+        Ok(id)
     }
-    async fn list_jobs(&self, _s: Option<JobStatus>, _l: usize) -> Result<Vec<JobView>> {
-        todo!()
+
+    async fn list_jobs(&self, status: Option<JobStatus>, limit: usize) -> Result<Vec<JobView>> {
+        self.run("listing jobs", move |conn| {
+            let tx = conn.transaction()?;
+            let raws = {
+                let mut stmt = tx.prepare(&format!(
+                    "SELECT {VIEW_COLUMNS} FROM jobs
+                     WHERE ?1 IS NULL OR status = ?1
+                     ORDER BY created_at DESC, rowid DESC
+                     LIMIT ?2"
+                ))?;
+                let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+                let rows = stmt
+                    .query_map(
+                        params![status.map(JobStatus::as_str), limit],
+                        RawView::from_row,
+                    )?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                rows
+            };
+            raws.into_iter()
+                .map(|raw| raw.into_view(&tx, false))
+                .collect()
+        })
+        .await
     }
-    async fn request_cancel(&self, _j: &str) -> Result<JobStatus> {
-        todo!()
+
+    async fn request_cancel(&self, job_id: &str) -> Result<JobStatus> {
+        let job_id = job_id.to_owned();
+        self.run("canceling a job", move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let Some(state) = load_state(&tx, &job_id)? else {
+                return Err(JobSourceError::NotFound(job_id).into());
+            };
+            let now = now_ms();
+            let after = match state.status {
+                JobStatus::Pending => {
+                    tx.execute(
+                        "UPDATE jobs SET status = 'canceled', cancel_requested = 1,
+                             locked_by = NULL, lease_until = NULL, updated_at = ?2
+                         WHERE id = ?1",
+                        params![job_id, now],
+                    )?;
+                    JobStatus::Canceled
+                }
+                // Like Convex: the lease holder stays, so its coordinator sees the cancel and
+                // stops the agent.
+                status if !status.is_terminal() => {
+                    tx.execute(
+                        "UPDATE jobs SET status = 'canceled', cancel_requested = 1,
+                             updated_at = ?2
+                         WHERE id = ?1",
+                        params![job_id, now],
+                    )?;
+                    JobStatus::Canceled
+                }
+                terminal => terminal,
+            };
+            tx.commit()?;
+            Ok(after)
+        })
+        .await
+    }
+}
+
+/// Pragmas and schema, run once per connection.
+fn prepare(conn: &mut Connection) -> OpResult<()> {
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    // WAL lets readers (admin calls) proceed during a write; FULL syncs the WAL on every commit,
+    // which is what makes an acknowledged change durable.
+    let mode: String =
+        conn.pragma_update_and_check(None, "journal_mode", "wal", |row| row.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(OpError::Unusable(format!(
+            "journal_mode is {mode}, not wal"
+        )));
+    }
+    conn.pragma_update(None, "synchronous", "FULL")?;
+
+    // IMMEDIATE so that two processes opening a new file do not race on the schema.
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let version: i64 = tx.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+    if version > SCHEMA_VERSION {
+        return Err(OpError::Unusable(format!(
+            "schema version {version} is newer than this build's {SCHEMA_VERSION}"
+        )));
+    }
+    tx.execute_batch(SCHEMA)?;
+    if version < SCHEMA_VERSION {
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// Treats every lease that ran out as a failed attempt. Convex has this as an internal mutation
+/// nobody may schedule; here it runs inside each claim so a vanished holder never strands a job.
+fn reclaim_expired(tx: &Transaction<'_>, now: f64, options: &EmbeddedOptions) -> OpResult<()> {
+    let expired = {
+        let mut stmt = tx.prepare(&format!(
+            "SELECT id, attempts FROM jobs
+             WHERE status IN {LEASED_STATUSES_SQL} AND cancel_requested = 0 AND lease_until < ?1"
+        ))?;
+        let rows = stmt
+            .query_map([now], |row| {
+                Ok((row.get::<_, String>(0)?, row.get::<_, u32>(1)?))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        rows
+    };
+    for (job_id, attempts) in expired {
+        let outcome = retry_or_die(tx, &job_id, attempts, "lease expired", now, options)?;
+        tracing::warn!(job_id = %job_id, ?outcome, "lease expired, job reclaimed");
+    }
+    Ok(())
+}
+
+/// The `queue:retryOrFail` transition: back to pending after a backoff, or dead.
+fn retry_or_die(
+    tx: &Transaction<'_>,
+    job_id: &str,
+    attempts: u32,
+    error: &str,
+    now: f64,
+    options: &EmbeddedOptions,
+) -> OpResult<FailOutcome> {
+    if attempts >= options.max_attempts {
+        tx.execute(
+            "UPDATE jobs SET status = 'dead', locked_by = NULL, lease_until = NULL,
+                 error = ?2, updated_at = ?3
+             WHERE id = ?1",
+            params![job_id, error, now],
+        )?;
+        return Ok(FailOutcome::Dead { attempts });
+    }
+    let next_run_at_ms = now + backoff_ms(options, attempts);
+    tx.execute(
+        "UPDATE jobs SET status = 'pending', run_at = ?2, locked_by = NULL, lease_until = NULL,
+             error = ?3, updated_at = ?4
+         WHERE id = ?1",
+        params![job_id, next_run_at_ms, error, now],
+    )?;
+    Ok(FailOutcome::Retrying {
+        attempts,
+        next_run_at_ms,
+    })
+}
+
+/// `base * 2^(attempts-1)`, at most `max`, plus jitter in `[0, jitter)`.
+fn backoff_ms(options: &EmbeddedOptions, attempts: u32) -> f64 {
+    let exponent = attempts.saturating_sub(1).min(62) as i32;
+    let delay = (duration_ms(options.backoff_base) * 2f64.powi(exponent))
+        .min(duration_ms(options.backoff_max));
+    let jitter = duration_ms(options.backoff_jitter);
+    if jitter > 0.0 {
+        delay + rand::rng().random_range(0.0..jitter)
+    } else {
+        delay
+    }
+}
+
+/// The columns of a job that decide whether a worker may write to it.
+struct LeaseState {
+    status: JobStatus,
+    locked_by: Option<String>,
+    cancel_requested: bool,
+    attempts: u32,
+    completed_by: Option<String>,
+}
+
+fn load_state(tx: &Transaction<'_>, job_id: &str) -> OpResult<Option<LeaseState>> {
+    let row = tx
+        .query_row(
+            "SELECT status, locked_by, cancel_requested, attempts, completed_by
+             FROM jobs WHERE id = ?1",
+            [job_id],
+            |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, Option<String>>(1)?,
+                    row.get::<_, bool>(2)?,
+                    row.get::<_, u32>(3)?,
+                    row.get::<_, Option<String>>(4)?,
+                ))
+            },
+        )
+        .optional()?;
+    row.map(
+        |(status, locked_by, cancel_requested, attempts, completed_by)| {
+            Ok(LeaseState {
+                status: parse_status(&status)?,
+                locked_by,
+                cancel_requested,
+                attempts,
+                completed_by,
+            })
+        },
+    )
+    .transpose()
+}
+
+/// The job exists, is leased to `worker_id`, and is not canceled; the checks every write of a
+/// lease holder starts with. A canceled job keeps its `lockedBy`, so the holder hears `Canceled`.
+fn check_owned(tx: &Transaction<'_>, job_id: &str, worker_id: &str) -> OpResult<LeaseState> {
+    let not_owned = || {
+        OpError::Job(JobSourceError::NotOwned {
+            job_id: job_id.to_owned(),
+            worker_id: worker_id.to_owned(),
+        })
+    };
+    let state = load_state(tx, job_id)?.ok_or_else(not_owned)?;
+    if state.locked_by.as_deref() != Some(worker_id) {
+        return Err(not_owned());
+    }
+    if state.status == JobStatus::Canceled || state.cancel_requested {
+        return Err(JobSourceError::Canceled(job_id.to_owned()).into());
+    }
+    if !is_leased(state.status) {
+        return Err(not_owned());
+    }
+    Ok(state)
+}
+
+fn is_leased(status: JobStatus) -> bool {
+    matches!(
+        status,
+        JobStatus::Claimed
+            | JobStatus::Running
+            | JobStatus::Cloning
+            | JobStatus::Analyzing
+            | JobStatus::Gathering
+    )
+}
+
+fn job_exists(tx: &Transaction<'_>, job_id: &str) -> OpResult<bool> {
+    Ok(tx
+        .query_row("SELECT 1 FROM jobs WHERE id = ?1", [job_id], |_| Ok(()))
+        .optional()?
+        .is_some())
+}
+
+const VIEW_COLUMNS: &str = "id, status, attempts, error, progress, current_step, repo_url, branch,
+    cancel_requested, locked_by, created_at, updated_at";
+
+/// A `jobs` row as read, before its status is parsed and its documents attached.
+struct RawView {
+    id: String,
+    status: String,
+    attempts: u32,
+    error: Option<String>,
+    progress: Option<String>,
+    current_step: Option<u32>,
+    repo_url: String,
+    branch: String,
+    cancel_requested: bool,
+    locked_by: Option<String>,
+    created_at_ms: f64,
+    updated_at_ms: f64,
+}
+
+impl RawView {
+    fn from_row(row: &Row<'_>) -> rusqlite::Result<Self> {
+        Ok(RawView {
+            id: row.get(0)?,
+            status: row.get(1)?,
+            attempts: row.get(2)?,
+            error: row.get(3)?,
+            progress: row.get(4)?,
+            current_step: row.get(5)?,
+            repo_url: row.get(6)?,
+            branch: row.get(7)?,
+            cancel_requested: row.get(8)?,
+            locked_by: row.get(9)?,
+            created_at_ms: row.get(10)?,
+            updated_at_ms: row.get(11)?,
+        })
+    }
+
+    fn into_view(self, tx: &Transaction<'_>, include_content: bool) -> OpResult<JobView> {
+        let documents = load_documents(tx, &self.id, include_content)?;
+        Ok(JobView {
+            status: parse_status(&self.status)?,
+            id: self.id,
+            attempts: self.attempts,
+            error: self.error,
+            progress: self.progress,
+            current_step: self.current_step,
+            repo_url: Some(self.repo_url),
+            branch: Some(self.branch),
+            cancel_requested: self.cancel_requested,
+            locked_by: self.locked_by,
+            created_at_ms: self.created_at_ms,
+            updated_at_ms: self.updated_at_ms,
+            documents,
+        })
+    }
+}
+
+fn load_documents(
+    tx: &Transaction<'_>,
+    job_id: &str,
+    include_content: bool,
+) -> OpResult<Vec<Document>> {
+    // Without content, select an empty string so large contents are never read.
+    let content = if include_content { "content" } else { "''" };
+    let mut stmt = tx.prepare(&format!(
+        "SELECT slug, title, kind, chapter_index, {content} FROM documents
+         WHERE job_id = ?1 ORDER BY position"
+    ))?;
+    let rows = stmt
+        .query_map([job_id], |row| {
+            Ok((
+                row.get::<_, String>(0)?,
+                row.get::<_, String>(1)?,
+                row.get::<_, String>(2)?,
+                row.get::<_, Option<u32>>(3)?,
+                row.get::<_, String>(4)?,
+            ))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    rows.into_iter()
+        .map(|(slug, title, kind, chapter_index, content)| {
+            let kind = kind
+                .parse::<DocumentKind>()
+                .map_err(|err| OpError::Unusable(format!("stored document: {err}")))?;
+            Ok(Document {
+                slug,
+                title,
+                kind,
+                chapter_index,
+                content,
+            })
+        })
+        .collect()
+}
+
+fn parse_status(status: &str) -> OpResult<JobStatus> {
+    status
+        .parse()
+        .map_err(|err: JobSourceError| OpError::Unusable(format!("stored job: {err}")))
+}
+
+/// Refuses what Convex would refuse, with a message saying which document is too big.
+fn check_result_size(job_id: &str, result: &JobResult) -> Result<()> {
+    let mut total = 0usize;
+    for doc in &result.documents {
+        if doc.content.len() > MAX_DOCUMENT_BYTES {
+            return Err(JobSourceError::TooLarge(format!(
+                "job {job_id}: document {} is {} bytes, more than {MAX_DOCUMENT_BYTES}",
+                doc.slug,
+                doc.content.len()
+            )));
+        }
+        total += doc.content.len() + doc.slug.len() + doc.title.len();
+    }
+    if total > MAX_RESULT_BYTES {
+        return Err(JobSourceError::TooLarge(format!(
+            "job {job_id}: documents total {total} bytes, more than {MAX_RESULT_BYTES}"
+        )));
+    }
+    Ok(())
+}
+
+/// Cuts an error text to [`MAX_ERROR_BYTES`] on a character boundary, saying so.
+fn cap_error(error: &str) -> String {
+    const MARKER: &str = " [truncated]";
+    if error.len() <= MAX_ERROR_BYTES {
+        return error.to_owned();
+    }
+    let mut end = MAX_ERROR_BYTES - MARKER.len();
+    while !error.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{MARKER}", &error[..end])
+}
+
+/// A random id shaped like a Convex id.
+fn new_id() -> String {
+    let mut rng = rand::rng();
+    (0..ID_LENGTH)
+        .map(|_| char::from(ID_ALPHABET[rng.random_range(0..ID_ALPHABET.len())]))
+        .collect()
+}
+
+/// Milliseconds since the Unix epoch, whole like JavaScript's `Date.now()`.
+fn now_ms() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |since| since.as_millis() as f64)
+}
+
+fn duration_ms(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+    use crate::job_source::ActiveStatus;
+
+    const LEASE: Duration = Duration::from_secs(300);
+
+    fn open(dir: &Path, options: EmbeddedOptions) -> EmbeddedStore {
+        EmbeddedStore::open(dir, options).expect("open store")
+    }
+
+    /// Retries without waiting, so tests can run attempt after attempt.
+    fn no_backoff(max_attempts: u32) -> EmbeddedOptions {
+        EmbeddedOptions {
+            max_attempts,
+            backoff_base: Duration::ZERO,
+            backoff_max: Duration::ZERO,
+            backoff_jitter: Duration::ZERO,
+        }
+    }
+
+    fn new_job(n: usize) -> NewJob {
+        NewJob {
+            repo_url: format!("https://github.com/example/repo{n}.git"),
+            branch: String::new(),
+            prompt: format!("prompt {n}"),
+        }
+    }
+
+    fn doc(slug: &str, content: &str) -> Document {
+        Document {
+            slug: slug.to_owned(),
+            title: slug.to_uppercase(),
+            kind: DocumentKind::Chapter,
+            chapter_index: Some(0),
+            content: content.to_owned(),
+        }
+    }
+
+    fn result(documents: Vec<Document>) -> JobResult {
+        JobResult {
+            run_id: "run-1".to_owned(),
+            message: "done".to_owned(),
+            documents,
+        }
+    }
+
+    async fn view(store: &EmbeddedStore, id: &str) -> JobView {
+        store.get_job(id, true).await.unwrap().expect("job exists")
+    }
+
+    /// Makes a pending job due now, skipping its backoff.
+    async fn make_due(store: &EmbeddedStore, id: &str) {
+        let id = id.to_owned();
+        store
+            .run("test: making a job due", move |conn| {
+                conn.execute("UPDATE jobs SET run_at = 0 WHERE id = ?1", [id])?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn submit_claim_complete_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), EmbeddedOptions::default());
+        let id = store.submit(new_job(1)).await.unwrap();
+        assert_eq!(id.len(), 32);
+        assert!(id.bytes().all(|b| ID_ALPHABET.contains(&b)), "{id}");
+
+        let job = view(&store, &id).await;
+        assert_eq!(job.status, JobStatus::Pending);
+        assert_eq!(job.branch.as_deref(), Some("main"));
+        assert_eq!(job.attempts, 0);
+
+        let claimed = store.claim("w1", LEASE).await.unwrap().expect("a job");
+        assert_eq!(claimed.id, id);
+        assert_eq!(claimed.attempt, 1);
+        assert_eq!(claimed.prompt, "prompt 1");
+        let target = claimed.target.expect("target");
+        assert_eq!(target.url, "https://github.com/example/repo1.git");
+        assert_eq!(target.branch, "main");
+        assert!(store.claim("w1", LEASE).await.unwrap().is_none());
+        assert_eq!(view(&store, &id).await.locked_by.as_deref(), Some("w1"));
+
+        let update = ProgressUpdate {
+            status: Some(ActiveStatus::Analyzing),
+            progress: Some("step 2".to_owned()),
+            current_step: Some(2),
+        };
+        store.heartbeat(&id, "w1", &update, LEASE).await.unwrap();
+        let job = view(&store, &id).await;
+        assert_eq!(job.status, JobStatus::Analyzing);
+        assert_eq!(job.progress.as_deref(), Some("step 2"));
+        assert_eq!(job.current_step, Some(2));
+
+        let first = vec![
+            doc("a.md", "alpha"),
+            doc("b.md", "beta"),
+            doc("c.md", "gamma"),
+        ];
+        store
+            .complete(&id, "w1", &result(first.clone()))
+            .await
+            .unwrap();
+        let job = view(&store, &id).await;
+        assert_eq!(job.status, JobStatus::Completed);
+        assert_eq!(job.locked_by, None);
+        assert_eq!(job.documents, first);
+
+        // A repeated complete (lost reply) succeeds and replaces the whole set.
+        let second = vec![doc("b.md", "beta v2"), doc("d.md", "delta")];
+        store
+            .complete(&id, "w1", &result(second.clone()))
+            .await
+            .unwrap();
+        assert_eq!(view(&store, &id).await.documents, second);
+
+        let light = store.get_job(&id, false).await.unwrap().unwrap();
+        assert!(light.documents.iter().all(|d| d.content.is_empty()));
+        assert_eq!(light.documents[1].slug, "d.md");
+        assert_eq!(store.get_job_document_sizes(&id).await.unwrap(), vec![7, 5]);
+
+        // Another worker does not get that success.
+        assert!(matches!(
+            store.complete(&id, "w2", &result(vec![])).await,
+            Err(JobSourceError::NotOwned { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn submit_validates_input() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), EmbeddedOptions::default());
+        let mut job = new_job(1);
+        job.repo_url.clear();
+        assert!(matches!(
+            store.submit(job).await,
+            Err(JobSourceError::Invalid(_))
+        ));
+        let mut job = new_job(1);
+        job.prompt = "x".repeat(MAX_PROMPT_BYTES + 1);
+        assert!(matches!(
+            store.submit(job).await,
+            Err(JobSourceError::Invalid(_))
+        ));
+        let mut job = new_job(1);
+        job.branch = "dev".to_owned();
+        let id = store.submit(job).await.unwrap();
+        assert_eq!(view(&store, &id).await.branch.as_deref(), Some("dev"));
+        assert!(matches!(
+            store.get_job_document_sizes("nope").await,
+            Err(JobSourceError::NotFound(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn concurrent_claimers_never_share_a_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), EmbeddedOptions::default());
+        let mut submitted = HashSet::new();
+        for n in 0..50 {
+            submitted.insert(store.submit(new_job(n)).await.unwrap());
+        }
+        // Each claimer has its own connection, so BEGIN IMMEDIATE, not the mutex, is tested.
+        let claimers = (0..8).map(|n| {
+            let store = open(dir.path(), EmbeddedOptions::default());
+            tokio::spawn(async move {
+                let mut ids = Vec::new();
+                while let Some(job) = store.claim(&format!("w{n}"), LEASE).await.unwrap() {
+                    ids.push(job.id);
+                }
+                ids
+            })
+        });
+        let mut claimed = Vec::new();
+        for claimer in claimers.collect::<Vec<_>>() {
+            claimed.extend(claimer.await.unwrap());
+        }
+        assert_eq!(claimed.len(), 50);
+        assert_eq!(claimed.into_iter().collect::<HashSet<_>>(), submitted);
+    }
+
+    #[tokio::test]
+    async fn writes_of_a_non_owner_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), EmbeddedOptions::default());
+        let id = store.submit(new_job(1)).await.unwrap();
+        store.claim("w1", LEASE).await.unwrap().unwrap();
+        let before = view(&store, &id).await;
+
+        let update = ProgressUpdate {
+            progress: Some("hijack".to_owned()),
+            ..ProgressUpdate::default()
+        };
+        let not_owned = |res: Result<()>| matches!(res, Err(JobSourceError::NotOwned { .. }));
+        assert!(not_owned(store.heartbeat(&id, "w2", &update, LEASE).await));
+        assert!(not_owned(store.complete(&id, "w2", &result(vec![])).await));
+        assert!(not_owned(
+            store.fail(&id, "w2", "boom", true).await.map(drop)
+        ));
+        assert!(not_owned(
+            store.heartbeat("unknown", "w1", &update, LEASE).await
+        ));
+        assert_eq!(view(&store, &id).await, before);
+
+        // Once the job is finished its former holder does not own it either.
+        store.fail(&id, "w1", "boom", false).await.unwrap();
+        assert!(not_owned(store.heartbeat(&id, "w1", &update, LEASE).await));
+    }
+
+    #[tokio::test]
+    async fn backoff_doubles_with_each_attempt() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = EmbeddedOptions {
+            max_attempts: 5,
+            backoff_base: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(600),
+            backoff_jitter: Duration::ZERO,
+        };
+        let store = open(dir.path(), options);
+        let id = store.submit(new_job(1)).await.unwrap();
+        for (attempt, delay) in [(1, 100.0), (2, 200.0), (3, 400.0)] {
+            make_due(&store, &id).await;
+            let claimed = store.claim("w1", LEASE).await.unwrap().expect("due job");
+            assert_eq!(claimed.attempt, attempt);
+            let before = now_ms();
+            let outcome = store.fail(&id, "w1", "boom", true).await.unwrap();
+            let after = now_ms();
+            let FailOutcome::Retrying {
+                attempts,
+                next_run_at_ms,
+            } = outcome
+            else {
+                panic!("expected a retry, got {outcome:?}");
+            };
+            assert_eq!(attempts, attempt);
+            assert!(
+                (before + delay..=after + delay).contains(&next_run_at_ms),
+                "attempt {attempt}: {next_run_at_ms} not within {before}+{delay}..{after}+{delay}"
+            );
+            assert_eq!(store.next_due_at_ms().await.unwrap(), Some(next_run_at_ms));
+            // Not due yet.
+            assert!(store.claim("w1", LEASE).await.unwrap().is_none());
+            let job = view(&store, &id).await;
+            assert_eq!(job.status, JobStatus::Pending);
+            assert_eq!(job.error.as_deref(), Some("boom"));
+            assert_eq!(job.locked_by, None);
+        }
+    }
+
+    #[test]
+    fn backoff_is_capped_and_jittered() {
+        let options = EmbeddedOptions::default();
+        assert!((5_000.0..10_000.0).contains(&backoff_ms(&options, 1)));
+        assert!((600_000.0..605_000.0).contains(&backoff_ms(&options, 20)));
+        assert!((600_000.0..605_000.0).contains(&backoff_ms(&options, u32::MAX)));
+    }
+
+    #[tokio::test]
+    async fn job_is_dead_after_max_attempts() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), no_backoff(2));
+        let id = store.submit(new_job(1)).await.unwrap();
+        store.claim("w1", LEASE).await.unwrap().unwrap();
+        assert!(matches!(
+            store.fail(&id, "w1", "first", true).await.unwrap(),
+            FailOutcome::Retrying { attempts: 1, .. }
+        ));
+        store.claim("w1", LEASE).await.unwrap().unwrap();
+        assert_eq!(
+            store.fail(&id, "w1", "second", true).await.unwrap(),
+            FailOutcome::Dead { attempts: 2 }
+        );
+        let job = view(&store, &id).await;
+        assert_eq!(job.status, JobStatus::Dead);
+        assert_eq!(job.error.as_deref(), Some("second"));
+        assert!(store.claim("w1", LEASE).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn non_retryable_failure_fails_for_good() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), no_backoff(5));
+        let id = store.submit(new_job(1)).await.unwrap();
+        store.claim("w1", LEASE).await.unwrap().unwrap();
+        let long_error = "é".repeat(MAX_ERROR_BYTES);
+        assert_eq!(
+            store.fail(&id, "w1", &long_error, false).await.unwrap(),
+            FailOutcome::Failed
+        );
+        let job = view(&store, &id).await;
+        assert_eq!(job.status, JobStatus::Failed);
+        assert_eq!(job.locked_by, None);
+        let error = job.error.expect("error stored");
+        assert!(error.len() <= MAX_ERROR_BYTES && error.ends_with("[truncated]"));
+        assert!(store.claim("w1", LEASE).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn expired_lease_is_reclaimed_by_the_next_claim() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), no_backoff(5));
+        let id = store.submit(new_job(1)).await.unwrap();
+        store
+            .claim("vanished", Duration::from_millis(1))
+            .await
+            .unwrap()
+            .unwrap();
+
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let claimed = loop {
+            if let Some(job) = store.claim("w2", LEASE).await.unwrap() {
+                break job;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the expired lease was never reclaimed"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        };
+        assert_eq!(claimed.id, id);
+        assert_eq!(claimed.attempt, 2);
+        let job = view(&store, &id).await;
+        assert_eq!(job.locked_by.as_deref(), Some("w2"));
+        assert_eq!(job.error.as_deref(), Some("lease expired"));
+        let update = ProgressUpdate::default();
+        assert!(matches!(
+            store.heartbeat(&id, "vanished", &update, LEASE).await,
+            Err(JobSourceError::NotOwned { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn expired_lease_on_last_attempt_makes_the_job_dead() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), no_backoff(1));
+        let id = store.submit(new_job(1)).await.unwrap();
+        store
+            .claim("vanished", Duration::ZERO)
+            .await
+            .unwrap()
+            .unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while view(&store, &id).await.status != JobStatus::Dead {
+            assert!(store.claim("w2", LEASE).await.unwrap().is_none());
+            assert!(tokio::time::Instant::now() < deadline, "job never died");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn cancel_pending_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), EmbeddedOptions::default());
+        let id = store.submit(new_job(1)).await.unwrap();
+        assert_eq!(
+            store.request_cancel(&id).await.unwrap(),
+            JobStatus::Canceled
+        );
+        let job = view(&store, &id).await;
+        assert_eq!(job.status, JobStatus::Canceled);
+        assert!(job.cancel_requested);
+        assert!(store.claim("w1", LEASE).await.unwrap().is_none());
+        assert!(matches!(
+            store.request_cancel("unknown").await,
+            Err(JobSourceError::NotFound(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn cancel_running_job_keeps_the_holder_and_blocks_its_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), EmbeddedOptions::default());
+        let id = store.submit(new_job(1)).await.unwrap();
+        store.claim("w1", LEASE).await.unwrap().unwrap();
+        let running = ProgressUpdate {
+            status: Some(ActiveStatus::Running),
+            ..ProgressUpdate::default()
+        };
+        store.heartbeat(&id, "w1", &running, LEASE).await.unwrap();
+
+        assert_eq!(
+            store.request_cancel(&id).await.unwrap(),
+            JobStatus::Canceled
+        );
+        let canceled = view(&store, &id).await;
+        assert_eq!(canceled.status, JobStatus::Canceled);
+        assert!(canceled.cancel_requested);
+        assert_eq!(canceled.locked_by.as_deref(), Some("w1"));
+
+        // A heartbeat carrying a status must not un-cancel the job, nor write anything.
+        let update = ProgressUpdate {
+            status: Some(ActiveStatus::Gathering),
+            progress: Some("still going".to_owned()),
+            current_step: Some(5),
+        };
+        assert!(matches!(
+            store.heartbeat(&id, "w1", &update, LEASE).await,
+            Err(JobSourceError::Canceled(ref job)) if *job == id
+        ));
+        assert!(matches!(
+            store
+                .complete(&id, "w1", &result(vec![doc("a.md", "a")]))
+                .await,
+            Err(JobSourceError::Canceled(_))
+        ));
+        assert!(matches!(
+            store.fail(&id, "w1", "stopped", true).await,
+            Err(JobSourceError::Canceled(_))
+        ));
+        assert_eq!(view(&store, &id).await, canceled);
+
+        // Terminal jobs stay as they are.
+        assert_eq!(
+            store.request_cancel(&id).await.unwrap(),
+            JobStatus::Canceled
+        );
+        let done = store.submit(new_job(2)).await.unwrap();
+        store.claim("w1", LEASE).await.unwrap().unwrap();
+        store.complete(&done, "w1", &result(vec![])).await.unwrap();
+        assert_eq!(
+            store.request_cancel(&done).await.unwrap(),
+            JobStatus::Completed
+        );
+    }
+
+    #[tokio::test]
+    async fn data_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let (done, pending) = {
+            let store = open(dir.path(), EmbeddedOptions::default());
+            let done = store.submit(new_job(1)).await.unwrap();
+            store.claim("w1", LEASE).await.unwrap().unwrap();
+            store
+                .complete(&done, "w1", &result(vec![doc("a.md", "alpha")]))
+                .await
+                .unwrap();
+            let pending = store.submit(new_job(2)).await.unwrap();
+            (done, pending)
+        };
+        let store = open(dir.path(), EmbeddedOptions::default());
+        let (mode, synchronous, version) = store
+            .run("test: reading pragmas", |conn| {
+                let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
+                let sync: i64 = conn.query_row("PRAGMA synchronous", [], |r| r.get(0))?;
+                let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+                Ok((mode, sync, version))
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            (mode.as_str(), synchronous, version),
+            ("wal", 2, SCHEMA_VERSION)
+        );
+        let job = view(&store, &done).await;
+        assert_eq!(job.status, JobStatus::Completed);
+        assert_eq!(job.documents, vec![doc("a.md", "alpha")]);
+        let claimed = store.claim("w1", LEASE).await.unwrap().unwrap();
+        assert_eq!(claimed.id, pending);
+    }
+
+    #[tokio::test]
+    async fn list_jobs_newest_first_with_filter() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), EmbeddedOptions::default());
+        let mut ids = Vec::new();
+        for n in 0..4 {
+            ids.push(store.submit(new_job(n)).await.unwrap());
+        }
+        store.claim("w1", LEASE).await.unwrap().unwrap();
+
+        let all: Vec<_> = store.list_jobs(None, 10).await.unwrap();
+        let listed: Vec<_> = all.iter().map(|job| job.id.clone()).collect();
+        assert_eq!(listed, ids.iter().rev().cloned().collect::<Vec<_>>());
+        assert_eq!(store.list_jobs(None, 2).await.unwrap().len(), 2);
+        let claimed = store.list_jobs(Some(JobStatus::Claimed), 10).await.unwrap();
+        assert_eq!(claimed.len(), 1);
+        assert_eq!(claimed[0].id, ids[0]);
+        assert_eq!(
+            store
+                .list_jobs(Some(JobStatus::Pending), 10)
+                .await
+                .unwrap()
+                .len(),
+            3
+        );
+    }
+
+    #[tokio::test]
+    async fn next_due_is_the_earliest_pending_run_at() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), EmbeddedOptions::default());
+        assert_eq!(store.next_due_at_ms().await.unwrap(), None);
+        let before = now_ms();
+        let id = store.submit(new_job(1)).await.unwrap();
+        let due = store
+            .next_due_at_ms()
+            .await
+            .unwrap()
+            .expect("a pending job");
+        assert!((before..=now_ms()).contains(&due));
+        store.claim("w1", LEASE).await.unwrap().unwrap();
+        assert_eq!(store.next_due_at_ms().await.unwrap(), None);
+        let FailOutcome::Retrying { next_run_at_ms, .. } =
+            store.fail(&id, "w1", "boom", true).await.unwrap()
+        else {
+            panic!("expected a retry");
+        };
+        assert_eq!(store.next_due_at_ms().await.unwrap(), Some(next_run_at_ms));
+    }
+
+    #[tokio::test]
+    async fn oversize_results_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), EmbeddedOptions::default());
+        let id = store.submit(new_job(1)).await.unwrap();
+        store.claim("w1", LEASE).await.unwrap().unwrap();
+        let big = doc("big.md", &"x".repeat(MAX_DOCUMENT_BYTES + 1));
+        assert!(matches!(
+            store.complete(&id, "w1", &result(vec![big])).await,
+            Err(JobSourceError::TooLarge(_))
+        ));
+        assert_eq!(view(&store, &id).await.status, JobStatus::Claimed);
     }
 }
