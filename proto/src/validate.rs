@@ -1,32 +1,707 @@
-//! TEMP STUB
+//! Checks for the job inputs that cross the wire: repository URL, branch, job id and prompt.
+//!
+//! Job data comes from Convex and then over gRPC, so both the coordinator (before assigning) and
+//! the agent (before cloning) treat it as untrusted. Keeping the rules here means both sides refuse
+//! exactly the same things, and the agent never hands `git` a URL or branch that could be read as
+//! an option (`--upload-pack=...`), a remote helper (`ext::sh -c ...`) or a credential.
+//!
+//! Every error names the offending input (shortened and quoted with escapes, so a hostile value
+//! cannot forge log lines) and says what would be accepted instead.
+
+use std::fmt;
+
+use url::Url;
+
+/// What can be wrong with a job input or with `REPO_ALLOWLIST`.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("{0}")]
-pub struct ValidationError(String);
+pub enum ValidationError {
+    /// The repository URL is malformed or uses a forbidden feature (scheme, credentials, ...).
+    #[error(
+        "repository URL {url:?} is not valid: {reason}; use a plain URL such as \
+         https://github.com/owner/repo.git"
+    )]
+    InvalidUrl { url: String, reason: String },
+
+    /// The URL is well formed but under none of the configured prefixes.
+    #[error(
+        "repository URL {url:?} is not allowed: it matches none of REPO_ALLOWLIST ({allowlist})"
+    )]
+    UrlNotAllowed { url: String, allowlist: String },
+
+    /// One `REPO_ALLOWLIST` entry cannot be used as a prefix.
+    #[error(
+        "REPO_ALLOWLIST entry {entry:?} is not valid: {reason}; give comma-separated URL \
+         prefixes such as https://github.com/"
+    )]
+    InvalidAllowlistEntry { entry: String, reason: String },
+
+    /// `REPO_ALLOWLIST` has no entry at all: nothing could ever be cloned.
+    #[error(
+        "REPO_ALLOWLIST is empty, so no repository could ever be cloned; set it to \
+         comma-separated URL prefixes such as https://github.com/"
+    )]
+    EmptyAllowlist,
+
+    /// The branch name breaks git's ref rules or contains a shell metacharacter.
+    #[error("branch name {name:?} is not valid: {reason}; use a git branch name such as main or feature/x")]
+    InvalidBranch { name: String, reason: String },
+
+    /// The job id is not 1 to 64 characters of `[A-Za-z0-9_-]`.
+    #[error(
+        "job id {id:?} is not valid: {reason}; a job id is 1 to {MAX_JOB_ID_LEN} characters \
+         of A-Z, a-z, 0-9, '_' and '-'"
+    )]
+    InvalidJobId { id: String, reason: String },
+
+    /// The prompt is larger than [`MAX_PROMPT_BYTES`].
+    #[error("prompt is {len} bytes, more than the limit of {max} bytes; shorten the prompt")]
+    PromptTooLarge { len: usize, max: usize },
+
+    /// The prompt contains a NUL byte, which cannot be passed in an argv.
+    #[error("prompt contains a NUL byte at byte offset {offset}; remove it (argv strings cannot hold NUL)")]
+    PromptContainsNul { offset: usize },
+}
+
+/// URL schemes git may ever be asked to use. Everything else (`ext::`, `fd::`, custom remote
+/// helpers, `ftp`...) is refused: remote helpers can run arbitrary commands.
+const ALLOWED_SCHEMES: &[&str] = &["https", "http", "ssh", "git", "file"];
+
+/// Longest repository URL accepted; real ones are far shorter, and this bounds what we log.
+pub const MAX_URL_BYTES: usize = 2048;
+
+/// Longest branch name accepted; git's own limit on a ref component is the file name limit.
+pub const MAX_BRANCH_BYTES: usize = 255;
+
+/// Longest job id accepted (Convex ids are 31 to 37 characters).
+pub const MAX_JOB_ID_LEN: usize = 64;
+
+/// Largest prompt accepted. It travels as one argv string, and Linux caps one argv string at
+/// 128 KiB, so this leaves room while allowing any sensible prompt.
+pub const MAX_PROMPT_BYTES: usize = 64 * 1024;
+
+/// How much of an offending input an error message repeats.
+const SHOWN_CHARS: usize = 120;
+
+/// The URL prefixes that may be cloned (`REPO_ALLOWLIST`), kept in normalized form so they can be
+/// compared with normalized candidate URLs.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RepoAllowlist(Vec<String>);
+pub struct RepoAllowlist {
+    /// Normalized prefixes (`url::Url` serialization), in configuration order, never empty.
+    prefixes: Vec<String>,
+}
+
 impl RepoAllowlist {
+    /// The default allow-list: public GitHub over https only.
     pub const DEFAULT: &'static str = "https://github.com/";
+
+    /// Parses comma-separated URL prefixes (the `REPO_ALLOWLIST` value).
+    ///
+    /// Entries are trimmed and empty entries ignored (a trailing comma is harmless), but a list
+    /// with no entry at all is refused: an agent configured that way could never clone anything,
+    /// and failing at start-up is clearer than failing every job.
     pub fn parse(csv: &str) -> Result<Self, ValidationError> {
-        Ok(Self(csv.split(',').map(String::from).collect()))
+        let mut prefixes = Vec::new();
+        for entry in csv.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+            let normalized = normalize_prefix(entry).map_err(|reason| {
+                ValidationError::InvalidAllowlistEntry {
+                    entry: shown(entry),
+                    reason,
+                }
+            })?;
+            if !prefixes.contains(&normalized) {
+                prefixes.push(normalized);
+            }
+        }
+        if prefixes.is_empty() {
+            return Err(ValidationError::EmptyAllowlist);
+        }
+        Ok(Self { prefixes })
     }
+
+    /// Ok when `url` is a well-formed URL under one of the prefixes.
     pub fn check(&self, url: &str) -> Result<(), ValidationError> {
-        if self.0.iter().any(|p| url.starts_with(p)) {
-            Ok(())
+        self.normalize(url).map(drop)
+    }
+
+    /// Like [`check`](Self::check), and returns the normalized URL that was checked.
+    ///
+    /// Callers that hand the URL to git should pass this string rather than the raw input: it is
+    /// exactly what was compared with the prefixes, so no difference between how the `url` crate
+    /// and git or curl read an odd URL (dot segments, percent-encoded dots, letter case) can move
+    /// it outside the allow-list.
+    pub fn normalize(&self, url: &str) -> Result<String, ValidationError> {
+        let normalized = parse_repo_url(url).map_err(|reason| ValidationError::InvalidUrl {
+            url: shown(url),
+            reason,
+        })?;
+        if self
+            .prefixes
+            .iter()
+            .any(|prefix| is_under_prefix(&normalized, prefix))
+        {
+            Ok(normalized)
         } else {
-            Err(ValidationError(url.into()))
+            Err(ValidationError::UrlNotAllowed {
+                url: shown(url),
+                allowlist: self.to_string(),
+            })
         }
     }
+
+    /// Value for git's `GIT_ALLOW_PROTOCOL`: the schemes of the prefixes, colon separated and
+    /// deduplicated (e.g. `https` or `https:file`), so git itself refuses any other transport even
+    /// if something (a redirect, a submodule, an `insteadOf` rule) would lead it there.
     pub fn git_protocols(&self) -> String {
-        "https:file".into()
+        let mut schemes: Vec<&str> = Vec::new();
+        for prefix in &self.prefixes {
+            // Prefixes are normalized URLs, so the scheme is everything before the first ':'.
+            let scheme = prefix.split(':').next().unwrap_or_default();
+            if !schemes.contains(&scheme) {
+                schemes.push(scheme);
+            }
+        }
+        schemes.join(":")
+    }
+
+    /// The normalized prefixes, in configuration order.
+    pub fn prefixes(&self) -> &[String] {
+        &self.prefixes
     }
 }
-pub fn check_branch(_name: &str) -> Result<(), ValidationError> {
+
+impl Default for RepoAllowlist {
+    fn default() -> Self {
+        Self {
+            prefixes: vec![Self::DEFAULT.to_owned()],
+        }
+    }
+}
+
+impl fmt::Display for RepoAllowlist {
+    /// Comma-separated, the same format `parse` reads.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.prefixes.join(","))
+    }
+}
+
+/// Checks the parts of a URL that are the same for job URLs and prefixes, and returns its
+/// normalized serialization. The reason is a phrase for the error message.
+fn parse_common(raw: &str) -> Result<Url, String> {
+    if raw.len() > MAX_URL_BYTES {
+        return Err(format!("it is longer than {MAX_URL_BYTES} bytes"));
+    }
+    // Checked on the raw text because `Url::parse` silently strips surrounding whitespace and
+    // removes tabs and newlines inside: what we compare must be what git would get.
+    if let Some(c) = raw.chars().find(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "it contains whitespace or a control character ({c:?})"
+        ));
+    }
+    if raw.starts_with('-') {
+        return Err("it starts with '-', which git would read as an option".to_owned());
+    }
+    // The url crate reads '\' as '/' in http(s) URLs, git and curl do not: refuse the ambiguity.
+    if raw.contains('\\') {
+        return Err("it contains a backslash".to_owned());
+    }
+    let url = Url::parse(raw).map_err(|e| format!("it does not parse as a URL ({e})"))?;
+    if !ALLOWED_SCHEMES.contains(&url.scheme()) {
+        return Err(format!(
+            "scheme {:?} is not one of {}",
+            url.scheme(),
+            ALLOWED_SCHEMES.join(", ")
+        ));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(
+            "it contains user information (user:password@); credentials must not travel in job \
+             data, configure them on the agent instead"
+                .to_owned(),
+        );
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err("it has a query (?...) or fragment (#...)".to_owned());
+    }
+    if url.scheme() != "file" {
+        match url.host_str() {
+            None | Some("") => return Err("it has no host".to_owned()),
+            // ssh would read such a host as an option (CVE-2017-1000117).
+            Some(host) if host.starts_with('-') => {
+                return Err("its host starts with '-'".to_owned())
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(url)
+}
+
+/// Normalizes one `REPO_ALLOWLIST` entry.
+fn normalize_prefix(entry: &str) -> Result<String, String> {
+    Ok(parse_common(entry)?.into())
+}
+
+/// Normalizes a repository URL from a job.
+fn parse_repo_url(raw: &str) -> Result<String, String> {
+    let url = parse_common(raw)?;
+    let path = url.path();
+    if path.is_empty() || path == "/" {
+        return Err("it names no repository path".to_owned());
+    }
+    Ok(url.into())
+}
+
+/// True when `url` starts with `prefix` and the match ends on a path boundary, so that
+/// `https://github.com` does not admit `https://github.com.evil.io/x` and `https://h/org` does not
+/// admit `https://h/org-evil/x`. A URL equal to the prefix (a one-repository entry) is admitted.
+fn is_under_prefix(url: &str, prefix: &str) -> bool {
+    match url.strip_prefix(prefix) {
+        Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
+        None => false,
+    }
+}
+
+/// Checks a branch name the way `git check-ref-format --branch` would, and additionally refuses
+/// shell metacharacters: they are never legitimate in the branches we clone, and a clear error
+/// beats a confusing git failure. Non-ASCII letters stay allowed, as in git.
+pub fn check_branch(name: &str) -> Result<(), ValidationError> {
+    branch_problem(name).map_or(Ok(()), |reason| {
+        Err(ValidationError::InvalidBranch {
+            name: shown(name),
+            reason,
+        })
+    })
+}
+
+/// The first rule `name` breaks, as a phrase for the error message.
+fn branch_problem(name: &str) -> Option<String> {
+    const GIT_FORBIDDEN: &[char] = &[' ', '~', '^', ':', '?', '*', '[', '\\'];
+    const SHELL_FORBIDDEN: &[char] = &[';', '|', '&', '$', '`', '\'', '"', '<', '>'];
+
+    if name.is_empty() {
+        return Some("it is empty".to_owned());
+    }
+    if name.len() > MAX_BRANCH_BYTES {
+        return Some(format!("it is longer than {MAX_BRANCH_BYTES} bytes"));
+    }
+    if name.starts_with('-') {
+        return Some("it starts with '-', which git would read as an option".to_owned());
+    }
+    if let Some(c) = name.chars().find(|c| c.is_ascii_control()) {
+        return Some(format!("it contains the control character {c:?}"));
+    }
+    if let Some(c) = name.chars().find(|c| GIT_FORBIDDEN.contains(c)) {
+        return Some(format!("it contains {c:?}, which git forbids in ref names"));
+    }
+    if let Some(c) = name.chars().find(|c| SHELL_FORBIDDEN.contains(c)) {
+        return Some(format!("it contains the shell metacharacter {c:?}"));
+    }
+    if name.contains("..") {
+        return Some("it contains \"..\"".to_owned());
+    }
+    if name.contains("@{") {
+        return Some("it contains \"@{\"".to_owned());
+    }
+    if name == "@" {
+        return Some("\"@\" alone is not a branch name".to_owned());
+    }
+    // git refuses to create refs/heads/HEAD: it would be ambiguous with the symbolic ref.
+    if name == "HEAD" {
+        return Some("\"HEAD\" is not a branch name".to_owned());
+    }
+    if name.starts_with('/') || name.ends_with('/') {
+        return Some("it starts or ends with '/'".to_owned());
+    }
+    if name.contains("//") {
+        return Some("it contains \"//\"".to_owned());
+    }
+    if name.ends_with('.') {
+        return Some("it ends with '.'".to_owned());
+    }
+    for component in name.split('/') {
+        if component.starts_with('.') {
+            return Some(format!("its component {component:?} starts with '.'"));
+        }
+        if component.ends_with(".lock") {
+            return Some(format!("its component {component:?} ends with \".lock\""));
+        }
+    }
+    None
+}
+
+/// Checks a job id: 1 to [`MAX_JOB_ID_LEN`] characters of `[A-Za-z0-9_-]`. Job ids end up in
+/// folder names and log fields, so nothing else is accepted.
+pub fn check_job_id(id: &str) -> Result<(), ValidationError> {
+    let reason = if id.is_empty() {
+        Some("it is empty".to_owned())
+    } else if id.len() > MAX_JOB_ID_LEN {
+        Some(format!("it is longer than {MAX_JOB_ID_LEN} characters"))
+    } else {
+        id.chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-'))
+            .map(|c| format!("it contains {c:?}"))
+    };
+    reason.map_or(Ok(()), |reason| {
+        Err(ValidationError::InvalidJobId {
+            id: shown(id),
+            reason,
+        })
+    })
+}
+
+/// Checks a prompt: at most [`MAX_PROMPT_BYTES`] bytes and no NUL (it is passed as an argv
+/// string, which cannot contain NUL).
+pub fn check_prompt(prompt: &str) -> Result<(), ValidationError> {
+    if prompt.len() > MAX_PROMPT_BYTES {
+        return Err(ValidationError::PromptTooLarge {
+            len: prompt.len(),
+            max: MAX_PROMPT_BYTES,
+        });
+    }
+    if let Some(offset) = prompt.bytes().position(|b| b == 0) {
+        return Err(ValidationError::PromptContainsNul { offset });
+    }
     Ok(())
 }
-pub fn check_job_id(_id: &str) -> Result<(), ValidationError> {
-    Ok(())
+
+/// The part of an untrusted input repeated in an error: at most [`SHOWN_CHARS`] characters, so a
+/// megabyte of junk does not become a megabyte of log. Errors print it with `{:?}`, which escapes
+/// control characters.
+fn shown(input: &str) -> String {
+    match input.char_indices().nth(SHOWN_CHARS) {
+        Some((cut, _)) => format!("{}...", &input[..cut]),
+        None => input.to_owned(),
+    }
 }
-pub const MAX_PROMPT_BYTES: usize = 64 * 1024;
-pub fn check_prompt(_p: &str) -> Result<(), ValidationError> {
-    Ok(())
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn allow(csv: &str) -> RepoAllowlist {
+        RepoAllowlist::parse(csv).expect("allow-list should parse")
+    }
+
+    #[test]
+    fn default_allowlist_admits_github_https() {
+        let list = RepoAllowlist::default();
+        assert_eq!(list, allow(RepoAllowlist::DEFAULT));
+        list.check("https://github.com/owner/repo.git").unwrap();
+        list.check("https://github.com/owner/repo").unwrap();
+        // Normalization: case of scheme and host, default port, dot segments.
+        list.check("HTTPS://GitHub.com:443/owner/repo.git").unwrap();
+        assert_eq!(
+            list.normalize("HTTPS://GitHub.com:443/owner/./repo.git")
+                .unwrap(),
+            "https://github.com/owner/repo.git"
+        );
+    }
+
+    #[test]
+    fn default_allowlist_refuses_other_hosts_and_schemes() {
+        let list = RepoAllowlist::default();
+        for url in [
+            "https://evil.example/x.git",
+            "https://github.com.evil.io/x",
+            "http://github.com/owner/repo.git",
+            "ssh://github.com/owner/repo.git",
+            "git://github.com/owner/repo.git",
+            "file:///etc/passwd",
+        ] {
+            assert!(
+                matches!(list.check(url), Err(ValidationError::UrlNotAllowed { .. })),
+                "{url} should not be allowed"
+            );
+        }
+    }
+
+    #[test]
+    fn not_allowed_message_names_url_and_list() {
+        let err = RepoAllowlist::default()
+            .check("https://evil.example/x.git")
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "repository URL \"https://evil.example/x.git\" is not allowed: it matches none of \
+             REPO_ALLOWLIST (https://github.com/)"
+        );
+    }
+
+    #[test]
+    fn prefix_without_trailing_slash_matches_on_boundary_only() {
+        // A host-only prefix is normalized with its '/' anyway.
+        let list = allow("https://github.com");
+        assert_eq!(list.prefixes(), ["https://github.com/"]);
+        list.check("https://github.com/a/b").unwrap();
+        assert!(list.check("https://github.com.evil.io/x").is_err());
+
+        let list = allow("https://github.com/org");
+        list.check("https://github.com/org/repo.git").unwrap();
+        list.check("https://github.com/org").unwrap();
+        assert!(list.check("https://github.com/org-evil/repo.git").is_err());
+        assert!(list.check("https://github.com/organization/repo").is_err());
+        // Dot segments are resolved before comparing, so they cannot climb out of the prefix.
+        assert!(list.check("https://github.com/org/../other/repo").is_err());
+        assert!(list
+            .check("https://github.com/org/%2e%2e/other/repo")
+            .is_err());
+    }
+
+    #[test]
+    fn parse_trims_ignores_empty_entries_and_deduplicates() {
+        let list = allow(" https://github.com/ , ,https://gitlab.com/group/,https://github.com/,");
+        assert_eq!(
+            list.prefixes(),
+            ["https://github.com/", "https://gitlab.com/group/"]
+        );
+        assert_eq!(
+            list.to_string(),
+            "https://github.com/,https://gitlab.com/group/"
+        );
+        list.check("https://gitlab.com/group/p.git").unwrap();
+        assert!(list.check("https://gitlab.com/other/p.git").is_err());
+    }
+
+    #[test]
+    fn parse_refuses_empty_list() {
+        for csv in ["", "  ", ",", " , ,"] {
+            assert_eq!(
+                RepoAllowlist::parse(csv),
+                Err(ValidationError::EmptyAllowlist)
+            );
+        }
+    }
+
+    #[test]
+    fn parse_names_the_bad_entry() {
+        for bad in [
+            "ext::sh",
+            "fd::17",
+            "ftp://h/",
+            "github.com",
+            "https://u:p@h/",
+            "https://h/?x",
+        ] {
+            let err = RepoAllowlist::parse(&format!("https://github.com/,{bad}")).unwrap_err();
+            match &err {
+                ValidationError::InvalidAllowlistEntry { entry, .. } => assert_eq!(entry, bad),
+                other => panic!("{bad}: unexpected {other:?}"),
+            }
+            assert!(err.to_string().contains(bad), "{err}");
+        }
+    }
+
+    #[test]
+    fn git_protocols_lists_prefix_schemes_once() {
+        assert_eq!(RepoAllowlist::default().git_protocols(), "https");
+        let list = allow("https://github.com/,file:///srv/git/,https://gitlab.com/,ssh://h/");
+        assert_eq!(list.git_protocols(), "https:file:ssh");
+    }
+
+    #[test]
+    fn file_urls_need_a_file_prefix() {
+        assert!(RepoAllowlist::default()
+            .check("file:///srv/git/repo.git")
+            .is_err());
+        let list = allow("https://github.com/,file:///srv/git");
+        list.check("file:///srv/git/repo.git").unwrap();
+        assert!(list.check("file:///srv/gitx/repo.git").is_err());
+        assert!(list.check("file:///etc/passwd").is_err());
+    }
+
+    #[test]
+    fn malformed_or_dangerous_urls_are_invalid() {
+        let list = allow("https://github.com/,ssh://github.com/,file:///");
+        for url in [
+            "",
+            "not a url",
+            "github.com/owner/repo",
+            "git@github.com:owner/repo.git",
+            "ext::sh -c touch% /tmp/pwned",
+            "ext::sh",
+            "fd::17",
+            "ftp://github.com/x",
+            "-https://github.com/x",
+            "--upload-pack=touch",
+            " https://github.com/owner/repo",
+            "https://github.com/owner/repo\n",
+            "https://github.com/own\ter/repo",
+            "https://github.com/owner/re po",
+            "https://user:secret@github.com/owner/repo.git",
+            "https://token@github.com/owner/repo.git",
+            "https://github.com/owner/repo.git?x=1",
+            "https://github.com/owner/repo.git#frag",
+            "https://github.com\\@evil.io/x",
+            "https://github.com/",
+            "ssh://-oProxyCommand=touch/x",
+            "file:///",
+        ] {
+            assert!(
+                matches!(list.check(url), Err(ValidationError::InvalidUrl { .. })),
+                "{url:?} should be invalid, got {:?}",
+                list.check(url)
+            );
+        }
+        let long = format!("https://github.com/{}", "a".repeat(MAX_URL_BYTES));
+        assert!(matches!(
+            list.check(&long),
+            Err(ValidationError::InvalidUrl { .. })
+        ));
+    }
+
+    #[test]
+    fn invalid_url_message_is_bounded_and_escaped() {
+        let junk = format!("https://github.com/\n{}", "x".repeat(10_000));
+        let msg = RepoAllowlist::default()
+            .check(&junk)
+            .unwrap_err()
+            .to_string();
+        assert!(msg.len() < 600, "message too long: {}", msg.len());
+        assert!(
+            !msg.contains('\n'),
+            "control characters must be escaped: {msg}"
+        );
+        assert!(msg.contains("\\n"));
+    }
+
+    #[test]
+    fn credentials_error_says_why() {
+        let msg = RepoAllowlist::default()
+            .check("https://u:p@github.com/o/r.git")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("credentials must not travel in job data"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn valid_branches() {
+        for name in [
+            "main",
+            "master",
+            "feature/x",
+            "release-1.2",
+            "v1.2.3",
+            "user/fix_bug-42",
+            "a.b",
+            "x.locked",
+            "@foo",
+            "a@b",
+            "caf\u{e9}",
+            "\u{65e5}\u{672c}",
+        ] {
+            assert_eq!(check_branch(name), Ok(()), "{name:?} should be valid");
+        }
+        check_branch(&"a".repeat(MAX_BRANCH_BYTES)).unwrap();
+    }
+
+    #[test]
+    fn invalid_branches() {
+        for name in [
+            "",
+            "--upload-pack=x",
+            "--upload-pack=touch /tmp/pwned",
+            "-x",
+            "main;rm -rf /",
+            "a..b",
+            "x.lock",
+            "a/x.lock/b",
+            "@",
+            "HEAD",
+            "a@{1}",
+            "/main",
+            "main/",
+            "a//b",
+            ".hidden",
+            "a/.b",
+            "main.",
+            "a b",
+            "a~1",
+            "a^",
+            "a:b",
+            "a?",
+            "a*",
+            "a[b",
+            "a\\b",
+            "a\tb",
+            "a\nb",
+            "a\u{7f}",
+            "a|b",
+            "a&b",
+            "$HOME",
+            "`id`",
+            "a'b",
+            "a\"b",
+            "a<b",
+            "a>b",
+        ] {
+            assert!(
+                matches!(
+                    check_branch(name),
+                    Err(ValidationError::InvalidBranch { .. })
+                ),
+                "{name:?} should be invalid"
+            );
+        }
+        assert!(check_branch(&"a".repeat(MAX_BRANCH_BYTES + 1)).is_err());
+    }
+
+    #[test]
+    fn branch_error_names_input_and_reason() {
+        let msg = check_branch("main;rm -rf /").unwrap_err().to_string();
+        assert!(
+            msg.starts_with("branch name \"main;rm -rf /\" is not valid: "),
+            "{msg}"
+        );
+        let msg = check_branch("--upload-pack=x").unwrap_err().to_string();
+        assert!(msg.contains("starts with '-'"), "{msg}");
+    }
+
+    #[test]
+    fn job_ids() {
+        for id in [
+            "a",
+            "j57c2x9w1kq4m8v3n6b0r5t7y2h1d9f",
+            "job_1-2",
+            &"x".repeat(64),
+        ] {
+            assert_eq!(check_job_id(id), Ok(()), "{id:?}");
+        }
+        for id in ["", "a/b", "../x", "a b", "a.b", "é", &"x".repeat(65)] {
+            assert!(
+                matches!(check_job_id(id), Err(ValidationError::InvalidJobId { .. })),
+                "{id:?} should be invalid"
+            );
+        }
+        let msg = check_job_id("a/b").unwrap_err().to_string();
+        assert!(msg.contains("\"a/b\"") && msg.contains("'/'"), "{msg}");
+    }
+
+    #[test]
+    fn prompts() {
+        check_prompt("").unwrap();
+        check_prompt("analyze this repository, please").unwrap();
+        check_prompt(&"p".repeat(MAX_PROMPT_BYTES)).unwrap();
+        assert_eq!(
+            check_prompt(&"p".repeat(MAX_PROMPT_BYTES + 1)),
+            Err(ValidationError::PromptTooLarge {
+                len: MAX_PROMPT_BYTES + 1,
+                max: MAX_PROMPT_BYTES
+            })
+        );
+        assert_eq!(
+            check_prompt("ab\0c"),
+            Err(ValidationError::PromptContainsNul { offset: 2 })
+        );
+    }
+
+    #[test]
+    fn shown_truncates_on_char_boundary() {
+        assert_eq!(shown("abc"), "abc");
+        let long = "\u{e9}".repeat(SHOWN_CHARS + 5);
+        let s = shown(&long);
+        assert!(s.ends_with("..."));
+        assert_eq!(s.chars().count(), SHOWN_CHARS + 3);
+    }
 }
