@@ -4,7 +4,7 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use fondation_testkit::{
-    fixture_cli::{self, read_run_log, runs_per_job, max_concurrency_per_agent},
+    fixture_cli::{self, max_concurrency_per_agent, read_run_log, runs_per_job},
     support::{
         cluster::{AgentOptions, AgentProc, CoordinatorProc, Sandbox},
         free_port,
@@ -37,7 +37,12 @@ fn expected_documents() -> BTreeMap<String, (String, String, Option<u32>, serde_
             let index: u32 = name.split('_').nth(1).unwrap().parse().unwrap();
             expected.insert(
                 path.clone(),
-                (kind.into(), title, Some(index), serde_json::Value::String(text.into())),
+                (
+                    kind.into(),
+                    title,
+                    Some(index),
+                    serde_json::Value::String(text.into()),
+                ),
             );
         } else {
             let title = match name.as_str() {
@@ -59,12 +64,19 @@ async fn submitted_job_completes_with_exactly_the_documents_the_cli_wrote() {
     let coordinator = CoordinatorProc::start(&sandbox, free_port(), &[]).await;
     let mut agent = AgentProc::spawn(
         &sandbox,
-        AgentOptions { id: "agent-1", coordinator_url: coordinator.url(), slots: 1, extra: &[] },
+        AgentOptions {
+            id: "agent-1",
+            coordinator_url: coordinator.url(),
+            slots: 1,
+            extra: &[],
+        },
     );
     agent.wait_connected().await;
     let mut admin = coordinator.admin().await;
 
-    let job_id = admin.submit(&sandbox.repo.url, "main", "explain this project").await;
+    let job_id = admin
+        .submit(&sandbox.repo.url, "main", "explain this project")
+        .await;
     let job = admin.wait_status(&job_id, TERMINAL, JOB_TIMEOUT).await;
     assert_eq!(job.status, "completed", "{job:?}");
     assert_eq!(job.attempts, 1);
@@ -72,7 +84,11 @@ async fn submitted_job_completes_with_exactly_the_documents_the_cli_wrote() {
 
     let job = admin.job(&job_id, true).await;
     let expected = expected_documents();
-    assert_eq!(job.documents.len(), expected.len(), "one document per output file");
+    assert_eq!(
+        job.documents.len(),
+        expected.len(),
+        "one document per output file"
+    );
     for document in &job.documents {
         let (kind, title, index, content) = expected
             .get(&document.slug)
@@ -82,7 +98,9 @@ async fn submitted_job_completes_with_exactly_the_documents_the_cli_wrote() {
         assert_eq!(document.chapter_index, *index, "{}", document.slug);
         assert_eq!(document.size_bytes, document.content.len() as u64);
         match content {
-            serde_json::Value::String(text) => assert_eq!(&document.content, text, "{}", document.slug),
+            serde_json::Value::String(text) => {
+                assert_eq!(&document.content, text, "{}", document.slug)
+            }
             parsed => {
                 let stored: serde_json::Value = serde_json::from_str(&document.content)
                     .unwrap_or_else(|e| panic!("{} is not JSON: {e}", document.slug));
@@ -94,7 +112,9 @@ async fn submitted_job_completes_with_exactly_the_documents_the_cli_wrote() {
     let runs = read_run_log(&sandbox.run_log).unwrap();
     assert_eq!(runs_per_job(&runs).get(&job_id), Some(&1));
     // The workspace is gone once the job is done.
-    let workspaces: Vec<_> = std::fs::read_dir(sandbox.path("agents-tmp/agent-1")).unwrap().collect();
+    let workspaces: Vec<_> = std::fs::read_dir(sandbox.path("agents-tmp/agent-1"))
+        .unwrap()
+        .collect();
     assert!(workspaces.is_empty(), "left behind: {workspaces:?}");
 }
 
@@ -121,7 +141,11 @@ async fn twelve_jobs_on_three_agents_run_once_each_within_slots_and_spread() {
     let mut admin = coordinator.admin().await;
     let mut job_ids = Vec::new();
     for n in 0..12 {
-        job_ids.push(admin.submit(&sandbox.repo.url, "main", &format!("job {n}")).await);
+        job_ids.push(
+            admin
+                .submit(&sandbox.repo.url, "main", &format!("job {n}"))
+                .await,
+        );
     }
     for job_id in &job_ids {
         let job = admin.wait_status(job_id, TERMINAL, JOB_TIMEOUT).await;
@@ -132,15 +156,29 @@ async fn twelve_jobs_on_three_agents_run_once_each_within_slots_and_spread() {
     let runs = read_run_log(&sandbox.run_log).unwrap();
     let per_job = runs_per_job(&runs);
     for job_id in &job_ids {
-        assert_eq!(per_job.get(job_id), Some(&1), "job {job_id} ran exactly once");
+        assert_eq!(
+            per_job.get(job_id),
+            Some(&1),
+            "job {job_id} ran exactly once"
+        );
     }
     let concurrency = max_concurrency_per_agent(&runs);
     println!("max concurrent runs per agent: {concurrency:?}");
-    assert_eq!(concurrency.len(), 3, "every agent ran jobs: {concurrency:?}");
+    assert_eq!(
+        concurrency.len(),
+        3,
+        "every agent ran jobs: {concurrency:?}"
+    );
     for (agent, max) in &concurrency {
-        assert!(*max <= 2, "agent {agent} ran {max} jobs at once with 2 slots");
+        assert!(
+            *max <= 2,
+            "agent {agent} ran {max} jobs at once with 2 slots"
+        );
     }
-    assert!(concurrency.values().any(|max| *max == 2), "slots were used in parallel");
+    assert!(
+        concurrency.values().any(|max| *max == 2),
+        "slots were used in parallel"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -168,7 +206,8 @@ async fn failing_cli_is_retried_with_backoff_and_ends_dead_with_its_error() {
     assert_eq!(job.status, "dead", "{job:?}");
     assert_eq!(job.attempts, 3);
     assert!(
-        job.error.contains("fixture failure: simulated analyzer crash"),
+        job.error
+            .contains("fixture failure: simulated analyzer crash"),
         "the CLI's error text is on the job: {:?}",
         job.error
     );
@@ -183,8 +222,14 @@ async fn failing_cli_is_retried_with_backoff_and_ends_dead_with_its_error() {
     assert_eq!(starts.len(), 3, "one run per attempt");
     // Backoff: at least 300 ms before the second run, at least 600 ms before the third.
     let gap = |a: u128, b: u128| Duration::from_nanos((b - a) as u64);
-    assert!(gap(starts[0], starts[1]) >= Duration::from_millis(300), "{starts:?}");
-    assert!(gap(starts[1], starts[2]) >= Duration::from_millis(600), "{starts:?}");
+    assert!(
+        gap(starts[0], starts[1]) >= Duration::from_millis(300),
+        "{starts:?}"
+    );
+    assert!(
+        gap(starts[1], starts[2]) >= Duration::from_millis(600),
+        "{starts:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -202,7 +247,10 @@ async fn agent_started_before_the_coordinator_connects_once_it_is_up() {
     );
     agent
         .proc
-        .wait_for_log("connecting to the coordinator failed", Duration::from_secs(20))
+        .wait_for_log(
+            "connecting to the coordinator failed",
+            Duration::from_secs(20),
+        )
         .await;
     let coordinator = CoordinatorProc::start(&sandbox, port, &[]).await;
     agent.wait_connected().await;
@@ -222,7 +270,12 @@ async fn disallowed_urls_and_hostile_branches_fail_clearly_and_run_nothing() {
     let coordinator = CoordinatorProc::start(&sandbox, free_port(), &[]).await;
     let mut agent = AgentProc::spawn(
         &sandbox,
-        AgentOptions { id: "agent-1", coordinator_url: coordinator.url(), slots: 1, extra: &[] },
+        AgentOptions {
+            id: "agent-1",
+            coordinator_url: coordinator.url(),
+            slots: 1,
+            extra: &[],
+        },
     );
     agent.wait_connected().await;
     let mut admin = coordinator.admin().await;
@@ -230,16 +283,31 @@ async fn disallowed_urls_and_hostile_branches_fail_clearly_and_run_nothing() {
     let upload_pack = format!("--upload-pack=touch {}", pwned.display());
     let rm = "main;rm -rf /".to_string();
     let cases = [
-        ("https://evil.example.com/x.git".to_string(), "main".to_string(), "REPO_ALLOWLIST"),
-        ("ext::sh -c touch% /tmp/pwned".to_string(), "main".to_string(), "REPO_ALLOWLIST"),
+        (
+            "https://evil.example.com/x.git".to_string(),
+            "main".to_string(),
+            "REPO_ALLOWLIST",
+        ),
+        (
+            "ext::sh -c touch% /tmp/pwned".to_string(),
+            "main".to_string(),
+            "REPO_ALLOWLIST",
+        ),
         (sandbox.repo.url.clone(), upload_pack, "branch"),
-        (sandbox.repo.url.clone(), "--upload-pack=x".to_string(), "branch"),
+        (
+            sandbox.repo.url.clone(),
+            "--upload-pack=x".to_string(),
+            "branch",
+        ),
         (sandbox.repo.url.clone(), rm, "branch"),
     ];
     for (url, branch, mentions) in cases {
         let job_id = admin.submit(&url, &branch, "explain").await;
         let job = admin.wait_status(&job_id, TERMINAL, JOB_TIMEOUT).await;
-        assert_eq!(job.status, "failed", "url {url:?} branch {branch:?}: {job:?}");
+        assert_eq!(
+            job.status, "failed",
+            "url {url:?} branch {branch:?}: {job:?}"
+        );
         assert!(
             job.error.contains(mentions),
             "the error for url {url:?} branch {branch:?} names the {mentions} rule: {:?}",
@@ -249,5 +317,8 @@ async fn disallowed_urls_and_hostile_branches_fail_clearly_and_run_nothing() {
     }
     assert!(!pwned.exists(), "no option was injected into git");
     assert!(!sandbox.run_log.exists(), "the analyzer never ran");
-    assert!(!agent.proc.log_contains("run started"), "no assignment reached the agent");
+    assert!(
+        !agent.proc.log_contains("run started"),
+        "no assignment reached the agent"
+    );
 }

@@ -35,43 +35,106 @@ async fn grpcurl_lists_services_submits_and_reads_jobs_and_checks_health() {
     let coordinator = CoordinatorProc::start(&sandbox, free_port(), &[]).await;
     let mut agent = AgentProc::spawn(
         &sandbox,
-        AgentOptions { id: "agent-1", coordinator_url: coordinator.url(), slots: 1, extra: &[] },
+        AgentOptions {
+            id: "agent-1",
+            coordinator_url: coordinator.url(),
+            slots: 1,
+            extra: &[],
+        },
     );
     agent.wait_connected().await;
     let addr = coordinator.addr();
 
     let services = grpcurl(&["-plaintext", &addr, "list"]).unwrap();
-    for service in ["fondation.v1.Admin", "fondation.v1.AgentGateway", "grpc.health.v1.Health"] {
-        assert!(services.lines().any(|l| l.trim() == service), "{service} missing from:\n{services}");
+    for service in [
+        "fondation.v1.Admin",
+        "fondation.v1.AgentGateway",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            services.lines().any(|l| l.trim() == service),
+            "{service} missing from:\n{services}"
+        );
     }
-    let described = grpcurl(&["-plaintext", &addr, "describe", "fondation.v1.Admin.SubmitJob"]).unwrap();
+    let described = grpcurl(&[
+        "-plaintext",
+        &addr,
+        "describe",
+        "fondation.v1.Admin.SubmitJob",
+    ])
+    .unwrap();
     assert!(described.contains("SubmitJobRequest"), "{described}");
 
-    let request = serde_json::json!({ "repo_url": sandbox.repo.url, "branch": "main", "prompt": "explain" }).to_string();
-    let submitted = json(&grpcurl(&["-plaintext", "-d", &request, &addr, "fondation.v1.Admin/SubmitJob"]).unwrap());
-    let job_id = submitted["jobId"].as_str().expect("SubmitJob returns jobId").to_string();
+    let request =
+        serde_json::json!({ "repo_url": sandbox.repo.url, "branch": "main", "prompt": "explain" })
+            .to_string();
+    let submitted = json(
+        &grpcurl(&[
+            "-plaintext",
+            "-d",
+            &request,
+            &addr,
+            "fondation.v1.Admin/SubmitJob",
+        ])
+        .unwrap(),
+    );
+    let job_id = submitted["jobId"]
+        .as_str()
+        .expect("SubmitJob returns jobId")
+        .to_string();
 
     let get = serde_json::json!({ "job_id": job_id }).to_string();
-    let job = wait::until("GetJob through grpcurl to say completed", Duration::from_secs(90), || {
-        let get = get.clone();
-        let addr = addr.clone();
-        async move {
-            let job = json(&grpcurl(&["-plaintext", "-d", &get, &addr, "fondation.v1.Admin/GetJob"])?);
-            if job["status"] == "completed" { Ok(Some(job)) } else { Err(job.to_string()) }
-        }
-    })
+    let job = wait::until(
+        "GetJob through grpcurl to say completed",
+        Duration::from_secs(90),
+        || {
+            let get = get.clone();
+            let addr = addr.clone();
+            async move {
+                let job = json(&grpcurl(&[
+                    "-plaintext",
+                    "-d",
+                    &get,
+                    &addr,
+                    "fondation.v1.Admin/GetJob",
+                ])?);
+                if job["status"] == "completed" {
+                    Ok(Some(job))
+                } else {
+                    Err(job.to_string())
+                }
+            }
+        },
+    )
     .await;
     assert_eq!(job["jobId"], job_id.as_str());
     assert_eq!(job["documents"].as_array().map(Vec::len), Some(36), "{job}");
-    assert!(job["documents"][0]["sizeBytes"].as_str().is_some(), "uint64 sizes are JSON strings: {job}");
+    assert!(
+        job["documents"][0]["sizeBytes"].as_str().is_some(),
+        "uint64 sizes are JSON strings: {job}"
+    );
 
-    let coordinator_health = json(&grpcurl(&["-plaintext", &addr, "grpc.health.v1.Health/Check"]).unwrap());
+    let coordinator_health =
+        json(&grpcurl(&["-plaintext", &addr, "grpc.health.v1.Health/Check"]).unwrap());
     assert_eq!(coordinator_health["status"], "SERVING");
-    let named = json(&grpcurl(&["-plaintext", "-d", r#"{"service":"fondation.v1.AgentGateway"}"#, &addr, "grpc.health.v1.Health/Check"]).unwrap());
+    let named = json(
+        &grpcurl(&[
+            "-plaintext",
+            "-d",
+            r#"{"service":"fondation.v1.AgentGateway"}"#,
+            &addr,
+            "grpc.health.v1.Health/Check",
+        ])
+        .unwrap(),
+    );
     assert_eq!(named["status"], "SERVING");
     let agent_addr = format!("127.0.0.1:{}", agent.health_port);
-    let agent_health = json(&grpcurl(&["-plaintext", &agent_addr, "grpc.health.v1.Health/Check"]).unwrap());
+    let agent_health =
+        json(&grpcurl(&["-plaintext", &agent_addr, "grpc.health.v1.Health/Check"]).unwrap());
     assert_eq!(agent_health["status"], "SERVING");
     let agent_services = grpcurl(&["-plaintext", &agent_addr, "list"]).unwrap();
-    assert!(agent_services.contains("grpc.health.v1.Health"), "{agent_services}");
+    assert!(
+        agent_services.contains("grpc.health.v1.Health"),
+        "{agent_services}"
+    );
 }

@@ -50,7 +50,11 @@ async fn demo() -> anyhow::Result<ExitCode> {
         bail!("unset CONVEX_URL: the demo runs on the embedded store");
     }
     let stop = CancellationToken::new();
-    let coordinator_task = tokio::spawn(fondation_coordinator::run(listener, coordinator, stop.clone()));
+    let coordinator_task = tokio::spawn(fondation_coordinator::run(
+        listener,
+        coordinator,
+        stop.clone(),
+    ));
 
     let mut agents = Vec::new();
     let agent_shutdown = fondation_agent::Shutdown::default();
@@ -76,13 +80,21 @@ async fn demo() -> anyhow::Result<ExitCode> {
             &allowlist,
         ])?
         .config;
-        agents.push(tokio::spawn(fondation_agent::run(health, config, agent_shutdown.clone())));
+        agents.push(tokio::spawn(fondation_agent::run(
+            health,
+            config,
+            agent_shutdown.clone(),
+        )));
     }
 
     let mut admin = connect(&coordinator_url).await?;
     // Agents connect within a moment; wait for them so the job starts at once.
     for _ in 0..100 {
-        let connected = admin.list_agents(pb::ListAgentsRequest {}).await?.into_inner().agents;
+        let connected = admin
+            .list_agents(pb::ListAgentsRequest {})
+            .await?
+            .into_inner()
+            .agents;
         if connected.len() == AGENTS {
             break;
         }
@@ -103,7 +115,10 @@ async fn demo() -> anyhow::Result<ExitCode> {
     let mut last = String::new();
     let job = loop {
         let job = admin
-            .get_job(pb::GetJobRequest { job_id: job_id.clone(), include_content: false })
+            .get_job(pb::GetJobRequest {
+                job_id: job_id.clone(),
+                include_content: false,
+            })
             .await?
             .into_inner();
         let line = format!(
@@ -111,7 +126,11 @@ async fn demo() -> anyhow::Result<ExitCode> {
             job.status,
             job.current_step,
             job.progress,
-            if job.agent_id.is_empty() { String::new() } else { format!("  (on {})", job.agent_id) }
+            if job.agent_id.is_empty() {
+                String::new()
+            } else {
+                format!("  (on {})", job.agent_id)
+            }
         );
         if line != last {
             println!("{line}");
@@ -123,7 +142,10 @@ async fn demo() -> anyhow::Result<ExitCode> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
 
-    println!("\njob {} is {} after {} attempt(s)", job.job_id, job.status, job.attempts);
+    println!(
+        "\njob {} is {} after {} attempt(s)",
+        job.job_id, job.status, job.attempts
+    );
     if !job.error.is_empty() {
         println!("error: {}", job.error);
     }
@@ -141,7 +163,11 @@ async fn demo() -> anyhow::Result<ExitCode> {
     }
     stop.cancel();
     coordinator_task.await??;
-    Ok(if job.status == "completed" { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if job.status == "completed" {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 async fn connect(url: &str) -> anyhow::Result<AdminClient<tonic::transport::Channel>> {

@@ -110,16 +110,22 @@ impl CoordinatorProc {
 
     pub async fn wait_serving(&self) {
         let addr = self.addr();
-        wait::until("the coordinator to report SERVING", Duration::from_secs(30), || {
-            let addr = addr.clone();
-            async move {
-                match fondation_proto::serving::probe_health(&addr, "", Duration::from_secs(1)).await {
-                    Ok(status) if status as i32 == 1 => Ok(Some(())),
-                    Ok(status) => Err(format!("{status:?}")),
-                    Err(e) => Err(e.to_string()),
+        wait::until(
+            "the coordinator to report SERVING",
+            Duration::from_secs(30),
+            || {
+                let addr = addr.clone();
+                async move {
+                    match fondation_proto::serving::probe_health(&addr, "", Duration::from_secs(1))
+                        .await
+                    {
+                        Ok(status) if status as i32 == 1 => Ok(Some(())),
+                        Ok(status) => Err(format!("{status:?}")),
+                        Err(e) => Err(e.to_string()),
+                    }
                 }
-            }
-        })
+            },
+        )
         .await
     }
 
@@ -233,7 +239,12 @@ impl Admin {
     }
 
     /// Waits until the job reaches one of `statuses`.
-    pub async fn wait_status(&mut self, job_id: &str, statuses: &[&str], timeout: Duration) -> pb::Job {
+    pub async fn wait_status(
+        &mut self,
+        job_id: &str,
+        statuses: &[&str],
+        timeout: Duration,
+    ) -> pb::Job {
         let what = format!("job {job_id} to reach {statuses:?}");
         let client = self.client.clone();
         wait::until(&what, timeout, || {

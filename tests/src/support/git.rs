@@ -14,7 +14,12 @@ pub struct GitFixture {
 
 fn git(args: &[&str], cwd: &Path) {
     let output = Command::new("git")
-        .args(["-c", "user.name=fondation-test", "-c", "user.email=test@fondation.invalid"])
+        .args([
+            "-c",
+            "user.name=fondation-test",
+            "-c",
+            "user.email=test@fondation.invalid",
+        ])
         .args(args)
         .current_dir(cwd)
         .output()
@@ -31,16 +36,28 @@ impl GitFixture {
         let dir = tempfile::tempdir().expect("temp dir for a git fixture");
         let work = dir.path().join("work");
         std::fs::create_dir_all(work.join("src")).expect("creating the work tree");
-        std::fs::write(work.join("README.md"), "# Demo project\n\nA tiny project to analyze.\n")
-            .expect("writing README");
-        std::fs::write(work.join("src/main.rs"), "fn main() { println!(\"hello\"); }\n")
-            .expect("writing a source file");
+        std::fs::write(
+            work.join("README.md"),
+            "# Demo project\n\nA tiny project to analyze.\n",
+        )
+        .expect("writing README");
+        std::fs::write(
+            work.join("src/main.rs"),
+            "fn main() { println!(\"hello\"); }\n",
+        )
+        .expect("writing a source file");
         git(&["init", "--quiet", "--initial-branch=main"], &work);
         git(&["add", "."], &work);
         git(&["commit", "--quiet", "-m", "initial"], &work);
         let bare = dir.path().join("demo.git");
         git(
-            &["clone", "--quiet", "--bare", work.to_str().unwrap(), bare.to_str().unwrap()],
+            &[
+                "clone",
+                "--quiet",
+                "--bare",
+                work.to_str().unwrap(),
+                bare.to_str().unwrap(),
+            ],
             dir.path(),
         );
         let url = format!("file://{}", bare.display());

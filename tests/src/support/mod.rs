@@ -13,7 +13,10 @@ use std::path::PathBuf;
 /// (`target/<profile>/deps/<test>` -> `target/<profile>/<name>`).
 pub fn bin_path(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("the test executable has a path");
-    let mut dir = exe.parent().expect("the test executable has a folder").to_path_buf();
+    let mut dir = exe
+        .parent()
+        .expect("the test executable has a folder")
+        .to_path_buf();
     if dir.ends_with("deps") {
         dir.pop();
     }
