@@ -291,7 +291,7 @@ async fn disallowed_urls_and_hostile_branches_fail_clearly_and_run_nothing() {
         (
             "ext::sh -c touch% /tmp/pwned".to_string(),
             "main".to_string(),
-            "REPO_ALLOWLIST",
+            "repository URL",
         ),
         (sandbox.repo.url.clone(), upload_pack, "branch"),
         (
