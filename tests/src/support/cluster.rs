@@ -304,3 +304,41 @@ pub fn read_tree(root: &Path) -> Vec<(String, Vec<u8>)> {
     files.sort();
     files
 }
+
+/// Waits until the fixture CLI has logged at least `count` run starts for `job_id`; returns them.
+pub async fn wait_runs_started(
+    sandbox: &Sandbox,
+    job_id: &str,
+    count: usize,
+    timeout: Duration,
+) -> Vec<crate::fixture_cli::RunRecord> {
+    let what = format!("{count} run(s) of job {job_id} to start");
+    wait::until(&what, timeout, || async {
+        let records = match crate::fixture_cli::read_run_log(&sandbox.run_log) {
+            Ok(records) => records,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e.to_string()),
+        };
+        let starts: Vec<_> = records
+            .into_iter()
+            .filter(|r| r.kind == crate::fixture_cli::RunEventKind::Start && r.job_id == job_id)
+            .collect();
+        if starts.len() >= count {
+            Ok(Some(starts))
+        } else {
+            Err(format!("{} started", starts.len()))
+        }
+    })
+    .await
+}
+
+/// Whether a process id is still alive (and not a zombie).
+pub fn process_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
