@@ -14,7 +14,7 @@ use futures::Stream;
 use tokio::sync::mpsc;
 use tokio_stream::{wrappers::ReceiverStream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     agents::{AgentDescription, AgentSender},
@@ -243,13 +243,40 @@ async fn read_reports(
                 continue;
             }
         };
-        let finished = matches!(event, JobEvent::Finished(_));
+        let kind = EventKind::of(&event);
         if let Err(error) = ctx
             .assignments
             .route(&assignment_id, epoch, agent_id, event)
         {
-            warn!(agent_id, %error, "report refused");
-            send(tx, refuse(&assignment_id, finished));
+            match kind {
+                // Documents of a refused result: its `Finished` gets the one answer.
+                EventKind::Document => debug!(agent_id, %error, "document of a stale run ignored"),
+                EventKind::Finished => {
+                    warn!(agent_id, %error, "result refused");
+                    send(tx, refuse(&assignment_id, true));
+                }
+                EventKind::Other => {
+                    warn!(agent_id, %error, "report refused; telling the agent to stop that run");
+                    send(tx, refuse(&assignment_id, false));
+                }
+            }
+        }
+    }
+}
+
+/// What a refused report needs as an answer.
+enum EventKind {
+    Document,
+    Finished,
+    Other,
+}
+
+impl EventKind {
+    fn of(event: &JobEvent) -> Self {
+        match event {
+            JobEvent::Document { .. } => EventKind::Document,
+            JobEvent::Finished(_) => EventKind::Finished,
+            _ => EventKind::Other,
         }
     }
 }

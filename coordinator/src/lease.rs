@@ -399,20 +399,25 @@ impl Keeper {
                 }
             }
         };
-        // Durable first, then the agent may let go of its copy.
-        match self
+        // Durable first, then the agent may let go of its copy. Without the journal, the agent
+        // keeps it until the job source has it.
+        let journaled = match self
             .ctx
             .journal
             .record_end(&self.record.assignment_id, &run_end)
             .await
         {
-            Ok(()) => self.ack(true, ""),
-            Err(error) => {
-                warn!(job_id = %self.record.job_id, %error, "could not journal the result; the agent keeps it until it is delivered")
+            Ok(()) => {
+                self.ack(true, "");
+                true
             }
-        }
+            Err(error) => {
+                warn!(job_id = %self.record.job_id, %error, "could not journal the result; the agent keeps it until it is delivered");
+                false
+            }
+        };
         let end = self.deliver(run_end).await;
-        if matches!(end, End::Done) {
+        if !journaled && matches!(end, End::Done) {
             self.ack(true, "");
         }
         end
@@ -535,6 +540,7 @@ impl Keeper {
         let deadline = Instant::now() + STOP_REPORT_TIMEOUT;
         loop {
             tokio::select! {
+                _ = self.ctx.shutdown.cancelled() => return,
                 event = events.recv() => match event {
                     Some(JobEvent::Finished(_)) => {
                         self.ack(false, reason);

@@ -201,7 +201,10 @@ async fn stall_longer_than_the_grace_window_moves_the_job_and_refuses_the_late_r
         .await;
     coordinator
         .proc
-        .wait_for_log("report refused", Duration::from_secs(5))
+        .wait_for_log(
+            "a run this coordinator no longer owns",
+            Duration::from_secs(5),
+        )
         .await;
     let job = admin.job(&job_id, false).await;
     assert_eq!(job.status, "completed");
