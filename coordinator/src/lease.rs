@@ -265,6 +265,7 @@ impl Keeper {
                 return Some(end);
             }
         }
+        debug!(job_id = %self.record.job_id, update = ?self.pending, "heartbeat");
         let ctx = &self.ctx;
         let result = ctx
             .source
