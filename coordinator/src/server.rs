@@ -59,10 +59,9 @@ pub enum ServeError {
 fn open_source(config: &CoordinatorConfig) -> Result<Arc<dyn JobSource>, ServeError> {
     Ok(match &config.convex_url {
         Some(url) => Arc::new(ConvexSource::new(ConvexConfig {
-            url: url.clone(),
             deploy_key: config.convex_deploy_key.clone(),
             clone_url_template: config.clone_url_template.clone(),
-            ..ConvexConfig::default()
+            ..ConvexConfig::new(url.clone())
         })?),
         None => Arc::new(EmbeddedStore::open(
             &config.data_dir,

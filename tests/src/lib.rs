@@ -1,5 +1,6 @@
 //! Fondation's test kit: the fixture analyzer CLI, the fake Convex deployment, and the helpers
 //! the end-to-end tests and the demo use to start and watch real processes.
 
+pub mod fake_convex;
 pub mod fixture_cli;
 pub mod support;
