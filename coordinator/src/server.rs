@@ -61,6 +61,8 @@ fn open_source(config: &CoordinatorConfig) -> Result<Arc<dyn JobSource>, ServeEr
         Some(url) => Arc::new(ConvexSource::new(ConvexConfig {
             deploy_key: config.convex_deploy_key.clone(),
             clone_url_template: config.clone_url_template.clone(),
+            request_timeout: config.convex_request_timeout,
+            retry_budget: config.convex_retry_budget,
             ..ConvexConfig::new(url.clone())
         })?),
         None => Arc::new(EmbeddedStore::open(

@@ -91,7 +91,7 @@ impl CoordinatorProc {
         base.push(("DATA_DIR", &data));
         let env = env_with(&base, extra);
         let proc = Proc::spawn("coordinator", &bin_path("fondation-coordinator"), &[], &env);
-        let coordinator = Self {
+        let mut coordinator = Self {
             proc,
             port,
             data_dir,
@@ -108,12 +108,14 @@ impl CoordinatorProc {
         format!("http://127.0.0.1:{}", self.port)
     }
 
-    pub async fn wait_serving(&self) {
+    pub async fn wait_serving(&mut self) {
         let addr = self.addr();
+        let proc = &mut self.proc;
         wait::until(
             "the coordinator to report SERVING",
             Duration::from_secs(30),
             || {
+                proc.assert_running();
                 let addr = addr.clone();
                 async move {
                     match fondation_proto::serving::probe_health(&addr, "", Duration::from_secs(1))

@@ -3,6 +3,7 @@
 //! were waiting for.
 
 pub mod cluster;
+pub mod convex_world;
 pub mod fault_proxy;
 pub mod git;
 pub mod process;
