@@ -33,7 +33,10 @@ pub fn bin_path(name: &str) -> PathBuf {
     // binaries: say so when a binary is older than the test, since it may be stale.
     let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
     if let (Some(binary), Some(test)) = (modified(&path), modified(&exe)) {
-        if binary < test {
+        static NOTED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+        let mut noted = NOTED.lock().unwrap_or_else(|e| e.into_inner());
+        if binary < test && !noted.contains(&name.to_string()) {
+            noted.push(name.to_string());
             eprintln!(
                 "note: {} is older than this test; if you changed its code, run \
                  `cargo build --workspace --bins` (scripts/test does)",
