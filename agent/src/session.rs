@@ -26,6 +26,8 @@ use crate::{
 
 /// Wait for the coordinator's `Welcome` after `Hello`.
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an exiting agent waits for the coordinator to close the stream.
+const GOODBYE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Messages queued towards the coordinator.
 const OUTBOUND_QUEUE: usize = 256;
 
@@ -322,6 +324,11 @@ impl Agent {
         loop {
             self.on_shutdown_signal(shutdown).await;
             if self.draining && shutdown.drain.is_cancelled() && self.runs.is_empty() {
+                // End our half of the stream and let the coordinator close its half, so it sees a
+                // clean goodbye rather than a broken connection.
+                drop(outbound);
+                let goodbye = async { while let Ok(Some(_)) = inbound.message().await {} };
+                let _ = tokio::time::timeout(GOODBYE_TIMEOUT, goodbye).await;
                 return SessionEnd::Done;
             }
             tokio::select! {
