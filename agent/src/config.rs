@@ -4,17 +4,9 @@
 use std::{path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
-use fondation_proto::{logging::LogFormat, validate::RepoAllowlist};
+use fondation_proto::{logging::LogFormat, settings::millis, validate::RepoAllowlist};
 
 use crate::analyzer::CommandTemplate;
-
-fn millis(value: &str) -> Result<Duration, String> {
-    value
-        .trim()
-        .parse::<u64>()
-        .map(Duration::from_millis)
-        .map_err(|_| format!("{value:?} is not a whole number of milliseconds"))
-}
 
 /// The bundled Fondation CLI inside the agent image.
 pub const DEFAULT_ANALYZER_COMMAND: &str =

@@ -2,7 +2,7 @@
 //! A first SIGTERM/SIGINT drains (running jobs may finish within SHUTDOWN_GRACE); a second one
 //! stops running jobs at once and hands them back.
 
-use std::{process::ExitCode, time::Duration};
+use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser;
@@ -13,15 +13,7 @@ use fondation_proto::{logging, serving};
 async fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     if let Some(Command::Health) = cli.command {
-        let status =
-            serving::probe_health(&cli.config.health_addr, "", Duration::from_secs(3)).await?;
-        println!("{}", status.as_str_name());
-        let serving = status == tonic_health::pb::health_check_response::ServingStatus::Serving;
-        return Ok(if serving {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::FAILURE
-        });
+        return Ok(serving::health_command(&cli.config.health_addr).await?);
     }
     logging::init(cli.config.log_format);
     let listener = tokio::net::TcpListener::bind(&cli.config.health_addr)

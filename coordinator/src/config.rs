@@ -4,16 +4,9 @@
 use std::{path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
-use fondation_proto::{logging::LogFormat, validate::RepoAllowlist};
+use fondation_proto::{logging::LogFormat, settings::millis, validate::RepoAllowlist};
 
 /// Milliseconds, as the Node worker's variables were.
-fn millis(value: &str) -> Result<Duration, String> {
-    value
-        .trim()
-        .parse::<u64>()
-        .map(Duration::from_millis)
-        .map_err(|_| format!("{value:?} is not a whole number of milliseconds"))
-}
 
 #[derive(Debug, Parser)]
 #[command(

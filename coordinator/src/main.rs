@@ -1,6 +1,6 @@
 //! `fondation-coordinator`: parse the configuration, bind, serve until SIGINT/SIGTERM.
 
-use std::{process::ExitCode, time::Duration};
+use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser;
@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 async fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     if let Some(Command::Health) = cli.command {
-        return health(&cli.config.listen_addr).await;
+        return Ok(serving::health_command(&cli.config.listen_addr).await?);
     }
     logging::init(cli.config.log_format);
     let listener = tokio::net::TcpListener::bind(&cli.config.listen_addr)
@@ -24,18 +24,6 @@ async fn main() -> anyhow::Result<ExitCode> {
         .await
         .context("running the coordinator")?;
     Ok(ExitCode::SUCCESS)
-}
-
-async fn health(listen_addr: &str) -> anyhow::Result<ExitCode> {
-    let status = serving::probe_health(listen_addr, "", Duration::from_secs(3)).await?;
-    println!("{}", status.as_str_name());
-    Ok(
-        if status == tonic_health::pb::health_check_response::ServingStatus::Serving {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::FAILURE
-        },
-    )
 }
 
 /// Turns the first SIGINT or SIGTERM into a cancelled token.

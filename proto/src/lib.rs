@@ -6,10 +6,11 @@
 //! - [`validate`]: repository URL allow-list and git branch-name rules, shared so the coordinator
 //!   (before assigning) and the agent (before cloning) enforce the same thing;
 //! - [`serving`]: reflection and health-probe helpers every gRPC server and `health` subcommand uses;
-//! - [`logging`]: the one tracing set-up of both binaries.
+//! - [`logging`]: the one tracing set-up of both binaries; [`settings`]: shared setting parsers.
 
 pub mod logging;
 pub mod serving;
+pub mod settings;
 pub mod validate;
 
 /// Generated code for package `fondation.v1`.

@@ -60,6 +60,18 @@ pub fn local_dial_url(listen_addr: &str) -> String {
     }
 }
 
+/// The `health` subcommand of both binaries: prints the status of the server listening at
+/// `listen_addr` and succeeds only when it is SERVING (for container health checks).
+pub async fn health_command(listen_addr: &str) -> Result<std::process::ExitCode, ServingError> {
+    let status = probe_health(listen_addr, "", Duration::from_secs(3)).await?;
+    println!("{}", status.as_str_name());
+    Ok(if status == ServingStatus::Serving {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
+    })
+}
+
 /// Asks the health service at `addr` about `service` ("" for the whole server).
 pub async fn probe_health(
     addr: &str,

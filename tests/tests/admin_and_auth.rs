@@ -126,6 +126,15 @@ async fn drained_agent_takes_no_new_job_and_reports_not_serving() {
     .await
     .unwrap();
     assert_eq!(health.as_str_name(), "NOT_SERVING");
+    let probe = std::process::Command::new(fondation_testkit::support::bin_path("fondation-agent"))
+        .arg("health")
+        .env("HEALTH_ADDR", format!("127.0.0.1:{}", agent.health_port))
+        .output()
+        .unwrap();
+    assert!(
+        !probe.status.success(),
+        "a drained agent is not healthy: {probe:?}"
+    );
     let agents = admin.agents().await;
     assert!(agents[0].draining);
 

@@ -132,6 +132,26 @@ async fn grpcurl_lists_services_submits_and_reads_jobs_and_checks_health() {
     let agent_health =
         json(&grpcurl(&["-plaintext", &agent_addr, "grpc.health.v1.Health/Check"]).unwrap());
     assert_eq!(agent_health["status"], "SERVING");
+    // The `health` subcommands that container health checks run agree.
+    let coordinator_probe = Command::new(fondation_testkit::support::bin_path(
+        "fondation-coordinator",
+    ))
+    .arg("health")
+    .env("LISTEN_ADDR", &addr)
+    .output()
+    .unwrap();
+    assert!(coordinator_probe.status.success(), "{coordinator_probe:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&coordinator_probe.stdout).trim(),
+        "SERVING"
+    );
+    let agent_probe = Command::new(fondation_testkit::support::bin_path("fondation-agent"))
+        .arg("health")
+        .env("HEALTH_ADDR", &agent_addr)
+        .output()
+        .unwrap();
+    assert!(agent_probe.status.success(), "{agent_probe:?}");
+
     let agent_services = grpcurl(&["-plaintext", &agent_addr, "list"]).unwrap();
     assert!(
         agent_services.contains("grpc.health.v1.Health"),
