@@ -68,16 +68,13 @@ async fn agents_and_admin_calls_need_their_tokens() {
         .into_inner()
         .job_id;
 
-    let mut member = AgentProc::spawn(
+    let _member = AgentProc::connected(
         &sandbox,
-        AgentOptions {
-            id: "member",
-            coordinator_url: coordinator.url(),
-            slots: 1,
-            extra: &[("AGENT_TOKEN", "agent-secret")],
-        },
-    );
-    member.wait_connected().await;
+        "member",
+        coordinator.url(),
+        &[("AGENT_TOKEN", "agent-secret")],
+    )
+    .await;
     let job = admin
         .wait_status(
             &job_id,
@@ -96,16 +93,7 @@ async fn agents_and_admin_calls_need_their_tokens() {
 async fn drained_agent_takes_no_new_job_and_reports_not_serving() {
     let sandbox = Sandbox::new();
     let coordinator = CoordinatorProc::start(&sandbox, free_port(), &[]).await;
-    let mut agent = AgentProc::spawn(
-        &sandbox,
-        AgentOptions {
-            id: "to-drain",
-            coordinator_url: coordinator.url(),
-            slots: 1,
-            extra: &[],
-        },
-    );
-    agent.wait_connected().await;
+    let mut agent = AgentProc::connected(&sandbox, "to-drain", coordinator.url(), &[]).await;
     let mut admin = coordinator.admin().await;
     admin
         .client
@@ -140,16 +128,7 @@ async fn drained_agent_takes_no_new_job_and_reports_not_serving() {
 
     let job_id = admin.submit(&sandbox.repo.url, "main", "explain").await;
     // A fresh agent picks the job up; the drained one never does.
-    let mut fresh = AgentProc::spawn(
-        &sandbox,
-        AgentOptions {
-            id: "fresh",
-            coordinator_url: coordinator.url(),
-            slots: 1,
-            extra: &[],
-        },
-    );
-    fresh.wait_connected().await;
+    let _fresh = AgentProc::connected(&sandbox, "fresh", coordinator.url(), &[]).await;
     let job = admin
         .wait_status(
             &job_id,

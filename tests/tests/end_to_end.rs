@@ -62,16 +62,7 @@ fn expected_documents() -> BTreeMap<String, (String, String, Option<u32>, serde_
 async fn submitted_job_completes_with_exactly_the_documents_the_cli_wrote() {
     let sandbox = Sandbox::new();
     let coordinator = CoordinatorProc::start(&sandbox, free_port(), &[]).await;
-    let mut agent = AgentProc::spawn(
-        &sandbox,
-        AgentOptions {
-            id: "agent-1",
-            coordinator_url: coordinator.url(),
-            slots: 1,
-            extra: &[],
-        },
-    );
-    agent.wait_connected().await;
+    let _agent = AgentProc::connected(&sandbox, "agent-1", coordinator.url(), &[]).await;
     let mut admin = coordinator.admin().await;
 
     let job_id = admin
@@ -190,16 +181,13 @@ async fn failing_cli_is_retried_with_backoff_and_ends_dead_with_its_error() {
         &[("MAX_ATTEMPTS", "3"), ("RETRY_BACKOFF", "300")],
     )
     .await;
-    let mut agent = AgentProc::spawn(
+    let _agent = AgentProc::connected(
         &sandbox,
-        AgentOptions {
-            id: "agent-1",
-            coordinator_url: coordinator.url(),
-            slots: 1,
-            extra: &[("FIXTURE_DIRECTIVES", "fail")],
-        },
-    );
-    agent.wait_connected().await;
+        "agent-1",
+        coordinator.url(),
+        &[("FIXTURE_DIRECTIVES", "fail")],
+    )
+    .await;
     let mut admin = coordinator.admin().await;
     let job_id = admin.submit(&sandbox.repo.url, "main", "explain").await;
     let job = admin.wait_status(&job_id, TERMINAL, JOB_TIMEOUT).await;
@@ -268,16 +256,7 @@ async fn agent_started_before_the_coordinator_connects_once_it_is_up() {
 async fn disallowed_urls_and_hostile_branches_fail_clearly_and_run_nothing() {
     let sandbox = Sandbox::new();
     let coordinator = CoordinatorProc::start(&sandbox, free_port(), &[]).await;
-    let mut agent = AgentProc::spawn(
-        &sandbox,
-        AgentOptions {
-            id: "agent-1",
-            coordinator_url: coordinator.url(),
-            slots: 1,
-            extra: &[],
-        },
-    );
-    agent.wait_connected().await;
+    let agent = AgentProc::connected(&sandbox, "agent-1", coordinator.url(), &[]).await;
     let mut admin = coordinator.admin().await;
     let pwned = sandbox.path("pwned");
     let upload_pack = format!("--upload-pack=touch {}", pwned.display());

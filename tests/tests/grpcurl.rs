@@ -4,7 +4,7 @@
 use std::{process::Command, time::Duration};
 
 use fondation_testkit::support::{
-    cluster::{AgentOptions, AgentProc, CoordinatorProc, Sandbox},
+    cluster::{AgentProc, CoordinatorProc, Sandbox},
     free_port, wait,
 };
 
@@ -33,16 +33,7 @@ fn json(text: &str) -> serde_json::Value {
 async fn grpcurl_lists_services_submits_and_reads_jobs_and_checks_health() {
     let sandbox = Sandbox::new();
     let coordinator = CoordinatorProc::start(&sandbox, free_port(), &[]).await;
-    let mut agent = AgentProc::spawn(
-        &sandbox,
-        AgentOptions {
-            id: "agent-1",
-            coordinator_url: coordinator.url(),
-            slots: 1,
-            extra: &[],
-        },
-    );
-    agent.wait_connected().await;
+    let agent = AgentProc::connected(&sandbox, "agent-1", coordinator.url(), &[]).await;
     let addr = coordinator.addr();
 
     let services = grpcurl(&["-plaintext", &addr, "list"]).unwrap();

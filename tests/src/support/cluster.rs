@@ -203,6 +203,26 @@ impl AgentProc {
         }
     }
 
+    /// Starts an agent with one slot and `extra` settings, and waits until it is connected.
+    pub async fn connected(
+        sandbox: &Sandbox,
+        id: &str,
+        coordinator_url: String,
+        extra: &[(&str, &str)],
+    ) -> Self {
+        let mut agent = Self::spawn(
+            sandbox,
+            AgentOptions {
+                id,
+                coordinator_url,
+                slots: 1,
+                extra,
+            },
+        );
+        agent.wait_connected().await;
+        agent
+    }
+
     pub async fn wait_connected(&mut self) {
         self.proc
             .wait_for_log("connected to the coordinator", Duration::from_secs(30))
