@@ -4,7 +4,11 @@
 use std::{path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
-use fondation_proto::{logging::LogFormat, settings::millis, validate::RepoAllowlist};
+use fondation_proto::{
+    logging::LogFormat,
+    settings::{millis, Secret},
+    validate::RepoAllowlist,
+};
 
 use crate::analyzer::CommandTemplate;
 
@@ -73,7 +77,7 @@ pub struct AgentConfig {
 
     /// Token presented to the coordinator (its AGENT_TOKEN).
     #[arg(long, env = "AGENT_TOKEN", hide_env_values = true)]
-    pub agent_token: Option<String>,
+    pub agent_token: Option<Secret>,
 
     /// Longest an analyzer run may take (ms).
     #[arg(long, env = "ANALYZER_TIMEOUT", default_value = "7200000", value_parser = millis)]

@@ -274,9 +274,10 @@ impl Agent {
             .map_err(|_| SessionError::Refused("outbound queue closed".into()))?;
         let mut request = Request::new(ReceiverStream::new(outbound_rx));
         if let Some(token) = &self.ctx.config.agent_token {
-            let value = MetadataValue::try_from(format!("Bearer {token}")).map_err(|_| {
-                SessionError::Refused("AGENT_TOKEN is not a valid header value".into())
-            })?;
+            let value =
+                MetadataValue::try_from(format!("Bearer {}", token.expose())).map_err(|_| {
+                    SessionError::Refused("AGENT_TOKEN is not a valid header value".into())
+                })?;
             request.metadata_mut().insert("authorization", value);
         }
         let mut inbound = client

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use fondation_proto::pb;
+use fondation_proto::{pb, settings::Secret};
 use tonic::{Request, Response, Status};
 use tracing::info;
 
@@ -28,7 +28,7 @@ impl Admin {
     fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
         check_bearer(
             request.metadata(),
-            self.ctx.config.admin_token.as_deref(),
+            self.ctx.config.admin_token.as_ref().map(Secret::expose),
             "ADMIN_TOKEN",
         )
     }

@@ -4,7 +4,11 @@
 use std::{path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
-use fondation_proto::{logging::LogFormat, settings::millis, validate::RepoAllowlist};
+use fondation_proto::{
+    logging::LogFormat,
+    settings::{millis, Secret},
+    validate::RepoAllowlist,
+};
 
 /// Milliseconds, as the Node worker's variables were.
 
@@ -51,7 +55,7 @@ pub struct CoordinatorConfig {
 
     /// Convex deploy key, sent as `Authorization: Convex <key>`. Never logged.
     #[arg(long, env = "CONVEX_DEPLOY_KEY", hide_env_values = true)]
-    pub convex_deploy_key: Option<String>,
+    pub convex_deploy_key: Option<Secret>,
 
     /// Identity towards the job source (`lockedBy` of claimed jobs). Must be stable across
     /// restarts: when unset, one is generated once and kept in DATA_DIR/worker-id.
@@ -100,11 +104,11 @@ pub struct CoordinatorConfig {
 
     /// Shared token agents must present (`authorization: Bearer <token>`); none when unset.
     #[arg(long, env = "AGENT_TOKEN", hide_env_values = true)]
-    pub agent_token: Option<String>,
+    pub agent_token: Option<Secret>,
 
     /// Token for Admin calls that change state (SubmitJob, CancelJob, DrainAgent); open when unset.
     #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
-    pub admin_token: Option<String>,
+    pub admin_token: Option<Secret>,
 
     /// Embedded store: attempts before a job is dead.
     #[arg(long, env = "MAX_ATTEMPTS", default_value = "5")]

@@ -9,7 +9,7 @@ use std::{
     sync::Arc,
 };
 
-use fondation_proto::{limits, pb, validate};
+use fondation_proto::{limits, pb, settings::Secret, validate};
 use futures::Stream;
 use tokio::sync::mpsc;
 use tokio_stream::{wrappers::ReceiverStream, StreamExt};
@@ -51,7 +51,7 @@ impl pb::agent_gateway_server::AgentGateway for Gateway {
         let ctx = &self.ctx;
         crate::auth::check_bearer(
             request.metadata(),
-            ctx.config.agent_token.as_deref(),
+            ctx.config.agent_token.as_ref().map(Secret::expose),
             "AGENT_TOKEN",
         )?;
         if ctx.shutdown.is_cancelled() {

@@ -59,7 +59,10 @@ pub enum ServeError {
 fn open_source(config: &CoordinatorConfig) -> Result<Arc<dyn JobSource>, ServeError> {
     Ok(match &config.convex_url {
         Some(url) => Arc::new(ConvexSource::new(ConvexConfig {
-            deploy_key: config.convex_deploy_key.clone(),
+            deploy_key: config
+                .convex_deploy_key
+                .as_ref()
+                .map(|key| key.expose().to_string()),
             clone_url_template: config.clone_url_template.clone(),
             request_timeout: config.convex_request_timeout,
             retry_budget: config.convex_retry_budget,
