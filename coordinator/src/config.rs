@@ -86,6 +86,11 @@ pub struct CoordinatorConfig {
     #[arg(long, env = "AGENT_TIMEOUT", default_value = "10000", value_parser = millis)]
     pub agent_timeout: Duration,
 
+    /// How often agents send an application heartbeat when idle, and the HTTP/2 keepalive period
+    /// of their streams (ms); a third of AGENT_TIMEOUT when unset.
+    #[arg(long, env = "AGENT_HEARTBEAT_INTERVAL", value_parser = millis)]
+    pub agent_heartbeat_interval: Option<Duration>,
+
     /// How long a gone agent's jobs wait for it to reconnect before they are handed back (ms).
     #[arg(long, env = "REATTACH_GRACE", default_value = "15000", value_parser = millis)]
     pub reattach_grace: Duration,
@@ -150,10 +155,20 @@ impl CoordinatorConfig {
             ("PROGRESS_INTERVAL", self.progress_interval),
             ("CANCEL_CHECK_INTERVAL", self.cancel_check_interval),
             ("AGENT_TIMEOUT", self.agent_timeout),
+            ("AGENT_HEARTBEAT_INTERVAL", self.agent_heartbeat_interval()),
         ] {
             if value.is_zero() {
                 return invalid(name, "must be above 0".into());
             }
+        }
+        if self.agent_heartbeat_interval() >= self.agent_timeout {
+            return invalid(
+                "AGENT_HEARTBEAT_INTERVAL",
+                format!(
+                    "must be below AGENT_TIMEOUT ({} ms), or idle agents look gone",
+                    self.agent_timeout.as_millis()
+                ),
+            );
         }
         if self.max_attempts == 0 {
             return invalid("MAX_ATTEMPTS", "must be at least 1".into());
@@ -178,9 +193,61 @@ impl CoordinatorConfig {
         })
     }
 
-    /// How often agents are asked to send an application heartbeat: a third of the timeout, so
-    /// two lost heartbeats do not yet count as a lost agent.
+    /// How often agents are asked to send an application heartbeat: by default a third of the
+    /// timeout, so two lost heartbeats do not yet count as a lost agent.
     pub fn agent_heartbeat_interval(&self) -> Duration {
-        (self.agent_timeout / 3).max(Duration::from_millis(100))
+        self.agent_heartbeat_interval
+            .unwrap_or((self.agent_timeout / 3).max(Duration::from_millis(100)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> CoordinatorConfig {
+        let mut argv = vec!["fondation-coordinator"];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv).expect("valid flags").config
+    }
+
+    fn error(args: &[&str]) -> String {
+        parse(args).validate().unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let config = parse(&[]);
+        assert!(config.validate().is_ok());
+        assert_eq!(config.lease_time, Duration::from_secs(300));
+        assert_eq!(
+            config.agent_heartbeat_interval(),
+            Duration::from_millis(3333)
+        );
+    }
+
+    #[test]
+    fn errors_name_the_variable() {
+        assert!(error(&["--heartbeat-interval", "400000"]).starts_with("HEARTBEAT_INTERVAL"));
+        assert!(error(&["--agent-heartbeat-interval", "0"]).starts_with("AGENT_HEARTBEAT_INTERVAL"));
+        assert!(
+            error(&["--agent-heartbeat-interval", "20000"]).starts_with("AGENT_HEARTBEAT_INTERVAL")
+        );
+        assert!(
+            error(&["--clone-url-template", "https://x/y.git"]).starts_with("CLONE_URL_TEMPLATE")
+        );
+        assert!(error(&["--repo-allowlist", "ftp://x/"]).starts_with("REPO_ALLOWLIST"));
+        assert!(error(&["--max-attempts", "0"]).starts_with("MAX_ATTEMPTS"));
+    }
+
+    #[test]
+    fn durations_are_milliseconds() {
+        assert!(Cli::try_parse_from(["c", "--poll-interval", "5s"]).is_err());
+        assert_eq!(
+            parse(&["--poll-interval", "250"]).poll_interval,
+            Duration::from_millis(250)
+        );
     }
 }
