@@ -224,7 +224,7 @@ mod tests {
         assert_eq!(config.lease_time, Duration::from_secs(300));
         assert_eq!(
             config.agent_heartbeat_interval(),
-            Duration::from_millis(3333)
+            Duration::from_secs(10) / 3
         );
     }
 
