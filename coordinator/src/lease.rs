@@ -259,12 +259,7 @@ impl Keeper {
 
     /// Extends the lease and writes pending fields.
     async fn write(&mut self) -> Option<End> {
-        // A heartbeat carrying a status would silently un-cancel a canceled Convex job: look first.
-        if self.pending.status.is_some() {
-            if let Some(end) = self.check_cancel().await {
-                return Some(end);
-            }
-        }
+        // The source refuses to write over a canceled job (`JobSourceError::Canceled`).
         debug!(job_id = %self.record.job_id, update = ?self.pending, "heartbeat");
         let ctx = &self.ctx;
         let result = ctx

@@ -297,7 +297,8 @@ pub trait JobSource: Send + Sync + 'static {
     async fn claim(&self, worker_id: &str, lease: Duration) -> Result<Option<ClaimedJob>>;
 
     /// Extends the lease by `lease` and writes `update`. [`JobSourceError::NotOwned`] when the
-    /// lease is someone else's.
+    /// lease is someone else's; [`JobSourceError::Canceled`], writing nothing, when the job was
+    /// canceled (a status written over a cancel would undo it).
     async fn heartbeat(
         &self,
         job_id: &str,
