@@ -7,8 +7,10 @@ use clap::{Args, Parser, Subcommand};
 use fondation_proto::{
     logging::LogFormat,
     settings::{millis, Secret},
+    tls,
     validate::RepoAllowlist,
 };
+use tonic::transport::ClientTlsConfig;
 
 use crate::analyzer::CommandTemplate;
 
@@ -115,6 +117,25 @@ pub struct AgentConfig {
     #[arg(long, env = "KEEPALIVE_INTERVAL", default_value = "5000", value_parser = millis)]
     pub keepalive_interval: Duration,
 
+    /// With an https:// COORDINATOR_URL: PEM root that signed the coordinator's certificate
+    /// (the public web roots when unset).
+    #[arg(long, env = "TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+
+    /// PEM client certificate for mutual TLS (with TLS_KEY), when the coordinator has a
+    /// TLS_CLIENT_CA.
+    #[arg(long, env = "TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of TLS_CERT.
+    #[arg(long, env = "TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+
+    /// The name the coordinator's certificate is issued for (the host of COORDINATOR_URL when
+    /// unset).
+    #[arg(long, env = "TLS_DOMAIN")]
+    pub tls_domain: Option<String>,
+
     /// Log lines as `plain` text or `json`.
     #[arg(long, env = "LOG_FORMAT", default_value = "plain")]
     pub log_format: LogFormat,
@@ -132,6 +153,8 @@ pub struct CheckedConfig {
     pub agent_id: String,
     pub allowlist: RepoAllowlist,
     pub template: CommandTemplate,
+    /// TLS towards the coordinator, for an https:// COORDINATOR_URL.
+    pub tls: Option<ClientTlsConfig>,
 }
 
 impl AgentConfig {
@@ -169,10 +192,51 @@ impl AgentConfig {
                 ),
             ));
         }
+        let tls = self.tls()?;
         Ok(CheckedConfig {
             agent_id,
             allowlist,
             template,
+            tls,
         })
+    }
+
+    fn tls(&self) -> Result<Option<ClientTlsConfig>, ConfigError> {
+        let invalid = |name, message: String| ConfigError::Invalid { name, message };
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(invalid(
+                "TLS_CERT",
+                "TLS_CERT and TLS_KEY go together: set both for mutual TLS, or neither".into(),
+            ));
+        }
+        let https = self.coordinator_url.starts_with("https://");
+        if !https {
+            if self.tls_ca.is_some() || self.tls_cert.is_some() {
+                return Err(invalid(
+                    "COORDINATOR_URL",
+                    "TLS settings are given but the URL is http://; use https://".into(),
+                ));
+            }
+            return Ok(None);
+        }
+        let read = |path: &std::path::Path, what, variable| {
+            tls::read_pem(path, what, variable).map_err(|e| invalid(variable, e.to_string()))
+        };
+        let ca = match &self.tls_ca {
+            Some(path) => Some(read(path, "the CA certificate", "TLS_CA")?),
+            None => None,
+        };
+        let identity = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some((
+                read(cert, "the client certificate", "TLS_CERT")?,
+                read(key, "the client key", "TLS_KEY")?,
+            )),
+            _ => None,
+        };
+        Ok(Some(tls::client_config(
+            ca,
+            identity,
+            self.tls_domain.as_deref(),
+        )))
     }
 }

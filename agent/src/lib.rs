@@ -62,6 +62,7 @@ pub async fn run(
         workspace_root,
         allowlist: checked.allowlist,
         template: checked.template,
+        tls: checked.tls,
     });
     let grace = ctx.config.shutdown_grace;
     let grace_timer = {

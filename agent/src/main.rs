@@ -13,7 +13,7 @@ use fondation_proto::{logging, serving};
 async fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     if let Some(Command::Health) = cli.command {
-        return Ok(serving::health_command(&cli.config.health_addr).await?);
+        return Ok(serving::health_command(&cli.config.health_addr, None).await?);
     }
     logging::init(cli.config.log_format);
     let listener = tokio::net::TcpListener::bind(&cli.config.health_addr)

@@ -63,6 +63,8 @@ pub struct RunnerContext {
     pub workspace_root: std::path::PathBuf,
     pub allowlist: validate::RepoAllowlist,
     pub template: CommandTemplate,
+    /// TLS towards the coordinator, for an https:// COORDINATOR_URL.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 /// Why a run failed.

@@ -238,6 +238,15 @@ impl Agent {
             .http2_keep_alive_interval(self.ctx.config.keepalive_interval)
             .keep_alive_timeout(self.ctx.config.keepalive_interval * 2)
             .keep_alive_while_idle(true);
+        let endpoint = match &self.ctx.tls {
+            Some(tls) => endpoint
+                .tls_config(tls.clone())
+                .map_err(|e| SessionError::Url {
+                    url: url.clone(),
+                    message: error_chain(&e),
+                })?,
+            None => endpoint,
+        };
         let channel: Channel = endpoint
             .connect()
             .await

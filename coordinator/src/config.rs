@@ -7,10 +7,9 @@ use clap::{Args, Parser, Subcommand};
 use fondation_proto::{
     logging::LogFormat,
     settings::{millis, Secret},
+    tls::{self, TlsFileError},
     validate::RepoAllowlist,
 };
-
-/// Milliseconds, as the Node worker's variables were.
 
 #[derive(Debug, Parser)]
 #[command(
@@ -115,6 +114,28 @@ pub struct CoordinatorConfig {
     #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<Secret>,
 
+    /// PEM certificate chain to serve TLS with on LISTEN_ADDR (with TLS_KEY); plaintext when unset.
+    #[arg(long, env = "TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of TLS_CERT.
+    #[arg(long, env = "TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA that agents' client certificates must chain to: agents without one get no session
+    /// (mutual TLS). Admin, health and reflection stay reachable with server TLS only.
+    #[arg(long, env = "TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// `health` subcommand over TLS: PEM root that signed TLS_CERT (TLS_CERT itself when unset,
+    /// which suits a self-signed certificate).
+    #[arg(long, env = "TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+
+    /// `health` subcommand over TLS: the name TLS_CERT is issued for.
+    #[arg(long, env = "TLS_DOMAIN", default_value = "localhost")]
+    pub tls_domain: String,
+
     /// Embedded store: attempts before a job is dead.
     #[arg(long, env = "MAX_ATTEMPTS", default_value = "5")]
     pub max_attempts: u32,
@@ -170,6 +191,18 @@ impl CoordinatorConfig {
                 ),
             );
         }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return invalid(
+                "TLS_CERT",
+                "TLS_CERT and TLS_KEY go together: set both to serve TLS, or neither".into(),
+            );
+        }
+        if self.tls_client_ca.is_some() && self.tls_cert.is_none() {
+            return invalid(
+                "TLS_CLIENT_CA",
+                "client certificates need TLS: set TLS_CERT and TLS_KEY too".into(),
+            );
+        }
         if self.max_attempts == 0 {
             return invalid("MAX_ATTEMPTS", "must be at least 1".into());
         }
@@ -191,6 +224,25 @@ impl CoordinatorConfig {
             name: "REPO_ALLOWLIST",
             message: e.to_string(),
         })
+    }
+
+    /// TLS settings for probing this coordinator's own health, when it serves TLS.
+    pub fn health_probe_tls(
+        &self,
+    ) -> Result<Option<tonic::transport::ClientTlsConfig>, TlsFileError> {
+        let Some(cert) = &self.tls_cert else {
+            return Ok(None);
+        };
+        let (root, variable) = match &self.tls_ca {
+            Some(ca) => (ca, "TLS_CA"),
+            None => (cert, "TLS_CERT"),
+        };
+        let ca = tls::read_pem(root, "the CA certificate", variable)?;
+        Ok(Some(tls::client_config(
+            Some(ca),
+            None,
+            Some(&self.tls_domain),
+        )))
     }
 
     /// How often agents are asked to send an application heartbeat: by default a third of the

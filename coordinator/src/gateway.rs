@@ -54,6 +54,14 @@ impl pb::agent_gateway_server::AgentGateway for Gateway {
             ctx.config.agent_token.as_ref().map(Secret::expose),
             "AGENT_TOKEN",
         )?;
+        if ctx.config.tls_client_ca.is_some()
+            && request.peer_certs().is_none_or(|certs| certs.is_empty())
+        {
+            return Err(Status::unauthenticated(
+                "agents must present a client certificate signed by the coordinator's TLS_CLIENT_CA \
+                 (set TLS_CERT and TLS_KEY on the agent)",
+            ));
+        }
         if ctx.shutdown.is_cancelled() {
             return Err(Status::unavailable(
                 "the coordinator is shutting down; reconnect later",

@@ -12,7 +12,8 @@ use tokio_util::sync::CancellationToken;
 async fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     if let Some(Command::Health) = cli.command {
-        return Ok(serving::health_command(&cli.config.listen_addr).await?);
+        let tls = cli.config.health_probe_tls()?;
+        return Ok(serving::health_command(&cli.config.listen_addr, tls).await?);
     }
     logging::init(cli.config.log_format);
     let listener = tokio::net::TcpListener::bind(&cli.config.listen_addr)

@@ -4,11 +4,12 @@ use std::{sync::Arc, time::Duration};
 
 use fondation_proto::{
     pb::{admin_server::AdminServer, agent_gateway_server::AgentGatewayServer},
-    serving, ADMIN_SERVICE, AGENT_GATEWAY_SERVICE,
+    serving, tls, ADMIN_SERVICE, AGENT_GATEWAY_SERVICE,
 };
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
@@ -50,6 +51,8 @@ pub enum ServeError {
     Source(#[from] JobSourceError),
     #[error(transparent)]
     Serving(#[from] serving::ServingError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsFileError),
     #[error("the gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
@@ -145,7 +148,11 @@ pub async fn run(
         }
     };
 
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = server_tls(&ctx.config)? {
+        builder = builder.tls_config(tls)?;
+    }
+    builder
         .http2_keepalive_interval(Some(keepalive))
         .http2_keepalive_timeout(Some(keepalive_timeout))
         .add_service(health_service)
@@ -158,6 +165,25 @@ pub async fn run(
     let _ = claimer.await;
     info!("coordinator stopped");
     Ok(())
+}
+
+/// TLS for LISTEN_ADDR when certificates are configured. Client certificates are optional at the
+/// TLS layer so operators keep Admin, health and reflection; the gateway refuses agents without
+/// one when TLS_CLIENT_CA is set.
+fn server_tls(config: &CoordinatorConfig) -> Result<Option<ServerTlsConfig>, ServeError> {
+    let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
+        return Ok(None);
+    };
+    let cert = tls::read_pem(cert, "the TLS certificate", "TLS_CERT")?;
+    let key = tls::read_pem(key, "the TLS key", "TLS_KEY")?;
+    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+    if let Some(ca) = &config.tls_client_ca {
+        let ca = tls::read_pem(ca, "the client CA certificate", "TLS_CLIENT_CA")?;
+        tls = tls
+            .client_ca_root(Certificate::from_pem(ca))
+            .client_auth_optional(true);
+    }
+    Ok(Some(tls))
 }
 
 /// Adopts the journal's jobs: keepers resume their leases and wait for their agents to re-attach

@@ -6,11 +6,13 @@
 //! - [`validate`]: repository URL allow-list and git branch-name rules, shared so the coordinator
 //!   (before assigning) and the agent (before cloning) enforce the same thing;
 //! - [`serving`]: reflection and health-probe helpers every gRPC server and `health` subcommand uses;
-//! - [`logging`]: the one tracing set-up of both binaries; [`settings`]: shared setting parsers.
+//! - [`logging`]: the one tracing set-up of both binaries; [`settings`]: shared setting parsers;
+//! - [`tls`]: certificates for the agent <-> coordinator link.
 
 pub mod logging;
 pub mod serving;
 pub mod settings;
+pub mod tls;
 pub mod validate;
 
 /// Generated code for package `fondation.v1`.

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use tonic::transport::Endpoint;
+use tonic::transport::{ClientTlsConfig, Endpoint};
 use tonic_health::pb::{
     health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
 };
@@ -62,8 +62,11 @@ pub fn local_dial_url(listen_addr: &str) -> String {
 
 /// The `health` subcommand of both binaries: prints the status of the server listening at
 /// `listen_addr` and succeeds only when it is SERVING (for container health checks).
-pub async fn health_command(listen_addr: &str) -> Result<std::process::ExitCode, ServingError> {
-    let status = probe_health(listen_addr, "", Duration::from_secs(3)).await?;
+pub async fn health_command(
+    listen_addr: &str,
+    tls: Option<ClientTlsConfig>,
+) -> Result<std::process::ExitCode, ServingError> {
+    let status = probe_health_with(listen_addr, "", Duration::from_secs(3), tls).await?;
     println!("{}", status.as_str_name());
     Ok(if status == ServingStatus::Serving {
         std::process::ExitCode::SUCCESS
@@ -72,17 +75,37 @@ pub async fn health_command(listen_addr: &str) -> Result<std::process::ExitCode,
     })
 }
 
-/// Asks the health service at `addr` about `service` ("" for the whole server).
+/// Asks the plaintext health service at `addr` about `service` ("" for the whole server).
 pub async fn probe_health(
     addr: &str,
     service: &str,
     timeout: Duration,
 ) -> Result<ServingStatus, ServingError> {
-    let url = local_dial_url(addr);
-    let endpoint = Endpoint::from_shared(url.clone()).map_err(|e| ServingError::Address {
+    probe_health_with(addr, service, timeout, None).await
+}
+
+/// Like [`probe_health`], over TLS when `tls` is given.
+pub async fn probe_health_with(
+    addr: &str,
+    service: &str,
+    timeout: Duration,
+    tls: Option<ClientTlsConfig>,
+) -> Result<ServingStatus, ServingError> {
+    let mut url = local_dial_url(addr);
+    if tls.is_some() {
+        url = url.replacen("http://", "https://", 1);
+    }
+    let address_error = |message: String| ServingError::Address {
         addr: addr.to_string(),
-        message: e.to_string(),
-    })?;
+        message,
+    };
+    let mut endpoint =
+        Endpoint::from_shared(url.clone()).map_err(|e| address_error(e.to_string()))?;
+    if let Some(tls) = tls {
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| address_error(e.to_string()))?;
+    }
     let probe_error = |message: String| ServingError::Probe {
         addr: url.clone(),
         message,

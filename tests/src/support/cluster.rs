@@ -8,7 +8,7 @@ use std::{
 
 use fondation_proto::pb::{self, admin_client::AdminClient};
 use tempfile::TempDir;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, ClientTlsConfig};
 
 use super::{bin_path, free_port, git::GitFixture, process::Proc, wait};
 
@@ -76,11 +76,23 @@ pub struct CoordinatorProc {
     pub proc: Proc,
     pub port: u16,
     pub data_dir: PathBuf,
+    /// TLS to reach it with, when it serves TLS.
+    pub tls: Option<ClientTlsConfig>,
 }
 
 impl CoordinatorProc {
     /// Starts a coordinator on `port` and waits until it reports SERVING.
     pub async fn start(sandbox: &Sandbox, port: u16, extra: &[(&str, &str)]) -> Self {
+        Self::start_with_tls(sandbox, port, extra, None).await
+    }
+
+    /// Like `start`, for a coordinator serving TLS that `tls` can reach.
+    pub async fn start_with_tls(
+        sandbox: &Sandbox,
+        port: u16,
+        extra: &[(&str, &str)],
+        tls: Option<ClientTlsConfig>,
+    ) -> Self {
         let data_dir = sandbox.path("coordinator-data");
         let allowlist = sandbox.allowlist();
         let listen = format!("127.0.0.1:{port}");
@@ -95,6 +107,7 @@ impl CoordinatorProc {
             proc,
             port,
             data_dir,
+            tls,
         };
         coordinator.wait_serving().await;
         coordinator
@@ -105,11 +118,13 @@ impl CoordinatorProc {
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     pub async fn wait_serving(&mut self) {
         let addr = self.addr();
+        let tls = self.tls.clone();
         let proc = &mut self.proc;
         wait::until(
             "the coordinator to report SERVING",
@@ -117,9 +132,15 @@ impl CoordinatorProc {
             || {
                 proc.assert_running();
                 let addr = addr.clone();
+                let tls = tls.clone();
                 async move {
-                    match fondation_proto::serving::probe_health(&addr, "", Duration::from_secs(1))
-                        .await
+                    match fondation_proto::serving::probe_health_with(
+                        &addr,
+                        "",
+                        Duration::from_secs(1),
+                        tls,
+                    )
+                    .await
                     {
                         Ok(status) if status as i32 == 1 => Ok(Some(())),
                         Ok(status) => Err(format!("{status:?}")),
@@ -132,8 +153,11 @@ impl CoordinatorProc {
     }
 
     pub async fn admin(&self) -> Admin {
-        let channel = Channel::from_shared(self.url())
-            .expect("a valid URL")
+        let mut endpoint = Channel::from_shared(self.url()).expect("a valid URL");
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint.tls_config(tls.clone()).expect("client TLS");
+        }
+        let channel = endpoint
             .connect()
             .await
             .expect("connecting to the coordinator's admin service");

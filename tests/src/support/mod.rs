@@ -2,6 +2,7 @@
 //! repositories to clone, and wait for states and log lines with deadlines that say what they
 //! were waiting for.
 
+pub mod certs;
 pub mod cluster;
 pub mod convex_world;
 pub mod fault_proxy;
