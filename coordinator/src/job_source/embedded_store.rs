@@ -194,25 +194,6 @@ impl EmbeddedStore {
         .await
     }
 
-    /// The byte sizes of a job's documents, in the order of [`JobView::documents`] (whose content
-    /// is empty unless asked for).
-    pub async fn get_job_document_sizes(&self, job_id: &str) -> Result<Vec<u64>> {
-        let job_id = job_id.to_owned();
-        self.run("reading document sizes", move |conn| {
-            let tx = conn.transaction()?;
-            if !job_exists(&tx, &job_id)? {
-                return Err(JobSourceError::NotFound(job_id).into());
-            }
-            let mut stmt =
-                tx.prepare("SELECT size_bytes FROM documents WHERE job_id = ?1 ORDER BY position")?;
-            let sizes = stmt
-                .query_map([&job_id], |row| row.get(0))?
-                .collect::<rusqlite::Result<Vec<u64>>>()?;
-            Ok(sizes)
-        })
-        .await
-    }
-
     /// Runs `op` on the connection in a blocking task; `what` names the operation in errors.
     async fn run<T, F>(&self, what: &'static str, op: F) -> Result<T>
     where
@@ -696,13 +677,6 @@ fn is_leased(status: JobStatus) -> bool {
     )
 }
 
-fn job_exists(tx: &Transaction<'_>, job_id: &str) -> OpResult<bool> {
-    Ok(tx
-        .query_row("SELECT 1 FROM jobs WHERE id = ?1", [job_id], |_| Ok(()))
-        .optional()?
-        .is_some())
-}
-
 const VIEW_COLUMNS: &str = "id, status, attempts, error, progress, current_step, repo_url, branch,
     cancel_requested, locked_by, created_at, updated_at";
 
@@ -981,7 +955,6 @@ mod tests {
         let light = store.get_job(&id, false).await.unwrap().unwrap();
         assert!(light.documents.iter().all(|d| d.content.is_empty()));
         assert_eq!(light.documents[1].slug, "d.md");
-        assert_eq!(store.get_job_document_sizes(&id).await.unwrap(), vec![7, 5]);
 
         // Another worker does not get that success.
         assert!(matches!(
@@ -1010,10 +983,6 @@ mod tests {
         job.branch = "dev".to_owned();
         let id = store.submit(job).await.unwrap();
         assert_eq!(view(&store, &id).await.branch.as_deref(), Some("dev"));
-        assert!(matches!(
-            store.get_job_document_sizes("nope").await,
-            Err(JobSourceError::NotFound(_))
-        ));
     }
 
     #[tokio::test]
