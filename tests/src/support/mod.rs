@@ -3,7 +3,9 @@
 //! were waiting for.
 
 pub mod cluster;
+pub mod compose;
 pub mod git;
+pub mod grpcurl;
 pub mod process;
 pub mod wait;
 
