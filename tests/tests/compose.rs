@@ -237,6 +237,8 @@ async fn convex_call(
     let body = json!({ "path": path, "format": "convex_encoded_json", "args": args });
     let response = http
         .post(format!("{base_url}/api/{kind}"))
+        // What the official clients send; DESIGN.md section 2.
+        .header("Convex-Client", "fondation-compose-test-0.1.0")
         .json(&body)
         .send()
         .await
@@ -314,12 +316,8 @@ async fn compose_cluster_builds_offline_scales_and_survives_kills_and_restarts()
     let tag = format!("test-{suffix}");
     let scratch = tempfile::tempdir().expect("a temp dir for the test");
 
-    // 1. Images, offline, from the dev build; all non-root.
-    let build_time = compose::build_images(&tag);
-    println!("scripts/build-images took {build_time:?}");
-    check_images_run_as_non_root(&tag);
-
-    // 2. The project: 3 agents, all healthy.
+    // The project comes first, images included, so that its guard cleans up after any failure
+    // from the image build on.
     let run_log_dir = shared_run_log_dir(scratch.path());
     let mut files = vec!["docker-compose.yml", OVERRIDE];
     if convex {
@@ -354,6 +352,13 @@ async fn compose_cluster_builds_offline_scales_and_survives_kills_and_restarts()
         .map(|name| format!("{name}:{tag}"))
         .collect(),
     );
+
+    // 1. Images, offline, from the dev build; all non-root.
+    let build_time = compose::build_images(&tag);
+    println!("scripts/build-images took {build_time:?}");
+    check_images_run_as_non_root(&tag);
+
+    // 2. Up with 3 agents, all healthy.
     let started = Instant::now();
     project.must(&["up", "--detach", "--no-build", "--scale", "agent=3"]);
     let mut expected = vec![("agent", 3), ("coordinator", 1), ("gitserver", 1)];
