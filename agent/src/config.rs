@@ -108,6 +108,17 @@ pub struct AgentConfig {
     #[arg(long, env = "RECONNECT_MAX_BACKOFF", default_value = "5000", value_parser = millis)]
     pub reconnect_max_backoff: Duration,
 
+    /// Offline for longer than this, the agent stops its runs and drops their results: the
+    /// coordinator has handed those jobs to someone else by then (ms). Keep it above the
+    /// coordinator's AGENT_TIMEOUT + REATTACH_GRACE minus the time a coordinator restart takes.
+    #[arg(long, env = "DETACH_TIMEOUT", default_value = "30000", value_parser = millis)]
+    pub detach_timeout: Duration,
+
+    /// HTTP/2 keepalive ping period towards the coordinator (ms); a ping unanswered for twice
+    /// this long counts as a lost connection.
+    #[arg(long, env = "KEEPALIVE_INTERVAL", default_value = "5000", value_parser = millis)]
+    pub keepalive_interval: Duration,
+
     /// Log lines as `plain` text or `json`.
     #[arg(long, env = "LOG_FORMAT", default_value = "plain")]
     pub log_format: LogFormat,

@@ -186,6 +186,15 @@ pub async fn run(
         .process_group(0)
         // Last resort if this future is dropped mid-run; `GroupGuard` covers the rest of the group.
         .kill_on_drop(true);
+    // If the agent itself dies (SIGKILL, OOM), no destructor runs: the kernel then kills the
+    // child, so no orphaned analyzer keeps working on a job that is already being retried.
+    // SAFETY: the closure only makes one async-signal-safe system call (prctl).
+    unsafe {
+        command.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                .map_err(io::Error::from)
+        });
+    }
     let mut child = command.spawn().map_err(|source| ProcessError::Spawn {
         program: program.clone(),
         source,

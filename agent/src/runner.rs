@@ -283,11 +283,18 @@ async fn analyze(
             }
         }
     };
-    // Lines still queued after the child ended are progress too.
+    // Lines still queued after the child ended are progress too, and so are files written since
+    // the last look.
     while let Ok(line) = lines.try_recv() {
         if let Some(report) = progress::parse_line(&line.text) {
             tracker.on_report(report.step, report.message, reporter);
         }
+    }
+    let dir = output_dir.to_path_buf();
+    if let Ok(Some(step)) =
+        tokio::task::spawn_blocking(move || progress::last_step_with_output(&dir)).await
+    {
+        tracker.on_output_evidence(step, reporter);
     }
 
     let end = end.map_err(|e| RunFailure::transient(e.to_string()))?;

@@ -108,6 +108,8 @@ impl Agent {
     /// stopped and handed back once `shutdown.now` fired.
     pub async fn run(mut self, shutdown: Shutdown) {
         let mut backoff = self.backoff();
+        // Since when the coordinator has been unreachable (reset whenever a session ends).
+        let mut offline_since = tokio::time::Instant::now();
         loop {
             if shutdown.drain.is_cancelled() && self.runs.is_empty() {
                 break;
@@ -118,6 +120,7 @@ impl Agent {
                     self.health.set_connected(true).await;
                     let end = self.serve(outbound, inbound, heartbeat, &shutdown).await;
                     self.health.set_connected(false).await;
+                    offline_since = tokio::time::Instant::now();
                     match end {
                         SessionEnd::Done => break,
                         SessionEnd::Lost(reason) => {
@@ -132,6 +135,9 @@ impl Agent {
                     warn!(%error, retry_in_ms = wait.as_millis() as u64, "connecting to the coordinator failed");
                     if self.wait_offline(wait, &shutdown).await {
                         break;
+                    }
+                    if offline_since.elapsed() >= self.ctx.config.detach_timeout {
+                        self.detach();
                     }
                 }
             }
@@ -169,6 +175,22 @@ impl Agent {
                     run.cancel.cancel();
                 }
             }
+        }
+    }
+
+    /// Offline past DETACH_TIMEOUT: the coordinator has given these jobs to others, so the runs
+    /// stop and their results are dropped.
+    fn detach(&mut self) {
+        if self.runs.is_empty() {
+            return;
+        }
+        warn!(
+            runs = self.runs.len(),
+            timeout_ms = self.ctx.config.detach_timeout.as_millis() as u64,
+            "coordinator unreachable past DETACH_TIMEOUT: stopping runs and dropping their results"
+        );
+        for (_, run) in self.runs.drain() {
+            run.cancel.cancel();
         }
     }
 
@@ -211,8 +233,8 @@ impl Agent {
                 message: e.to_string(),
             })?
             .connect_timeout(Duration::from_secs(5))
-            .http2_keep_alive_interval(Duration::from_secs(5))
-            .keep_alive_timeout(Duration::from_secs(10))
+            .http2_keep_alive_interval(self.ctx.config.keepalive_interval)
+            .keep_alive_timeout(self.ctx.config.keepalive_interval * 2)
             .keep_alive_while_idle(true);
         let channel: Channel = endpoint
             .connect()

@@ -87,12 +87,14 @@ impl AgentRegistry {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Registers a new session, replacing any earlier one of the same agent id. Returns the new
+    /// Registers a new session, replacing any earlier one of the same agent id, credited at once
+    /// with the runs it re-attached (so no slot they hold is handed out meanwhile). Returns the new
     /// session id and the assignments the replaced session was credited with.
     pub fn connect(
         &self,
         description: AgentDescription,
         sender: AgentSender,
+        adopted: BTreeSet<String>,
     ) -> (u64, BTreeSet<String>) {
         let mut inner = self.lock();
         inner.next_session_id += 1;
@@ -101,7 +103,7 @@ impl AgentRegistry {
             description: description.clone(),
             session_id,
             sender,
-            running: BTreeSet::new(),
+            running: adopted,
             draining: false,
             last_seen_ms: now_ms(),
             last_assigned: None,
@@ -168,13 +170,6 @@ impl AgentRegistry {
         Some((entry.description.agent_id.clone(), entry.sender.clone()))
     }
 
-    /// Credits an agent with an assignment it re-attached to after a reconnect.
-    pub fn adopt(&self, agent_id: &str, assignment_id: &str) {
-        if let Some(entry) = self.lock().agents.get_mut(agent_id) {
-            entry.running.insert(assignment_id.to_string());
-        }
-    }
-
     /// Frees the slot an assignment held.
     pub fn release(&self, agent_id: &str, assignment_id: &str) {
         let released = self
@@ -239,6 +234,7 @@ mod tests {
                 peer: "test".into(),
             },
             tx,
+            BTreeSet::new(),
         );
         rx
     }

@@ -84,6 +84,11 @@ impl AssignmentTable {
         }
     }
 
+    /// Makes later epochs exceed one already handed out (by an earlier run of the coordinator).
+    pub fn observe_epoch(&self, epoch: u64) {
+        self.last_epoch.fetch_max(epoch, Ordering::Relaxed);
+    }
+
     pub fn insert(&self, record: AssignmentRecord, events: mpsc::UnboundedSender<JobEvent>) {
         self.lock()
             .insert(record.assignment_id.clone(), Entry { record, events });

@@ -48,6 +48,14 @@ pub struct CoordinatorConfig {
     #[arg(long, env = "CONVEX_URL")]
     pub convex_url: Option<String>,
 
+    /// Longest wait for one Convex HTTP call (ms).
+    #[arg(long, env = "CONVEX_REQUEST_TIMEOUT", default_value = "30000", value_parser = millis)]
+    pub convex_request_timeout: Duration,
+
+    /// Total time one Convex operation may spend retrying transient errors (ms).
+    #[arg(long, env = "CONVEX_RETRY_BUDGET", default_value = "60000", value_parser = millis)]
+    pub convex_retry_budget: Duration,
+
     /// Convex deploy key, sent as `Authorization: Convex <key>`. Never logged.
     #[arg(long, env = "CONVEX_DEPLOY_KEY", hide_env_values = true)]
     pub convex_deploy_key: Option<String>,

@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     agents::AgentRegistry, assignments::AssignmentTable, config::CoordinatorConfig,
-    job_source::JobSource,
+    job_source::JobSource, journal::Journal,
 };
 
 pub struct Context {
@@ -18,6 +18,8 @@ pub struct Context {
     pub worker_id: String,
     pub source: Arc<dyn JobSource>,
     pub agents: AgentRegistry,
+    /// Durable record of in-flight assignments and undelivered results.
+    pub journal: Journal,
     pub assignments: AssignmentTable,
     /// Wakes the claim loop early (a job was submitted).
     pub wake_claimer: Notify,

@@ -15,7 +15,7 @@ use crate::{
     assignments::AssignmentRecord,
     context::Context,
     job_source::{ClaimedJob, RepoTarget},
-    lease::{spawn_keeper, JobEvent},
+    lease::{spawn_keeper, JobEvent, KeeperStart},
 };
 
 /// Runs until shutdown.
@@ -112,9 +112,27 @@ async fn dispatch(ctx: &Arc<Context>, job: ClaimedJob) {
         attempt: job.attempt,
         agent_id: agent_id.clone(),
     };
+    // Journaled before it is sent, so a restart cannot forget a run that may have started.
+    if let Err(error) = ctx.journal.record_assignment(&record).await {
+        warn!(job_id = %job.id, %error, "could not journal the assignment; handing the job back");
+        ctx.agents.release(&agent_id, &assignment_id);
+        if let Err(error) = ctx
+            .source
+            .fail(&job.id, &ctx.worker_id, &error.to_string(), true)
+            .await
+        {
+            warn!(job_id = %job.id, %error, "handing the job back failed");
+        }
+        return;
+    }
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     ctx.assignments.insert(record.clone(), events_tx);
-    spawn_keeper(ctx.clone(), record.clone(), events_rx);
+    spawn_keeper(
+        ctx.clone(),
+        record.clone(),
+        events_rx,
+        KeeperStart::Assigned,
+    );
 
     let message = pb::CoordinatorMessage {
         kind: Some(pb::coordinator_message::Kind::Assignment(pb::Assignment {

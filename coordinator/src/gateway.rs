@@ -3,14 +3,18 @@
 //! Authenticates the agent, registers its session, re-attaches the assignments it reports, routes
 //! its reports to the lease keepers (refusing stale ones), and notices when it goes silent.
 
-use std::{collections::BTreeMap, pin::Pin, sync::Arc};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    pin::Pin,
+    sync::Arc,
+};
 
 use fondation_proto::{limits, pb, validate};
 use futures::Stream;
 use tokio::sync::mpsc;
 use tokio_stream::{wrappers::ReceiverStream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     agents::{AgentDescription, AgentSender},
@@ -84,15 +88,23 @@ impl pb::agent_gateway_server::AgentGateway for Gateway {
             .map_err(|_| Status::internal("could not queue Welcome"))?;
 
         let agent_id = description.agent_id.clone();
-        let (session_id, replaced) = ctx.agents.connect(description.clone(), tx.clone());
-        info!(agent_id = %agent_id, version = %description.version, slots = description.slots, peer = %description.peer, "agent connected");
-        reattach(
-            ctx,
-            &agent_id,
-            &hello.running,
-            replaced.into_iter().collect(),
-            &tx,
-        );
+        let adopted: BTreeSet<String> = hello
+            .running
+            .iter()
+            .filter(|report| {
+                ctx.assignments
+                    .get(&report.assignment_id)
+                    .is_some_and(|record| {
+                        record.epoch == report.epoch && record.agent_id == agent_id
+                    })
+            })
+            .map(|report| report.assignment_id.clone())
+            .collect();
+        let (session_id, replaced) =
+            ctx.agents
+                .connect(description.clone(), tx.clone(), adopted.clone());
+        info!(agent_id = %agent_id, version = %description.version, slots = description.slots, peer = %description.peer, adopted = adopted.len(), "agent connected");
+        reattach(ctx, &agent_id, &hello.running, &adopted, replaced, &tx);
 
         let ctx = ctx.clone();
         tokio::spawn(async move {
@@ -142,44 +154,36 @@ fn cap(text: &str, max: usize) -> String {
     crate::lease::truncate(text, max)
 }
 
-/// Adopts the runs a (re)connecting agent still has and stops the ones no longer its own.
-/// `credited` are the assignments the coordinator had on the agent's replaced session.
+/// Tells the keepers of the runs a (re)connecting agent still has that it is back, stops the runs
+/// it reports that are no longer its own, and ends the ones it no longer reports (it restarted).
+/// `replaced` are the assignments credited to the agent's previous session.
 fn reattach(
     ctx: &Context,
     agent_id: &str,
     running: &[pb::RunningAssignment],
-    credited: Vec<String>,
+    adopted: &BTreeSet<String>,
+    replaced: BTreeSet<String>,
     tx: &AgentSender,
 ) {
-    let reported: Vec<&str> = running.iter().map(|r| r.assignment_id.as_str()).collect();
     for report in running {
-        match ctx.assignments.get(&report.assignment_id) {
-            Some(record) if record.epoch == report.epoch && record.agent_id == agent_id => {
-                ctx.agents.adopt(agent_id, &record.assignment_id);
-                ctx.assignments
-                    .notify(&record.assignment_id, JobEvent::AgentBack);
-            }
-            _ => {
-                info!(agent_id, assignment_id = %report.assignment_id, "agent reported a run this coordinator no longer owns; stopping it");
-                send(tx, refuse(&report.assignment_id, report.result_pending));
-            }
+        if adopted.contains(&report.assignment_id) {
+            ctx.assignments
+                .notify(&report.assignment_id, JobEvent::AgentBack);
+        } else {
+            info!(agent_id, assignment_id = %report.assignment_id, "agent reported a run this coordinator no longer owns; stopping it");
+            send(tx, refuse(&report.assignment_id, report.result_pending));
         }
     }
-    // Runs we believed this agent had but it no longer reports are lost (the agent restarted).
-    let mut lost: Vec<String> = credited;
+    let mut lost = replaced;
     lost.extend(
         ctx.assignments
             .of_agent(agent_id)
             .into_iter()
-            .map(|r| r.assignment_id),
+            .map(|record| record.assignment_id),
     );
-    lost.sort();
-    lost.dedup();
-    for assignment_id in lost {
-        if !reported.contains(&assignment_id.as_str()) {
-            ctx.assignments
-                .notify(&assignment_id, JobEvent::AgentLostRun);
-        }
+    for assignment_id in lost.difference(adopted) {
+        ctx.assignments
+            .notify(assignment_id, JobEvent::AgentLostRun);
     }
 }
 
@@ -239,13 +243,40 @@ async fn read_reports(
                 continue;
             }
         };
-        let finished = matches!(event, JobEvent::Finished(_));
+        let kind = EventKind::of(&event);
         if let Err(error) = ctx
             .assignments
             .route(&assignment_id, epoch, agent_id, event)
         {
-            warn!(agent_id, %error, "report refused");
-            send(tx, refuse(&assignment_id, finished));
+            match kind {
+                // Documents of a refused result: its `Finished` gets the one answer.
+                EventKind::Document => debug!(agent_id, %error, "document of a stale run ignored"),
+                EventKind::Finished => {
+                    warn!(agent_id, %error, "result refused");
+                    send(tx, refuse(&assignment_id, true));
+                }
+                EventKind::Other => {
+                    warn!(agent_id, %error, "report refused; telling the agent to stop that run");
+                    send(tx, refuse(&assignment_id, false));
+                }
+            }
+        }
+    }
+}
+
+/// What a refused report needs as an answer.
+enum EventKind {
+    Document,
+    Finished,
+    Other,
+}
+
+impl EventKind {
+    fn of(event: &JobEvent) -> Self {
+        match event {
+            JobEvent::Document { .. } => EventKind::Document,
+            JobEvent::Finished(_) => EventKind::Finished,
+            _ => EventKind::Other,
         }
     }
 }

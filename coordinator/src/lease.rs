@@ -4,6 +4,8 @@
 //! reports into job-source writes (status changes at once, step progress coalesced to one write per
 //! `PROGRESS_INTERVAL`), watches for cancellation, and ends the job exactly once: completed with
 //! its documents, failed (retry or dead), handed back when its agent is lost, or left canceled.
+//! A run's end is journaled before the agent is released from it, and the journal entry is only
+//! dropped once the job source has the end: a restart or an outage delays a result, never loses it.
 
 use std::{sync::Arc, time::Duration};
 
@@ -21,6 +23,7 @@ use crate::{
         is_cancel_signal, ActiveStatus, Document, FailOutcome, JobResult, JobSourceError,
         ProgressUpdate,
     },
+    journal::RunEnd,
 };
 
 /// Something that happened to an in-flight job.
@@ -66,10 +69,20 @@ const STOP_REPORT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Waits between attempts to deliver a final write while the job source is unavailable.
 const FINAL_WRITE_BACKOFF: [u64; 6] = [1, 2, 5, 10, 20, 30];
 
+/// How a keeper starts.
+pub enum KeeperStart {
+    /// The job was just assigned to its agent.
+    Assigned,
+    /// Recovered from the journal after a restart: the agent has to re-attach within the grace
+    /// window, unless the run had already ended (then its end only needs delivering).
+    Recovered { end: Option<RunEnd> },
+}
+
 pub fn spawn_keeper(
     ctx: Arc<Context>,
     record: AssignmentRecord,
     events: mpsc::UnboundedReceiver<JobEvent>,
+    start: KeeperStart,
 ) -> tokio::task::JoinHandle<()> {
     let keeper = Keeper {
         ctx,
@@ -81,7 +94,7 @@ pub fn spawn_keeper(
         invalid_result: None,
         agent_gone_at: None,
     };
-    tokio::spawn(keeper.run(events))
+    tokio::spawn(keeper.run(events, start))
 }
 
 /// How the keeper's loop ended.
@@ -90,6 +103,8 @@ enum End {
     Done,
     /// The run must be stopped on the agent; wait for it to report before freeing the slot.
     StopRun { reason: String },
+    /// The coordinator is stopping: the journal keeps the job for the next start.
+    Suspended,
 }
 
 struct Keeper {
@@ -106,7 +121,40 @@ struct Keeper {
 }
 
 impl Keeper {
-    async fn run(mut self, mut events: mpsc::UnboundedReceiver<JobEvent>) {
+    async fn run(mut self, mut events: mpsc::UnboundedReceiver<JobEvent>, start: KeeperStart) {
+        let end = match start {
+            KeeperStart::Recovered { end: Some(run_end) } => self.deliver(run_end).await,
+            KeeperStart::Recovered { end: None } => {
+                self.agent_gone_at = Some(Instant::now());
+                self.keep(&mut events).await
+            }
+            KeeperStart::Assigned => self.keep(&mut events).await,
+        };
+        match end {
+            End::Done => self.forget().await,
+            End::StopRun { reason } => {
+                self.stop_run(&reason, &mut events).await;
+                self.forget().await;
+            }
+            End::Suspended => {
+                debug!(job_id = %self.record.job_id, "keeper suspended; the journal keeps the job");
+            }
+        }
+        self.ctx.assignments.remove(&self.record.assignment_id);
+        self.ctx
+            .agents
+            .release(&self.record.agent_id, &self.record.assignment_id);
+    }
+
+    /// Drops the job from the journal once its end is recorded (or it is no longer ours).
+    async fn forget(&self) {
+        if let Err(error) = self.ctx.journal.remove(&self.record.assignment_id).await {
+            warn!(job_id = %self.record.job_id, %error, "could not remove the job from the journal; a restart will look at it again");
+        }
+    }
+
+    /// The keeper's main loop, until the job's end is decided.
+    async fn keep(&mut self, events: &mut mpsc::UnboundedReceiver<JobEvent>) -> End {
         let config = &self.ctx.config;
         let start = Instant::now();
         let mut heartbeat =
@@ -119,12 +167,12 @@ impl Keeper {
         cancel_check.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let grace = config.reattach_grace;
 
-        let end = loop {
+        loop {
             let flush_at = self.flush_deadline();
             let gone_deadline = self.agent_gone_at.map(|at| at + grace);
             let step = tokio::select! {
                 biased;
-                _ = self.ctx.shutdown.cancelled() => Some(self.hand_back("the coordinator is shutting down").await),
+                _ = self.ctx.shutdown.cancelled() => Some(End::Suspended),
                 event = events.recv() => match event {
                     Some(event) => self.on_event(event).await,
                     None => Some(End::Done),
@@ -142,18 +190,9 @@ impl Keeper {
                 _ = cancel_check.tick() => self.check_cancel().await,
             };
             if let Some(end) = step {
-                break end;
+                return end;
             }
-        };
-
-        if let End::StopRun { reason } = end {
-            self.stop_run(&reason, &mut events).await;
         }
-        self.ctx.assignments.remove(&self.record.assignment_id);
-        self.ctx
-            .agents
-            .release(&self.record.agent_id, &self.record.assignment_id);
-        debug!(job_id = %self.record.job_id, assignment_id = %self.record.assignment_id, "keeper done");
     }
 
     async fn on_event(&mut self, event: JobEvent) -> Option<End> {
@@ -226,6 +265,7 @@ impl Keeper {
                 return Some(end);
             }
         }
+        debug!(job_id = %self.record.job_id, update = ?self.pending, "heartbeat");
         let ctx = &self.ctx;
         let result = ctx
             .source
@@ -332,38 +372,67 @@ impl Keeper {
     }
 
     async fn finish(&mut self, outcome: RunOutcome) -> End {
-        let end = match outcome {
-            RunOutcome::Failed { message, retryable } => self.fail(&message, retryable).await,
+        let run_end = match outcome {
+            RunOutcome::Failed { message, retryable } => RunEnd::Failed { message, retryable },
             RunOutcome::Succeeded {
                 document_count,
                 message,
             } => {
                 if let Some(problem) = self.invalid_result.take() {
-                    self.fail(&format!("the result cannot be stored: {problem}"), false)
-                        .await
+                    RunEnd::Failed {
+                        message: format!("the result cannot be stored: {problem}"),
+                        retryable: false,
+                    }
                 } else if document_count as usize != self.documents.len() {
-                    let problem = format!(
-                        "the agent announced {document_count} documents but sent {}",
-                        self.documents.len()
-                    );
-                    self.fail(&problem, true).await
+                    RunEnd::Failed {
+                        message: format!(
+                            "the agent announced {document_count} documents but sent {}",
+                            self.documents.len()
+                        ),
+                        retryable: true,
+                    }
                 } else {
-                    self.complete(message).await
+                    RunEnd::Succeeded(JobResult {
+                        run_id: self.record.assignment_id.clone(),
+                        message,
+                        documents: std::mem::take(&mut self.documents),
+                    })
                 }
             }
         };
-        if matches!(end, End::Done) {
+        // Durable first, then the agent may let go of its copy. Without the journal, the agent
+        // keeps it until the job source has it.
+        let journaled = match self
+            .ctx
+            .journal
+            .record_end(&self.record.assignment_id, &run_end)
+            .await
+        {
+            Ok(()) => {
+                self.ack(true, "");
+                true
+            }
+            Err(error) => {
+                warn!(job_id = %self.record.job_id, %error, "could not journal the result; the agent keeps it until it is delivered");
+                false
+            }
+        };
+        let end = self.deliver(run_end).await;
+        if !journaled && matches!(end, End::Done) {
             self.ack(true, "");
         }
         end
     }
 
-    async fn complete(&mut self, message: String) -> End {
-        let result = JobResult {
-            run_id: self.record.assignment_id.clone(),
-            message,
-            documents: std::mem::take(&mut self.documents),
-        };
+    /// Records a run's end in the job source.
+    async fn deliver(&mut self, run_end: RunEnd) -> End {
+        match run_end {
+            RunEnd::Succeeded(result) => self.complete(result).await,
+            RunEnd::Failed { message, retryable } => self.fail(&message, retryable).await,
+        }
+    }
+
+    async fn complete(&mut self, result: JobResult) -> End {
         let count = result.documents.len();
         let outcome = self
             .final_write(|ctx, job_id| {
@@ -425,6 +494,11 @@ impl Keeper {
             JobSourceError::NotOwned { .. } => {
                 warn!(job_id = %self.record.job_id, "job was taken over before its end was recorded; result dropped");
             }
+            error if error.is_transient() => {
+                // Only returned once shutdown began: the journal delivers it after the restart.
+                info!(job_id = %self.record.job_id, "job source unavailable at shutdown; the journal keeps the job's end");
+                return End::Suspended;
+            }
             error => {
                 warn!(job_id = %self.record.job_id, %error, "recording the job's end failed");
             }
@@ -456,16 +530,6 @@ impl Keeper {
         }
     }
 
-    async fn hand_back(&mut self, reason: &str) -> End {
-        self.send(pb::coordinator_message::Kind::Cancel(
-            pb::CancelAssignment {
-                assignment_id: self.record.assignment_id.clone(),
-                reason: reason.to_string(),
-            },
-        ));
-        self.fail(&format!("run interrupted: {reason}"), true).await
-    }
-
     /// Tells the agent to stop the run and waits (bounded) for it to say it has.
     async fn stop_run(&self, reason: &str, events: &mut mpsc::UnboundedReceiver<JobEvent>) {
         self.send(pb::coordinator_message::Kind::Cancel(
@@ -477,6 +541,7 @@ impl Keeper {
         let deadline = Instant::now() + STOP_REPORT_TIMEOUT;
         loop {
             tokio::select! {
+                _ = self.ctx.shutdown.cancelled() => return,
                 event = events.recv() => match event {
                     Some(JobEvent::Finished(_)) => {
                         self.ack(false, reason);

@@ -10,6 +10,7 @@
 //! - [`agents`]: the registry of connected agents and their slots;
 //! - [`assignments`]: in-flight assignments, their fencing epochs, and report routing;
 //! - [`lease`]: the lease keeper, one task per in-flight job, until its end is recorded;
+//! - [`journal`]: what a restart must not forget (assignments, undelivered results);
 //! - [`gateway`] and [`admin`]: the gRPC services; [`auth`]: their bearer tokens;
 //! - [`server`]: builds all of it and serves until shutdown.
 
@@ -23,6 +24,7 @@ pub mod dispatcher;
 pub mod gateway;
 pub mod identity;
 pub mod job_source;
+pub mod journal;
 pub mod lease;
 pub mod server;
 

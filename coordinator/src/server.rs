@@ -26,10 +26,12 @@ use crate::{
         embedded_store::{EmbeddedOptions, EmbeddedStore},
         JobSource, JobSourceError,
     },
+    journal::{self, Journal},
+    lease::{spawn_keeper, KeeperStart},
 };
 
-/// How long in-flight jobs get to be handed back at shutdown before the server stops anyway.
-const HAND_BACK_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long lease keepers get to suspend at shutdown before the server stops anyway.
+const SUSPEND_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -42,6 +44,8 @@ pub enum ServeError {
     },
     #[error(transparent)]
     Identity(#[from] identity::IdentityError),
+    #[error(transparent)]
+    Journal(#[from] journal::JournalError),
     #[error("could not open the job source: {0}")]
     Source(#[from] JobSourceError),
     #[error(transparent)]
@@ -55,10 +59,11 @@ pub enum ServeError {
 fn open_source(config: &CoordinatorConfig) -> Result<Arc<dyn JobSource>, ServeError> {
     Ok(match &config.convex_url {
         Some(url) => Arc::new(ConvexSource::new(ConvexConfig {
-            url: url.clone(),
             deploy_key: config.convex_deploy_key.clone(),
             clone_url_template: config.clone_url_template.clone(),
-            ..ConvexConfig::default()
+            request_timeout: config.convex_request_timeout,
+            retry_budget: config.convex_retry_budget,
+            ..ConvexConfig::new(url.clone())
         })?),
         None => Arc::new(EmbeddedStore::open(
             &config.data_dir,
@@ -86,6 +91,7 @@ pub async fn run(
     })?;
     let worker_id = identity::resolve(config.worker_id.as_deref(), &config.data_dir)?;
     let source = open_source(&config)?;
+    let journal = Journal::open(&config.data_dir)?;
     info!(
         listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         source = source.kind(),
@@ -101,6 +107,7 @@ pub async fn run(
         worker_id,
         source,
         agents: AgentRegistry::default(),
+        journal,
         assignments: AssignmentTable::default(),
         wake_claimer: tokio::sync::Notify::new(),
         shutdown: shutdown.clone(),
@@ -114,13 +121,17 @@ pub async fn run(
             .await;
     }
 
+    // Before serving: an agent re-attaching must find its journaled run.
+    recover(&ctx).await?;
     let claimer = tokio::spawn(dispatcher::run_claim_loop(ctx.clone()));
 
     let stopping = {
         let ctx = ctx.clone();
         async move {
             ctx.shutdown.cancelled().await;
-            info!("shutting down: no more claims; handing back in-flight jobs");
+            info!(
+                "shutting down: no more claims; in-flight jobs stay journaled for the next start"
+            );
             for service in ["", AGENT_GATEWAY_SERVICE, ADMIN_SERVICE] {
                 health
                     .set_service_status(service, ServingStatus::NotServing)
@@ -146,14 +157,35 @@ pub async fn run(
     Ok(())
 }
 
-/// Waits until every lease keeper has recorded its job's end, within a bound.
+/// Adopts the journal's jobs: keepers resume their leases and wait for their agents to re-attach
+/// (or deliver an end that was not delivered yet).
+async fn recover(ctx: &Arc<Context>) -> Result<(), ServeError> {
+    let entries = ctx.journal.load().await?;
+    if !entries.is_empty() {
+        info!(jobs = entries.len(), "recovering journaled jobs");
+    }
+    for entry in entries {
+        ctx.assignments.observe_epoch(entry.record.epoch);
+        let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
+        ctx.assignments.insert(entry.record.clone(), events_tx);
+        spawn_keeper(
+            ctx.clone(),
+            entry.record,
+            events_rx,
+            KeeperStart::Recovered { end: entry.end },
+        );
+    }
+    Ok(())
+}
+
+/// Waits until every lease keeper has suspended or finished, within a bound.
 async fn wait_for_keepers(ctx: &Context) {
-    let deadline = tokio::time::Instant::now() + HAND_BACK_TIMEOUT;
+    let deadline = tokio::time::Instant::now() + SUSPEND_TIMEOUT;
     while !ctx.assignments.is_empty() {
         if tokio::time::Instant::now() >= deadline {
             warn!(
                 remaining = ctx.assignments.len(),
-                "jobs not handed back in time; their leases will expire"
+                "lease keepers did not stop in time; the journal still has their jobs"
             );
             return;
         }

@@ -138,7 +138,8 @@ pub struct ProgressUpdate {
     pub current_step: Option<u32>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum DocumentKind {
     Chapter,
     Tutorial,
@@ -174,7 +175,7 @@ impl FromStr for DocumentKind {
 }
 
 /// One generated document, as stored by `docs:upsertFromJob`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Document {
     pub slug: String,
     pub title: String,
@@ -184,7 +185,7 @@ pub struct Document {
 }
 
 /// A successful run's outcome.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct JobResult {
     /// Identifies the run that produced the documents (the assignment id).
     pub run_id: String,

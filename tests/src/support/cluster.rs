@@ -91,7 +91,7 @@ impl CoordinatorProc {
         base.push(("DATA_DIR", &data));
         let env = env_with(&base, extra);
         let proc = Proc::spawn("coordinator", &bin_path("fondation-coordinator"), &[], &env);
-        let coordinator = Self {
+        let mut coordinator = Self {
             proc,
             port,
             data_dir,
@@ -108,12 +108,14 @@ impl CoordinatorProc {
         format!("http://127.0.0.1:{}", self.port)
     }
 
-    pub async fn wait_serving(&self) {
+    pub async fn wait_serving(&mut self) {
         let addr = self.addr();
+        let proc = &mut self.proc;
         wait::until(
             "the coordinator to report SERVING",
             Duration::from_secs(30),
             || {
+                proc.assert_running();
                 let addr = addr.clone();
                 async move {
                     match fondation_proto::serving::probe_health(&addr, "", Duration::from_secs(1))
@@ -303,4 +305,42 @@ pub fn read_tree(root: &Path) -> Vec<(String, Vec<u8>)> {
     }
     files.sort();
     files
+}
+
+/// Waits until the fixture CLI has logged at least `count` run starts for `job_id`; returns them.
+pub async fn wait_runs_started(
+    sandbox: &Sandbox,
+    job_id: &str,
+    count: usize,
+    timeout: Duration,
+) -> Vec<crate::fixture_cli::RunRecord> {
+    let what = format!("{count} run(s) of job {job_id} to start");
+    wait::until(&what, timeout, || async {
+        let records = match crate::fixture_cli::read_run_log(&sandbox.run_log) {
+            Ok(records) => records,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e.to_string()),
+        };
+        let starts: Vec<_> = records
+            .into_iter()
+            .filter(|r| r.kind == crate::fixture_cli::RunEventKind::Start && r.job_id == job_id)
+            .collect();
+        if starts.len() >= count {
+            Ok(Some(starts))
+        } else {
+            Err(format!("{} started", starts.len()))
+        }
+    })
+    .await
+}
+
+/// Whether a process id is still alive (and not a zombie).
+pub fn process_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
 }

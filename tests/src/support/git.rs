@@ -4,12 +4,15 @@ use std::{path::Path, process::Command};
 
 use tempfile::TempDir;
 
-/// A bare repository with one commit on `main`, and its `file://` URL.
+/// A bare repository with one commit on `main`, and its `file://` URL. It lives at
+/// `<dir>/<FULL_NAME>.git`, so a Convex-style `CLONE_URL_TEMPLATE` can point at it.
 pub struct GitFixture {
     _dir: TempDir,
     pub url: String,
     /// Allow-list prefix covering this repository.
     pub allow_prefix: String,
+    /// `CLONE_URL_TEMPLATE` that turns [`GitFixture::FULL_NAME`] into `url`.
+    pub clone_url_template: String,
 }
 
 fn git(args: &[&str], cwd: &Path) {
@@ -32,6 +35,9 @@ fn git(args: &[&str], cwd: &Path) {
 }
 
 impl GitFixture {
+    /// The repository's `owner/name`, as a Convex repository document has it.
+    pub const FULL_NAME: &'static str = "fondation/demo";
+
     pub fn new() -> Self {
         let dir = tempfile::tempdir().expect("temp dir for a git fixture");
         let work = dir.path().join("work");
@@ -49,7 +55,7 @@ impl GitFixture {
         git(&["init", "--quiet", "--initial-branch=main"], &work);
         git(&["add", "."], &work);
         git(&["commit", "--quiet", "-m", "initial"], &work);
-        let bare = dir.path().join("demo.git");
+        let bare = dir.path().join(format!("{}.git", Self::FULL_NAME));
         git(
             &[
                 "clone",
@@ -62,10 +68,12 @@ impl GitFixture {
         );
         let url = format!("file://{}", bare.display());
         let allow_prefix = format!("file://{}/", dir.path().display());
+        let clone_url_template = format!("file://{}/{{fullName}}.git", dir.path().display());
         Self {
             _dir: dir,
             url,
             allow_prefix,
+            clone_url_template,
         }
     }
 }

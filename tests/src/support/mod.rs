@@ -4,6 +4,8 @@
 
 pub mod cluster;
 pub mod compose;
+pub mod convex_world;
+pub mod fault_proxy;
 pub mod git;
 pub mod grpcurl;
 pub mod process;
@@ -26,9 +28,21 @@ pub fn bin_path(name: &str) -> PathBuf {
     assert!(
         path.exists(),
         "{} is missing: build the workspace's binaries first (`cargo build --workspace --bins`, \
-         which `cargo nextest run --workspace` and `.ci/run` do)",
+         which `scripts/test` does)",
         path.display()
     );
+    // `cargo nextest run -p fondation-testkit` rebuilds this test but not the other packages'
+    // binaries: say so when a binary is older than the test, since it may be stale.
+    let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    if let (Some(binary), Some(test)) = (modified(&path), modified(&exe)) {
+        if binary < test {
+            eprintln!(
+                "note: {} is older than this test; if you changed its code, run \
+                 `cargo build --workspace --bins` (scripts/test does)",
+                path.display()
+            );
+        }
+    }
     path
 }
 

@@ -57,6 +57,17 @@ impl Proc {
         }
     }
 
+    /// Panics with the process's output if it has already exited (e.g. refused its configuration).
+    pub fn assert_running(&mut self) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!(
+                "{} exited early with {status}; its output:\n{}",
+                self.name,
+                self.lines().join("\n")
+            );
+        }
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.id()
     }

@@ -1,52 +1,596 @@
-//! TEMP STUB
-use super::*;
-use std::time::Duration;
-#[derive(Debug, Clone)]
+//! [`ConvexSource`]: the production job source, the Fondation Convex deployment over its HTTP API
+//! (`DESIGN.md` section 2). The coordinator is the only process holding its credentials.
+//!
+//! Layout: `client` speaks HTTP (request shape, reply classification, retries within a budget),
+//! `functions` holds the typed arguments and replies of every function used, and this module maps
+//! the [`JobSource`] operations onto those functions.
+//!
+//! The deployment's functions were written for a single Node worker and have sharp edges that this
+//! module guards against:
+//! - `queue:heartbeat`, `queue:complete` and `queue:retryOrFail` only check `lockedBy`, so on a
+//!   job the user canceled (status `canceled`, `lockedBy` kept) they would silently overwrite the
+//!   cancel. Every call that writes a status is preceded by a `jobs:getJob` check and refused with
+//!   [`JobSourceError::Canceled`] instead. A narrow race remains (a cancel between the check and the
+//!   write); the deployment offers no conditional write to close it.
+//! - `queue:complete` and `queue:retryOrFail` clear `lockedBy`, so repeating one after a lost reply
+//!   throws "not owned". The job is then read back to tell "done by the lost attempt" from "lost
+//!   the lease".
+//! - There is no permanent-fail function: a non-retryable failure also goes through
+//!   `queue:retryOrFail`, which retries the job until its attempts are used up.
+
+mod checks;
+mod client;
+mod functions;
+
+use std::{
+    collections::HashMap,
+    fmt,
+    sync::{Mutex, PoisonError},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use async_trait::async_trait;
+use tracing::{info, warn};
+
+pub use self::checks::{is_convex_id, MAX_ARGS_BYTES, MAX_DOCUMENT_BYTES, MAX_ERROR_BYTES};
+
+use self::{
+    checks::{
+        cap_error_text, cap_utf8, check_id, file_args, summary, validate_branch,
+        validate_full_name, MAX_MESSAGE_BYTES,
+    },
+    client::{encode_args, CallError, ConvexClient},
+    functions::{
+        to_count, ClaimOne, ClaimOneArgs, ClaimedJobReply, Complete, CompleteArgs, CompleteResult,
+        GetByRepositoryId, GetByRepositoryIdArgs, GetJob, Heartbeat, HeartbeatArgs, JobDoc,
+        JobIdArgs, RepositoryDoc, RequestCancel, RetryOrFail, RetryOrFailArgs, RetryOrFailReply,
+        UpsertFromJob, UpsertFromJobArgs,
+    },
+};
+use super::{
+    is_cancel_signal, ClaimedJob, FailOutcome, JobId, JobResult, JobSource, JobSourceError,
+    JobStatus, JobView, NewJob, ProgressUpdate, RepoTarget, Result,
+};
+
+/// Where a repository is cloned from, `{fullName}` being the repository document's `owner/name`.
+pub const DEFAULT_CLONE_URL_TEMPLATE: &str = "https://github.com/{fullName}.git";
+
+/// How the coordinator reaches the Convex deployment.
+#[derive(Clone)]
 pub struct ConvexConfig {
+    /// Deployment URL (`CONVEX_URL`), e.g. `https://happy-animal-123.convex.cloud`.
     pub url: String,
+    /// Optional deploy key sent as `Authorization: Convex <key>` (`CONVEX_DEPLOY_KEY`).
     pub deploy_key: Option<String>,
+    /// Clone URL template (`CLONE_URL_TEMPLATE`), with `{fullName}`.
     pub clone_url_template: String,
+    /// Time allowed for one HTTP attempt, connection to last byte.
     pub request_timeout: Duration,
+    /// Time allowed for one logical call including all its retries.
     pub retry_budget: Duration,
 }
-impl Default for ConvexConfig {
-    fn default() -> Self {
-        todo!()
+
+impl ConvexConfig {
+    /// A configuration for `url` with the defaults: GitHub clone URLs, 30 s per attempt, 60 s per
+    /// call.
+    pub fn new(url: impl Into<String>) -> Self {
+        ConvexConfig {
+            url: url.into(),
+            deploy_key: None,
+            clone_url_template: DEFAULT_CLONE_URL_TEMPLATE.to_owned(),
+            request_timeout: Duration::from_secs(30),
+            retry_budget: Duration::from_secs(60),
+        }
     }
 }
-pub struct ConvexSource;
+
+impl fmt::Debug for ConvexConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConvexConfig")
+            .field("url", &self.url)
+            .field(
+                "deploy_key",
+                &self.deploy_key.as_ref().map(|_| "<redacted>"),
+            )
+            .field("clone_url_template", &self.clone_url_template)
+            .field("request_timeout", &self.request_timeout)
+            .field("retry_budget", &self.retry_budget)
+            .finish()
+    }
+}
+
+/// The Convex deployment as a [`JobSource`].
+pub struct ConvexSource {
+    client: ConvexClient,
+    clone_url_template: String,
+    /// `repositoryId` of the jobs this process claimed, so that `complete` does not depend on
+    /// reading it back. Jobs adopted after a restart are not in it; their id comes from
+    /// `jobs:getJob`. Entries go when the job is completed, failed, canceled or lost.
+    repository_ids: Mutex<HashMap<JobId, String>>,
+}
+
 impl ConvexSource {
-    pub fn new(_o: ConvexConfig) -> Result<Self> {
-        todo!()
+    pub fn new(config: ConvexConfig) -> Result<Self> {
+        let url = config.url.trim();
+        let rest = url
+            .strip_prefix("https://")
+            .or_else(|| url.strip_prefix("http://"))
+            .ok_or_else(|| {
+                JobSourceError::Invalid(format!(
+                    "CONVEX_URL {url:?} must start with https:// or http://"
+                ))
+            })?;
+        if rest.trim_end_matches('/').is_empty() {
+            return Err(JobSourceError::Invalid(format!(
+                "CONVEX_URL {url:?} has no host"
+            )));
+        }
+        if !config.clone_url_template.contains("{fullName}") {
+            return Err(JobSourceError::Invalid(format!(
+                "CLONE_URL_TEMPLATE {:?} must contain {{fullName}}",
+                config.clone_url_template
+            )));
+        }
+        if config.request_timeout.is_zero() || config.retry_budget.is_zero() {
+            return Err(JobSourceError::Invalid(
+                "the Convex request timeout and retry budget must be positive".to_owned(),
+            ));
+        }
+        let deploy_key = config.deploy_key.as_deref().filter(|key| !key.is_empty());
+        let client =
+            ConvexClient::new(url, deploy_key, config.request_timeout, config.retry_budget)
+                .map_err(JobSourceError::Invalid)?;
+        Ok(ConvexSource {
+            client,
+            clone_url_template: config.clone_url_template,
+            repository_ids: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn remember_repository(&self, job_id: &str, repository_id: &str) {
+        self.repository_ids
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(job_id.to_owned(), repository_id.to_owned());
+    }
+
+    fn remembered_repository(&self, job_id: &str) -> Option<String> {
+        self.repository_ids
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(job_id)
+            .cloned()
+    }
+
+    fn forget(&self, job_id: &str) {
+        self.repository_ids
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(job_id);
+    }
+
+    async fn fetch_job(&self, job_id: &str) -> Result<Option<JobDoc>> {
+        self.client
+            .call::<GetJob>(&JobIdArgs { job_id })
+            .await
+            .map_err(JobSourceError::from)
+    }
+
+    /// Refuses to write over a job that is canceled or no longer this worker's.
+    async fn check_writable(&self, job_id: &str, worker_id: &str) -> Result<()> {
+        match self.fetch_job(job_id).await? {
+            Some(doc) => writable(&doc, worker_id),
+            None => Err(not_owned(job_id, worker_id)),
+        }
+    }
+
+    /// Turns a claim reply into a job; once the id is known every problem goes into `target`, so
+    /// the dispatcher fails the job through `queue:retryOrFail` instead of leaving it claimed.
+    async fn claimed_job(&self, raw: serde_json::Value) -> Result<ClaimedJob> {
+        let id = match raw.get("id").and_then(serde_json::Value::as_str) {
+            Some(id) if is_convex_id(id) => id.to_owned(),
+            other => {
+                return Err(JobSourceError::Invalid(format!(
+                    "queue:claimOne returned a job without a valid id ({other:?}); it stays \
+                     claimed until its lease is reclaimed"
+                )))
+            }
+        };
+        let reply = match serde_json::from_value::<ClaimedJobReply>(raw) {
+            Ok(reply) => reply,
+            Err(error) => {
+                return Ok(ClaimedJob {
+                    id,
+                    attempt: 1,
+                    prompt: String::new(),
+                    target: Err(format!("malformed queue:claimOne reply: {error}")),
+                })
+            }
+        };
+        let attempt = match reply.attempts {
+            None => Some(1),
+            Some(attempts) => to_count(attempts).and_then(|done| done.checked_add(1)),
+        };
+        let Some(attempt) = attempt else {
+            return Ok(ClaimedJob {
+                id,
+                attempt: 1,
+                prompt: reply.prompt,
+                target: Err(format!(
+                    "queue:claimOne returned an invalid attempts count {:?}",
+                    reply.attempts
+                )),
+            });
+        };
+        let target = if is_convex_id(&reply.repository_id) {
+            self.remember_repository(&id, &reply.repository_id);
+            self.resolve_target(&reply.repository_id).await
+        } else {
+            Err(format!(
+                "repository id {:?} is not a Convex id",
+                reply.repository_id
+            ))
+        };
+        Ok(ClaimedJob {
+            id,
+            attempt,
+            prompt: reply.prompt,
+            target,
+        })
+    }
+
+    async fn resolve_target(&self, repository_id: &str) -> std::result::Result<RepoTarget, String> {
+        match self
+            .client
+            .call::<GetByRepositoryId>(&GetByRepositoryIdArgs { repository_id })
+            .await
+        {
+            Ok(Some(repository)) => self.repo_target(&repository),
+            Ok(None) => Err(format!("repository {repository_id} not found")),
+            Err(error) => Err(format!("cannot read repository {repository_id}: {error}")),
+        }
+    }
+
+    fn repo_target(&self, repository: &RepositoryDoc) -> std::result::Result<RepoTarget, String> {
+        validate_full_name(&repository.full_name)?;
+        let branch = match repository.default_branch.as_deref() {
+            None | Some("") => "main",
+            Some(branch) => branch,
+        };
+        validate_branch(branch)?;
+        Ok(RepoTarget {
+            url: self
+                .clone_url_template
+                .replace("{fullName}", &repository.full_name),
+            branch: branch.to_owned(),
+        })
+    }
+
+    /// After `queue:complete` threw "not owned": done by an attempt whose reply was lost, or lost.
+    async fn resolve_lost_complete(&self, job_id: &str, worker_id: &str) -> Result<()> {
+        let doc = self.fetch_job(job_id).await?;
+        let view = doc.as_ref().map(JobDoc::view).transpose()?;
+        match view {
+            Some(view) if view.status == JobStatus::Completed => {
+                info!(
+                    job_id,
+                    "job found completed after a lost queue:complete reply"
+                );
+                Ok(())
+            }
+            Some(view) if is_cancel_signal(&view) => {
+                Err(JobSourceError::Canceled(job_id.to_owned()))
+            }
+            _ => Err(not_owned(job_id, worker_id)),
+        }
+    }
+
+    /// After a repeated `queue:retryOrFail` threw "not owned": what the lost attempt did.
+    async fn resolve_lost_retry(&self, job_id: &str, worker_id: &str) -> Result<FailOutcome> {
+        let Some(doc) = self.fetch_job(job_id).await? else {
+            return Err(not_owned(job_id, worker_id));
+        };
+        let view = doc.view()?;
+        match (view.status, &view.locked_by) {
+            (JobStatus::Pending, None) => Ok(FailOutcome::Retrying {
+                attempts: view.attempts,
+                next_run_at_ms: doc.run_at.unwrap_or(view.updated_at_ms),
+            }),
+            // The deployment does not write `attempts` when it marks a job dead.
+            (JobStatus::Dead, None) => Ok(FailOutcome::Dead {
+                attempts: view.attempts.saturating_add(1),
+            }),
+            _ => Err(not_owned(job_id, worker_id)),
+        }
     }
 }
+
 #[async_trait]
 impl JobSource for ConvexSource {
     fn kind(&self) -> &'static str {
         "convex"
     }
-    async fn claim(&self, _w: &str, _l: Duration) -> Result<Option<ClaimedJob>> {
-        todo!()
+
+    async fn claim(&self, worker_id: &str, lease: Duration) -> Result<Option<ClaimedJob>> {
+        let args = ClaimOneArgs {
+            worker_id,
+            lease_ms: Some(millis(lease)),
+        };
+        match self.client.call::<ClaimOne>(&args).await {
+            Ok(None) => Ok(None),
+            Ok(Some(raw)) => self.claimed_job(raw).await.map(Some),
+            Err(error) => Err(JobSourceError::from(error)),
+        }
     }
-    async fn heartbeat(&self, _j: &str, _w: &str, _u: &ProgressUpdate, _l: Duration) -> Result<()> {
-        todo!()
+
+    async fn heartbeat(
+        &self,
+        job_id: &str,
+        worker_id: &str,
+        update: &ProgressUpdate,
+        lease: Duration,
+    ) -> Result<()> {
+        check_id(job_id)?;
+        if update.status.is_some() {
+            // A status written over a canceled job would un-cancel it (see the module header).
+            self.check_writable(job_id, worker_id).await?;
+        }
+        let args = HeartbeatArgs {
+            job_id,
+            worker_id,
+            status: update.status.map(|status| status.as_str()),
+            progress: update.progress.as_deref(),
+            current_step: update.current_step.map(f64::from),
+            lease_ms: Some(millis(lease)),
+        };
+        match self.client.call::<Heartbeat>(&args).await {
+            Ok(_) => Ok(()),
+            Err(CallError::Function { message, .. }) if is_not_owned(&message) => {
+                Err(not_owned(job_id, worker_id))
+            }
+            Err(error) => Err(JobSourceError::from(error)),
+        }
     }
-    async fn complete(&self, _j: &str, _w: &str, _r: &JobResult) -> Result<()> {
-        todo!()
+
+    async fn complete(&self, job_id: &str, worker_id: &str, result: &JobResult) -> Result<()> {
+        check_id(job_id)?;
+        let files = file_args(job_id, result)?;
+
+        let doc = match self.fetch_job(job_id).await? {
+            Some(doc) => doc,
+            None => return Err(not_owned(job_id, worker_id)),
+        };
+        let view = doc.view()?;
+        if view.status == JobStatus::Completed && view.locked_by.is_none() {
+            // An earlier complete() went through but its reply was lost.
+            info!(job_id, "job already completed");
+            self.forget(job_id);
+            return Ok(());
+        }
+        if let Err(error) = writable(&doc, worker_id) {
+            self.forget(job_id);
+            return Err(error);
+        }
+        let repository_id = self
+            .remembered_repository(job_id)
+            .or(doc.repository_id)
+            .ok_or_else(|| JobSourceError::Invalid(format!("job {job_id} has no repositoryId")))?;
+
+        let files_sent = files.len();
+        let summary = summary(&files, now_ms());
+        let args = UpsertFromJobArgs {
+            job_id,
+            repository_id: &repository_id,
+            run_id: Some(&result.run_id)
+                .filter(|id| !id.is_empty())
+                .map(String::as_str),
+            files,
+            summary,
+        };
+        let encoded = encode_args::<UpsertFromJob>(&args).map_err(JobSourceError::from)?;
+        if encoded.len() > MAX_ARGS_BYTES {
+            return Err(JobSourceError::TooLarge(format!(
+                "the {files_sent} documents of job {job_id} encode to {} bytes, over Convex's \
+                 {MAX_ARGS_BYTES}-byte (16 MiB) limit on the arguments of one call",
+                encoded.len()
+            )));
+        }
+        let upserted = self
+            .client
+            .call_encoded::<UpsertFromJob>(&encoded)
+            .await
+            .map_err(JobSourceError::from)?;
+        drop(encoded);
+        // The deployment skips empty chapters and tutorials: its count is the one to record.
+        let docs_count = upserted
+            .docs_count
+            .and_then(to_count)
+            .map_or(files_sent as f64, f64::from);
+
+        // Uploading can take a while: look again so a cancel made meanwhile is not overwritten
+        // by `completed` (the documents stay, the job stays canceled).
+        if let Err(error) = self.check_writable(job_id, worker_id).await {
+            if !error.is_transient() {
+                self.forget(job_id);
+            }
+            return Err(error);
+        }
+        let message = cap_utf8(&result.message, MAX_MESSAGE_BYTES);
+        let args = CompleteArgs {
+            job_id,
+            worker_id,
+            result: Some(CompleteResult {
+                success: true,
+                message: Some(message),
+                data: None,
+            }),
+            docs_count: Some(docs_count),
+        };
+        let outcome = match self.client.call::<Complete>(&args).await {
+            Ok(_) => Ok(()),
+            Err(CallError::Function { message, .. }) if is_not_owned(&message) => {
+                self.resolve_lost_complete(job_id, worker_id).await
+            }
+            Err(error) => Err(JobSourceError::from(error)),
+        };
+        if !matches!(&outcome, Err(error) if error.is_transient()) {
+            self.forget(job_id);
+        }
+        outcome
     }
-    async fn fail(&self, _j: &str, _w: &str, _e: &str, _r: bool) -> Result<FailOutcome> {
-        todo!()
+
+    /// Convex has no permanent-fail function: with `retryable == false` the job still goes
+    /// through `queue:retryOrFail` and is retried until its attempts are used up, so
+    /// [`FailOutcome::Failed`] is never returned.
+    async fn fail(
+        &self,
+        job_id: &str,
+        worker_id: &str,
+        error: &str,
+        retryable: bool,
+    ) -> Result<FailOutcome> {
+        check_id(job_id)?;
+        if !retryable {
+            warn!(
+                job_id,
+                "convex cannot fail a job for good; using queue:retryOrFail"
+            );
+        }
+        if let Err(error) = self.check_writable(job_id, worker_id).await {
+            if !error.is_transient() {
+                self.forget(job_id);
+            }
+            return Err(error);
+        }
+        let capped = cap_error_text(error);
+        let args = RetryOrFailArgs {
+            job_id,
+            worker_id,
+            error: &capped,
+        };
+        let outcome = match self.client.call::<RetryOrFail>(&args).await {
+            Ok(RetryOrFailReply::Retrying {
+                attempts,
+                next_run_at,
+            }) => match (to_count(attempts), next_run_at.to_millis()) {
+                (Some(attempts), Some(next_run_at_ms)) => Ok(FailOutcome::Retrying {
+                    attempts,
+                    next_run_at_ms,
+                }),
+                _ => Err(JobSourceError::Invalid(format!(
+                    "queue:retryOrFail returned attempts {attempts} and nextRunAt {next_run_at:?}"
+                ))),
+            },
+            Ok(RetryOrFailReply::Dead { attempts }) => to_count(attempts)
+                .map(|attempts| FailOutcome::Dead { attempts })
+                .ok_or_else(|| {
+                    JobSourceError::Invalid(format!(
+                        "queue:retryOrFail returned attempts {attempts}"
+                    ))
+                }),
+            Err(CallError::Function {
+                message, retried, ..
+            }) if is_not_owned(&message) => {
+                if retried {
+                    self.resolve_lost_retry(job_id, worker_id).await
+                } else {
+                    Err(not_owned(job_id, worker_id))
+                }
+            }
+            Err(error) => Err(JobSourceError::from(error)),
+        };
+        if !matches!(&outcome, Err(error) if error.is_transient()) {
+            self.forget(job_id);
+        }
+        outcome
     }
-    async fn get_job(&self, _j: &str, _i: bool) -> Result<Option<JobView>> {
-        todo!()
+
+    async fn get_job(&self, job_id: &str, _include_content: bool) -> Result<Option<JobView>> {
+        check_id(job_id)?;
+        match self.fetch_job(job_id).await? {
+            Some(doc) => doc.view().map(Some),
+            None => Ok(None),
+        }
     }
-    async fn submit(&self, _j: NewJob) -> Result<JobId> {
-        todo!()
+
+    async fn submit(&self, _job: NewJob) -> Result<JobId> {
+        Err(JobSourceError::Unsupported(
+            "jobs are created by the Fondation web app through queue:createJob; SubmitJob works \
+             with the embedded store only"
+                .to_owned(),
+        ))
     }
-    async fn list_jobs(&self, _s: Option<JobStatus>, _l: usize) -> Result<Vec<JobView>> {
-        todo!()
+
+    async fn list_jobs(&self, _status: Option<JobStatus>, _limit: usize) -> Result<Vec<JobView>> {
+        Err(JobSourceError::Unsupported(
+            "the Convex deployment has no function listing jobs; ListJobs works with the \
+             embedded store only"
+                .to_owned(),
+        ))
     }
-    async fn request_cancel(&self, _j: &str) -> Result<JobStatus> {
-        todo!()
+
+    async fn request_cancel(&self, job_id: &str) -> Result<JobStatus> {
+        check_id(job_id)?;
+        match self
+            .client
+            .call::<RequestCancel>(&JobIdArgs { job_id })
+            .await
+        {
+            Ok(_) => {}
+            Err(CallError::Function { message, .. }) if message.contains("not found") => {
+                return Err(JobSourceError::NotFound(job_id.to_owned()))
+            }
+            Err(error) => return Err(JobSourceError::from(error)),
+        }
+        match self.fetch_job(job_id).await? {
+            Some(doc) => Ok(doc.view()?.status),
+            None => Err(JobSourceError::NotFound(job_id.to_owned())),
+        }
+    }
+}
+
+fn writable(doc: &JobDoc, worker_id: &str) -> Result<()> {
+    if is_cancel_signal(&doc.view()?) {
+        return Err(JobSourceError::Canceled(doc.id.clone()));
+    }
+    if doc.locked_by.as_deref() != Some(worker_id) {
+        return Err(not_owned(&doc.id, worker_id));
+    }
+    Ok(())
+}
+
+/// The deployment throws `Job not found or not owned by worker` when `lockedBy` is not the caller.
+fn is_not_owned(message: &str) -> bool {
+    message.contains("not owned") || message.contains("Job not found")
+}
+
+fn not_owned(job_id: &str, worker_id: &str) -> JobSourceError {
+    JobSourceError::NotOwned {
+        job_id: job_id.to_owned(),
+        worker_id: worker_id.to_owned(),
+    }
+}
+
+fn millis(duration: Duration) -> f64 {
+    duration.as_millis() as f64
+}
+
+fn now_ms() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |elapsed| elapsed.as_millis() as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_redacts_the_deploy_key() {
+        let mut config = ConvexConfig::new("http://127.0.0.1:1");
+        config.deploy_key = Some("prod:secret-key".to_owned());
+        let printed = format!("{config:?}");
+        assert!(!printed.contains("secret-key"), "{printed}");
+        assert!(printed.contains("<redacted>"));
     }
 }

@@ -1,0 +1,213 @@
+//! Checks on what goes to and comes from the deployment: id and name shapes, Convex's size limits,
+//! and the caps applied to free text.
+
+use super::functions::{FileArg, Summary};
+use crate::job_source::{DocumentKind, JobResult, JobSourceError, Result};
+
+/// Convex's limit on the arguments of one call.
+pub const MAX_ARGS_BYTES: usize = 16 * 1024 * 1024;
+
+/// Convex's limit on one stored document. A `docs` document holds the content plus the slug, the
+/// title, a source key repeating both, ids and timestamps, and the deployment may add a few bytes
+/// while normalizing Markdown: [`DOCUMENT_OVERHEAD`] keeps room for those.
+pub const MAX_DOCUMENT_BYTES: usize = 1024 * 1024;
+
+/// Room left in a stored document for the fields besides the content, slug and title.
+const DOCUMENT_OVERHEAD: usize = 1024;
+
+/// Convex's limit on array elements (the `files` of one upsert).
+const MAX_ARRAY_ELEMENTS: usize = 8192;
+
+/// Error texts sent to `queue:retryOrFail` are capped to this size.
+pub const MAX_ERROR_BYTES: usize = 8 * 1024;
+
+/// Completion messages are capped to this size.
+pub(super) const MAX_MESSAGE_BYTES: usize = 8 * 1024;
+
+pub(super) fn check_id(job_id: &str) -> Result<()> {
+    if is_convex_id(job_id) {
+        Ok(())
+    } else {
+        Err(JobSourceError::Invalid(format!(
+            "{job_id:?} is not a Convex document id"
+        )))
+    }
+}
+
+/// Convex ids are 31 to 37 characters of lowercase Crockford base32.
+pub fn is_convex_id(id: &str) -> bool {
+    (31..=37).contains(&id.len())
+        && id
+            .bytes()
+            .all(|byte| matches!(byte, b'0'..=b'9' | b'a'..=b'h' | b'j' | b'k' | b'm' | b'n' | b'p'..=b't' | b'v'..=b'z'))
+}
+
+/// `owner/name` as GitHub spells them; anything else could steer the clone URL elsewhere.
+pub(super) fn validate_full_name(full_name: &str) -> std::result::Result<(), String> {
+    let valid_part = |part: &str| {
+        !part.is_empty()
+            && part.len() <= 100
+            && !part.starts_with('-')
+            && !part.contains("..")
+            && part != "."
+            && part
+                .bytes()
+                .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'.' | b'_' | b'-'))
+    };
+    match full_name.split_once('/') {
+        Some((owner, name)) if valid_part(owner) && valid_part(name) => Ok(()),
+        _ => Err(format!(
+            "repository fullName {full_name:?} is not owner/name of letters, digits, '.', '_' \
+             and '-'"
+        )),
+    }
+}
+
+/// A first check of the branch name against git's ref rules; the agent checks again before
+/// cloning.
+pub(super) fn validate_branch(branch: &str) -> std::result::Result<(), String> {
+    let valid = !branch.is_empty()
+        && branch.len() <= 255
+        && !branch.starts_with(['-', '/', '.'])
+        && !branch.ends_with(['/', '.'])
+        && !branch.ends_with(".lock")
+        && !branch.contains("..")
+        && !branch.contains("//")
+        && !branch.contains("@{")
+        && !branch
+            .chars()
+            .any(|c| c.is_control() || c.is_whitespace() || "~^:?*[\\".contains(c));
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "repository defaultBranch {branch:?} is not a valid branch name"
+        ))
+    }
+}
+
+/// The documents as `docs:upsertFromJob` files, refusing any that cannot be stored.
+pub(super) fn file_args<'a>(job_id: &str, result: &'a JobResult) -> Result<Vec<FileArg<'a>>> {
+    if result.documents.len() > MAX_ARRAY_ELEMENTS {
+        return Err(JobSourceError::TooLarge(format!(
+            "job {job_id} has {} documents, over Convex's limit of {MAX_ARRAY_ELEMENTS} per call",
+            result.documents.len()
+        )));
+    }
+    result
+        .documents
+        .iter()
+        .map(|document| {
+            let size = document.content.len();
+            // The stored document repeats slug and title in its source key.
+            let stored =
+                size + 2 * (document.slug.len() + document.title.len()) + DOCUMENT_OVERHEAD;
+            if stored > MAX_DOCUMENT_BYTES {
+                return Err(JobSourceError::TooLarge(format!(
+                    "document {:?} of job {job_id} has {size} bytes of content, over Convex's \
+                     {MAX_DOCUMENT_BYTES}-byte (1 MiB) limit per stored document",
+                    document.slug
+                )));
+            }
+            Ok(FileArg {
+                slug: &document.slug,
+                title: &document.title,
+                chapter_index: document.chapter_index.map(f64::from),
+                content: &document.content,
+                kind: document.kind.as_str(),
+            })
+        })
+        .collect()
+}
+
+/// Chapters are counted once: the `chapters/` documents, not their `reviewed-chapters/` versions.
+pub(super) fn summary(files: &[FileArg<'_>], generated_at: f64) -> Summary {
+    let chapters = files
+        .iter()
+        .filter(|file| {
+            file.kind == DocumentKind::Chapter.as_str() && file.slug.starts_with("chapters/")
+        })
+        .count();
+    let tutorials = files
+        .iter()
+        .filter(|file| file.kind == DocumentKind::Tutorial.as_str())
+        .count();
+    Summary {
+        chapters_count: chapters as f64,
+        tutorials_count: tutorials as f64,
+        generated_at,
+    }
+}
+
+/// The longest prefix of `text` of at most `max` bytes that ends on a character boundary.
+pub(super) fn cap_utf8(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut cut = max;
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    &text[..cut]
+}
+
+/// Caps an error text at [`MAX_ERROR_BYTES`], keeping its start and its end (where the CLI's last
+/// error lines are).
+pub(super) fn cap_error_text(text: &str) -> String {
+    if text.len() <= MAX_ERROR_BYTES {
+        return text.to_owned();
+    }
+    let marker = format!("\n[... {} bytes cut ...]\n", text.len());
+    let head = cap_utf8(text, 1024);
+    let tail_budget = MAX_ERROR_BYTES - head.len() - marker.len();
+    let mut start = text.len() - tail_budget;
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    format!("{head}{marker}{}", &text[start..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn convex_ids_are_recognized() {
+        assert!(is_convex_id("jd7fq0zq4f5m1e9w2x3y4z5a6b7c8d9e"));
+        assert!(
+            !is_convex_id("jd7fq0zq4f5m1e9w2x3y4z5a6b7c8d9i"),
+            "i is not Crockford"
+        );
+        assert!(!is_convex_id("JD7FQ0ZQ4F5M1E9W2X3Y4Z5A6B7C8D9E"));
+        assert!(!is_convex_id("short"));
+    }
+
+    #[test]
+    fn full_names_are_checked() {
+        assert!(validate_full_name("octo-org/hello.world_2").is_ok());
+        assert!(validate_full_name("owner/.github").is_ok());
+        for bad in [
+            "owner", "-owner/x", "a/..", "a/b/c", "a/b c", "a/", "a/x..y", "a/.",
+        ] {
+            assert!(validate_full_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn branches_are_checked() {
+        assert!(validate_branch("main").is_ok());
+        assert!(validate_branch("release/1.2").is_ok());
+        for bad in ["-x", "a..b", "a b", "x.lock", "a~1", ""] {
+            assert!(validate_branch(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn error_text_is_capped_keeping_both_ends() {
+        let text = format!("START{}END", "é".repeat(10_000));
+        let capped = cap_error_text(&text);
+        assert!(capped.len() <= MAX_ERROR_BYTES);
+        assert!(capped.starts_with("START"));
+        assert!(capped.ends_with("END"));
+    }
+}

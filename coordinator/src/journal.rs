@@ -1,0 +1,271 @@
+//! The coordinator's journal: what it must not forget across a restart.
+//!
+//! Two facts per in-flight job, written durably *before* the action they protect:
+//! - the assignment (job, agent, epoch), before the assignment is sent, so a restarted coordinator
+//!   keeps the lease alive and re-adopts the run when its agent reconnects;
+//! - the run's outcome, before the agent is told its result was taken, so a result survives a
+//!   restart (or a job-source outage) until the job source has accepted it.
+//!
+//! It lives in `DATA_DIR/jobs.sqlite3` beside the embedded store's tables, in tables of its own.
+
+use std::{
+    path::Path,
+    sync::{Arc, Mutex},
+};
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::{Deserialize, Serialize};
+
+use crate::{assignments::AssignmentRecord, job_source::JobResult};
+
+pub const DATABASE_FILE: &str = "jobs.sqlite3";
+
+#[derive(Debug, thiserror::Error)]
+#[error("coordinator journal ({action}): {message}; check that DATA_DIR is writable and not full")]
+pub struct JournalError {
+    action: &'static str,
+    message: String,
+}
+
+pub type Result<T> = std::result::Result<T, JournalError>;
+
+/// A run's end, kept until the job source has recorded it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum RunEnd {
+    Succeeded(JobResult),
+    Failed { message: String, retryable: bool },
+}
+
+/// One journaled in-flight job.
+#[derive(Debug, Clone)]
+pub struct JournalEntry {
+    pub record: AssignmentRecord,
+    pub end: Option<RunEnd>,
+}
+
+#[derive(Clone)]
+pub struct Journal {
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl Journal {
+    pub fn open(data_dir: &Path) -> Result<Self> {
+        let error = |action| {
+            move |e: rusqlite::Error| JournalError {
+                action,
+                message: e.to_string(),
+            }
+        };
+        let conn = Connection::open(data_dir.join(DATABASE_FILE)).map_err(error("opening"))?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(error("configuring"))?;
+        // WAL with FULL sync: a journal write has reached the disk when the call returns.
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(error("configuring"))?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(error("configuring"))?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS journal_assignments (
+                assignment_id TEXT PRIMARY KEY,
+                job_id        TEXT NOT NULL,
+                epoch         INTEGER NOT NULL,
+                attempt       INTEGER NOT NULL,
+                agent_id      TEXT NOT NULL,
+                -- JSON of RunEnd once the run has ended and until the job source took it
+                run_end       TEXT
+            );",
+        )
+        .map_err(error("creating tables"))?;
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    async fn with<T: Send + 'static>(
+        &self,
+        action: &'static str,
+        work: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = conn.lock().unwrap_or_else(|e| e.into_inner());
+            work(&conn)
+        })
+        .await
+        .map_err(|e| JournalError {
+            action,
+            message: e.to_string(),
+        })?
+        .map_err(|e| JournalError {
+            action,
+            message: e.to_string(),
+        })
+    }
+
+    /// Records an assignment before it is sent.
+    pub async fn record_assignment(&self, record: &AssignmentRecord) -> Result<()> {
+        let record = record.clone();
+        self.with("recording an assignment", move |conn| {
+            conn.execute(
+                "INSERT OR REPLACE INTO journal_assignments
+                 (assignment_id, job_id, epoch, attempt, agent_id, run_end)
+                 VALUES (?1, ?2, ?3, ?4, ?5, NULL)",
+                params![
+                    record.assignment_id,
+                    record.job_id,
+                    record.epoch as i64,
+                    record.attempt,
+                    record.agent_id
+                ],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+
+    /// Records how a run ended, before the agent is told its result was taken.
+    pub async fn record_end(&self, assignment_id: &str, end: &RunEnd) -> Result<()> {
+        let json = serde_json::to_string(end).map_err(|e| JournalError {
+            action: "encoding a run's end",
+            message: e.to_string(),
+        })?;
+        let assignment_id = assignment_id.to_string();
+        self.with("recording a run's end", move |conn| {
+            conn.execute(
+                "UPDATE journal_assignments SET run_end = ?2 WHERE assignment_id = ?1",
+                params![assignment_id, json],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+
+    /// Forgets an assignment once the job source has its end (or it is no longer ours).
+    pub async fn remove(&self, assignment_id: &str) -> Result<()> {
+        let assignment_id = assignment_id.to_string();
+        self.with("removing an assignment", move |conn| {
+            conn.execute(
+                "DELETE FROM journal_assignments WHERE assignment_id = ?1",
+                params![assignment_id],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+
+    /// Everything journaled, for recovery at start-up. An entry whose end cannot be decoded is
+    /// returned without it (the job is then retried rather than forgotten).
+    pub async fn load(&self) -> Result<Vec<JournalEntry>> {
+        let rows = self
+            .with("loading", |conn| {
+                let mut statement = conn.prepare(
+                    "SELECT assignment_id, job_id, epoch, attempt, agent_id, run_end
+                     FROM journal_assignments ORDER BY epoch",
+                )?;
+                let rows = statement
+                    .query_map([], |row| {
+                        Ok((
+                            AssignmentRecord {
+                                assignment_id: row.get(0)?,
+                                job_id: row.get(1)?,
+                                epoch: row.get::<_, i64>(2)? as u64,
+                                attempt: row.get(3)?,
+                                agent_id: row.get(4)?,
+                            },
+                            row.get::<_, Option<String>>(5)?,
+                        ))
+                    })?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                Ok(rows)
+            })
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(record, end)| {
+                let end = end.and_then(|json| match serde_json::from_str(&json) {
+                    Ok(end) => Some(end),
+                    Err(error) => {
+                        tracing::warn!(job_id = %record.job_id, %error, "journaled run end unreadable; the job will be retried");
+                        None
+                    }
+                });
+                JournalEntry { record, end }
+            })
+            .collect())
+    }
+
+    /// The journaled entry of one assignment (tests and diagnostics).
+    pub async fn get(&self, assignment_id: &str) -> Result<Option<AssignmentRecord>> {
+        let assignment_id = assignment_id.to_string();
+        self.with("reading an assignment", move |conn| {
+            conn.query_row(
+                "SELECT job_id, epoch, attempt, agent_id FROM journal_assignments WHERE assignment_id = ?1",
+                params![assignment_id],
+                |row| {
+                    Ok(AssignmentRecord {
+                        assignment_id: assignment_id.clone(),
+                        job_id: row.get(0)?,
+                        epoch: row.get::<_, i64>(1)? as u64,
+                        attempt: row.get(2)?,
+                        agent_id: row.get(3)?,
+                    })
+                },
+            )
+            .optional()
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job_source::{Document, DocumentKind};
+
+    fn record(id: &str, epoch: u64) -> AssignmentRecord {
+        AssignmentRecord {
+            assignment_id: id.into(),
+            job_id: format!("job-{id}"),
+            epoch,
+            attempt: 1,
+            agent_id: "agent-1".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn survives_reopening_until_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(dir.path()).unwrap();
+        journal.record_assignment(&record("a", 2)).await.unwrap();
+        journal.record_assignment(&record("b", 1)).await.unwrap();
+        let result = JobResult {
+            run_id: "a".into(),
+            message: "done".into(),
+            documents: vec![Document {
+                slug: "chapters/x.md".into(),
+                title: "X".into(),
+                kind: DocumentKind::Chapter,
+                chapter_index: Some(0),
+                content: "# X\n".into(),
+            }],
+        };
+        journal
+            .record_end("a", &RunEnd::Succeeded(result))
+            .await
+            .unwrap();
+        drop(journal);
+
+        let journal = Journal::open(dir.path()).unwrap();
+        let entries = journal.load().await.unwrap();
+        assert_eq!(entries.len(), 2);
+        assert_eq!(entries[0].record.assignment_id, "b", "ordered by epoch");
+        assert!(entries[0].end.is_none());
+        match &entries[1].end {
+            Some(RunEnd::Succeeded(result)) => assert_eq!(result.documents[0].content, "# X\n"),
+            other => panic!("unexpected {other:?}"),
+        }
+        journal.remove("a").await.unwrap();
+        assert!(journal.get("a").await.unwrap().is_none());
+        assert_eq!(journal.load().await.unwrap().len(), 1);
+    }
+}
