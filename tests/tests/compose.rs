@@ -16,20 +16,21 @@ use std::{
 };
 
 use fondation_testkit::{
+    fake_convex::FakeConvexClient,
     fixture_cli::{read_run_log, RunEventKind, RunRecord},
     support::{
         compose::{self, ComposeProject, ContainerState},
         grpcurl, wait,
     },
 };
-use serde_json::{json, Value};
+use serde_json::json;
 
 const OVERRIDE: &str = "tests/compose/docker-compose.test.yml";
 const CONVEX_OVERRIDE: &str = "tests/compose/docker-compose.test-convex.yml";
 /// The repository baked into the gitserver image, as the coordinator's CLONE_URL_TEMPLATE
 /// (`git://gitserver/{fullName}.git`) and the embedded store see it.
-const REPO_FULL_NAME: &str = "demo";
-const REPO_URL: &str = "git://gitserver/demo.git";
+const REPO_FULL_NAME: &str = "fondation/demo";
+const REPO_URL: &str = "git://gitserver/fondation/demo.git";
 const COORDINATOR_PORT: u16 = 50051;
 const FAKE_CONVEX_PORT: u16 = 3210;
 /// Per-step delay of the fixture CLI: six steps make a run of about 9 s, long enough for agents
@@ -37,6 +38,8 @@ const FAKE_CONVEX_PORT: u16 = 3210;
 const STEP_DELAY_MS: &str = "1500";
 /// A job that runs about 18 s: time to kill or restart something in the middle of it.
 const SLOW_PROMPT: &str = "explain this project fixture:slow=3000";
+/// Documents of one fixture run: 3 YAML files, 11 chapters, 11 reviewed chapters, 11 tutorials.
+const SAMPLE_DOCUMENTS: usize = 36;
 const HEALTHY_TIMEOUT: Duration = Duration::from_secs(120);
 const JOBS_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -44,8 +47,7 @@ const JOBS_TIMEOUT: Duration = Duration::from_secs(300);
 /// coordinator's embedded store through Admin/SubmitJob.
 enum JobSource {
     Convex {
-        http: reqwest::Client,
-        base_url: String,
+        fake: FakeConvexClient,
         repository_id: String,
     },
     Embedded,
@@ -65,24 +67,12 @@ impl Cluster {
     async fn create_job(&self, prompt: &str, n: usize) -> String {
         match &self.source {
             JobSource::Convex {
-                http,
-                base_url,
+                fake,
                 repository_id,
-            } => {
-                let args = json!({
-                    "userId": "compose-test-user",
-                    "repositoryId": repository_id,
-                    "prompt": prompt,
-                    "callbackToken": format!("compose-test-token-{n}"),
-                });
-                let value = convex_call(http, base_url, "mutation", "queue:createJob", args)
-                    .await
-                    .unwrap_or_else(|e| panic!("creating job {n} in the fake Convex: {e}"));
-                value
-                    .as_str()
-                    .unwrap_or_else(|| panic!("queue:createJob returned no id: {value}"))
-                    .to_string()
-            }
+            } => fake
+                .create_job(repository_id, prompt)
+                .await
+                .unwrap_or_else(|e| panic!("creating job {n} in the fake Convex: {e:#}")),
             JobSource::Embedded => {
                 let addr = self.coordinator_addr().expect("the coordinator's port");
                 let request = json!({ "repo_url": REPO_URL, "branch": "main", "prompt": prompt });
@@ -99,16 +89,10 @@ impl Cluster {
     /// The job's status as its source records it.
     async fn job_status(&self, job_id: &str) -> Result<String, String> {
         let job = match &self.source {
-            JobSource::Convex { http, base_url, .. } => {
-                convex_call(
-                    http,
-                    base_url,
-                    "query",
-                    "jobs:getJob",
-                    json!({ "jobId": job_id }),
-                )
-                .await?
-            }
+            JobSource::Convex { fake, .. } => fake
+                .query("jobs:getJob", json!({ "jobId": job_id }))
+                .await
+                .map_err(|e| format!("jobs:getJob: {e:#}"))?,
             JobSource::Embedded => grpcurl::call(
                 &self.coordinator_addr()?,
                 "fondation.v1.Admin/GetJob",
@@ -119,6 +103,27 @@ impl Cluster {
             .as_str()
             .map(String::from)
             .ok_or_else(|| format!("job {job_id} has no status: {job}"))
+    }
+
+    /// How many documents the job's source holds for it.
+    async fn document_count(&self, job_id: &str) -> usize {
+        match &self.source {
+            JobSource::Convex { fake, .. } => fake
+                .docs(job_id)
+                .await
+                .unwrap_or_else(|e| panic!("reading job {job_id}'s documents: {e:#}"))
+                .len(),
+            JobSource::Embedded => {
+                let addr = self.coordinator_addr().expect("the coordinator's port");
+                let job = grpcurl::call(
+                    &addr,
+                    "fondation.v1.Admin/GetJob",
+                    Some(&json!({ "job_id": job_id })),
+                )
+                .unwrap_or_else(|e| panic!("GetJob {job_id}: {e}"));
+                job["documents"].as_array().map_or(0, Vec::len)
+            }
+        }
     }
 
     /// Waits until every job is `completed`; fails at once if one ends otherwise.
@@ -223,35 +228,6 @@ impl Cluster {
             },
         )
         .await
-    }
-}
-
-/// One call to the Convex HTTP API; the function's value, or the error.
-async fn convex_call(
-    http: &reqwest::Client,
-    base_url: &str,
-    kind: &str,
-    path: &str,
-    args: Value,
-) -> Result<Value, String> {
-    let body = json!({ "path": path, "format": "convex_encoded_json", "args": args });
-    let response = http
-        .post(format!("{base_url}/api/{kind}"))
-        // What the official clients send; DESIGN.md section 2.
-        .header("Convex-Client", "fondation-compose-test-0.1.0")
-        .json(&body)
-        .send()
-        .await
-        .map_err(|e| format!("{path}: {e}"))?;
-    let status = response.status();
-    let reply: Value = response
-        .json()
-        .await
-        .map_err(|e| format!("{path}: HTTP {status}, no JSON reply: {e}"))?;
-    if reply["status"] == "success" {
-        Ok(reply["value"].clone())
-    } else {
-        Err(format!("{path}: HTTP {status}: {reply}"))
     }
 }
 
@@ -380,30 +356,17 @@ async fn compose_cluster_builds_offline_scales_and_survives_kills_and_restarts()
         .collect();
     println!("3 agents healthy after {:?}", started.elapsed());
     if convex {
-        let base_url = format!(
-            "http://{}",
-            cluster
-                .project
-                .published("fake-convex", FAKE_CONVEX_PORT)
-                .expect("the fake Convex's published port")
-        );
-        let http = reqwest::Client::new();
-        let repository = convex_call(
-            &http,
-            &base_url,
-            "mutation",
-            "repositories:create",
-            json!({ "fullName": REPO_FULL_NAME, "defaultBranch": "main" }),
-        )
-        .await
-        .expect("creating the repository in the fake Convex");
-        let repository_id = repository
-            .as_str()
-            .unwrap_or_else(|| panic!("repositories:create returned no id: {repository}"))
-            .to_string();
+        let addr = cluster
+            .project
+            .published("fake-convex", FAKE_CONVEX_PORT)
+            .expect("the fake Convex's published port");
+        let fake = FakeConvexClient::new(&format!("http://{addr}"));
+        let repository_id = fake
+            .create_repository(REPO_FULL_NAME, Some("main"))
+            .await
+            .expect("creating the repository in the fake Convex");
         cluster.source = JobSource::Convex {
-            http,
-            base_url,
+            fake,
             repository_id,
         };
     }
@@ -478,6 +441,11 @@ async fn compose_cluster_builds_offline_scales_and_survives_kills_and_restarts()
         *per_agent.entry(starts[0].agent.clone()).or_default() += 1;
     }
     println!("jobs per agent: {per_agent:?}");
+    assert_eq!(
+        cluster.document_count(&job_ids[0]).await,
+        SAMPLE_DOCUMENTS,
+        "every file the CLI wrote reached the job source"
+    );
     let new_agents: BTreeSet<&String> = all_agents.difference(&first_agents).collect();
     assert_eq!(new_agents.len(), 3);
     for agent in &new_agents {
@@ -531,6 +499,14 @@ async fn compose_cluster_builds_offline_scales_and_survives_kills_and_restarts()
         starts_of(&runs, &job_id)
     );
     assert_eq!(successes_of(&runs, &job_id).len(), 1);
+
+    if let JobSource::Convex { fake, .. } = &cluster.source {
+        let violations = fake
+            .violations()
+            .await
+            .expect("reading the fake's violations");
+        assert!(violations.is_empty(), "{violations:?}");
+    }
 
     // 6. Down: no container, network or volume of the project is left.
     cluster.project.down().expect("compose down");
