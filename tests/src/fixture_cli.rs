@@ -73,8 +73,11 @@ pub const ENV_DIRECTIVES: &str = "FIXTURE_DIRECTIVES";
 pub const ENV_STEP_DELAY_MS: &str = "FIXTURE_STEP_DELAY_MS";
 /// Path of the run log; unset means no accounting.
 pub const ENV_RUN_LOG: &str = "FIXTURE_RUN_LOG";
-/// Agent name written to the run log.
+/// Agent name written to the run log; [`ENV_HOSTNAME`] when unset.
 pub const ENV_AGENT_ID: &str = "FIXTURE_AGENT_ID";
+/// Fallback agent name: Docker sets it to the container's host name, which is also the agent's
+/// default AGENT_ID, and replicas of one compose service cannot be given distinct variables.
+pub const ENV_HOSTNAME: &str = "HOSTNAME";
 
 /// Exit code of a run the caller got wrong: bad flags, unknown directives.
 const USAGE_EXIT: u8 = 2;
@@ -180,7 +183,9 @@ pub fn main_from_env() -> ExitCode {
     let run_log = match env(ENV_RUN_LOG) {
         Some(path) => {
             let path = PathBuf::from(path);
-            let agent = env(ENV_AGENT_ID).unwrap_or_default();
+            let agent = env(ENV_AGENT_ID)
+                .or_else(|| env(ENV_HOSTNAME))
+                .unwrap_or_default();
             let job_id = args.job_id.as_deref().unwrap_or_default();
             match RunLogWriter::start(&path, job_id, &agent) {
                 Ok(writer) => Some((path, TERMINATION.run_log.get_or_init(|| writer))),

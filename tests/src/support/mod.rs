@@ -4,9 +4,11 @@
 
 pub mod certs;
 pub mod cluster;
+pub mod compose;
 pub mod convex_world;
 pub mod fault_proxy;
 pub mod git;
+pub mod grpcurl;
 pub mod process;
 pub mod wait;
 
