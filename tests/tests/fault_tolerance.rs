@@ -313,3 +313,34 @@ async fn sigterm_to_the_coordinator_keeps_jobs_for_the_restarted_one() {
     let runs = runs_per_job(&read_run_log(&sandbox.run_log).unwrap());
     assert_eq!(runs[&job_id], 1, "the CLI ran once across the restart");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_sigterm_stops_at_once_and_still_hands_the_job_back() {
+    let sandbox = Sandbox::new();
+    let coordinator = CoordinatorProc::start(&sandbox, free_port(), COORDINATOR).await;
+    // The default SHUTDOWN_GRACE (10 minutes) would let the job finish: only the second signal
+    // can make the agent leave early.
+    let mut leaving = agent(&sandbox, "leaving", coordinator.url(), SLOW_AGENT);
+    leaving.wait_connected().await;
+    let mut admin = coordinator.admin().await;
+    let job_id = admin
+        .submit(&sandbox.repo.url, "main", "fixture:slow=3000")
+        .await;
+    wait_runs_started(&sandbox, &job_id, 1, JOB_TIMEOUT).await;
+    let _staying = AgentProc::connected(&sandbox, "staying", coordinator.url(), SLOW_AGENT).await;
+
+    leaving.proc.signal(Signal::SIGTERM);
+    leaving
+        .proc
+        .wait_for_log("shutting down: no new jobs", Duration::from_secs(10))
+        .await;
+    leaving.proc.signal(Signal::SIGTERM);
+    let status = leaving.proc.wait_exit(Duration::from_secs(15)).await;
+    assert!(status.success(), "exit status {status:?}");
+
+    let job = admin.wait_status(&job_id, TERMINAL, JOB_TIMEOUT).await;
+    assert_eq!(job.status, "completed", "{job:?}");
+    assert_eq!(job.attempts, 2, "handed back, then run by the other agent");
+    let runs = wait_runs_started(&sandbox, &job_id, 2, JOB_TIMEOUT).await;
+    assert_eq!(runs[1].agent, "staying");
+}
