@@ -324,7 +324,7 @@ async fn a_second_sigterm_stops_at_once_and_still_hands_the_job_back() {
     leaving.wait_connected().await;
     let mut admin = coordinator.admin().await;
     let job_id = admin
-        .submit(&sandbox.repo.url, "main", "fixture:slow=3000")
+        .submit(&sandbox.repo.url, "main", "fixture:slow=1000")
         .await;
     wait_runs_started(&sandbox, &job_id, 1, JOB_TIMEOUT).await;
     let _staying = AgentProc::connected(&sandbox, "staying", coordinator.url(), SLOW_AGENT).await;
