@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::Parser;
 use fondation_agent::{Cli, Command, Shutdown};
-use fondation_proto::{logging, serving};
+use fondation_proto::{logging, serving, signals::TerminationSignals};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<ExitCode> {
@@ -19,33 +19,18 @@ async fn main() -> anyhow::Result<ExitCode> {
     let listener = tokio::net::TcpListener::bind(&cli.config.health_addr)
         .await
         .with_context(|| format!("binding HEALTH_ADDR {}", cli.config.health_addr))?;
+    let mut signals = TerminationSignals::install().context("installing signal handlers")?;
     let shutdown = Shutdown::default();
-    tokio::spawn(on_signals(shutdown.clone()));
+    let on_signal = shutdown.clone();
+    // First signal: drain. Second: stop running jobs now (they are still handed back).
+    tokio::spawn(async move {
+        signals.next().await;
+        on_signal.drain.cancel();
+        signals.next().await;
+        on_signal.now.cancel();
+    });
     fondation_agent::run(listener, cli.config, shutdown)
         .await
         .context("running the agent")?;
     Ok(ExitCode::SUCCESS)
-}
-
-/// First SIGTERM/SIGINT: drain. Second: stop running jobs now (they are still handed back).
-async fn on_signals(shutdown: Shutdown) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("could not install signal handlers; stop with SIGKILL");
-        return;
-    };
-    for round in 0..2 {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM received"),
-            _ = int.recv() => tracing::info!("SIGINT received"),
-        }
-        if round == 0 {
-            shutdown.drain.cancel();
-        } else {
-            shutdown.now.cancel();
-        }
-    }
 }

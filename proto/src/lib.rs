@@ -7,11 +7,12 @@
 //!   (before assigning) and the agent (before cloning) enforce the same thing;
 //! - [`serving`]: reflection and health-probe helpers every gRPC server and `health` subcommand uses;
 //! - [`logging`]: the one tracing set-up of both binaries; [`settings`]: shared setting parsers;
-//! - [`tls`]: certificates for the agent <-> coordinator link.
+//! - [`tls`]: certificates for the agent <-> coordinator link; [`signals`]: SIGTERM/SIGINT.
 
 pub mod logging;
 pub mod serving;
 pub mod settings;
+pub mod signals;
 pub mod tls;
 pub mod validate;
 
