@@ -497,7 +497,7 @@ fn markdown_title(content: &str) -> Option<String> {
         .lines()
         .filter_map(|line| line.strip_prefix("# ").map(str::trim))
         .find(|title| !title.is_empty())
-        .map(|title| crate::progress::cap(title, MAX_TITLE_BYTES).to_owned())
+        .map(|title| fondation_proto::limits::truncate_utf8(title, MAX_TITLE_BYTES).to_owned())
 }
 
 /// Reads a listed file as text, refusing to follow a symlink swapped in since listing and never

@@ -554,13 +554,8 @@ impl LineSplitter {
         self.overflowed = false;
         let mut text = String::from_utf8_lossy(&raw).into_owned();
         // Lossy conversion can grow the text (one bad byte becomes a 3-byte U+FFFD): cap after it.
-        if text.len() > self.max {
-            let mut cut = self.max;
-            while !text.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            text.truncate(cut);
-        }
+        let kept = fondation_proto::limits::truncate_utf8(&text, self.max).len();
+        text.truncate(kept);
         text
     }
 }

@@ -8,6 +8,8 @@
 
 use std::path::Path;
 
+use fondation_proto::limits::truncate_utf8;
+
 use crate::collector::{OUTPUT_DIRS, STEP_YAML_FILES};
 
 /// Number of analyzer steps; every step number reported is in `1..=TOTAL_STEPS`.
@@ -234,20 +236,8 @@ fn valid_step(step: u32) -> Option<u32> {
 fn report(step: Option<u32>, message: &str) -> StepReport {
     StepReport {
         step,
-        message: cap(message.trim(), MAX_MESSAGE_BYTES).to_owned(),
+        message: truncate_utf8(message.trim(), MAX_MESSAGE_BYTES).to_owned(),
     }
-}
-
-/// The longest prefix of `text` of at most `max` bytes that ends on a char boundary.
-pub(crate) fn cap(text: &str, max: usize) -> &str {
-    if text.len() <= max {
-        return text;
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    &text[..end]
 }
 
 fn starts_with_ignore_case(text: &str, prefix: &str) -> bool {

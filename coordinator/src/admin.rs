@@ -51,17 +51,17 @@ impl Admin {
             documents: view
                 .documents
                 .into_iter()
-                .map(|document| pb::DocumentInfo {
-                    size_bytes: document.content.len() as u64,
-                    slug: document.slug,
-                    kind: document.kind.as_str().to_string(),
-                    title: document.title,
+                .map(|stored| pb::DocumentInfo {
+                    size_bytes: stored.size_bytes,
+                    slug: stored.document.slug,
+                    kind: stored.document.kind.as_str().to_string(),
+                    title: stored.document.title,
                     content: if include_content {
-                        document.content
+                        stored.document.content
                     } else {
                         String::new()
                     },
-                    chapter_index: document.chapter_index,
+                    chapter_index: stored.document.chapter_index,
                 })
                 .collect(),
             repo_url: view.repo_url.unwrap_or_default(),
@@ -107,11 +107,10 @@ impl pb::admin_server::Admin for Admin {
         request: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
         let request = request.into_inner();
-        // Sizes come from the contents, so read them even when they are not returned.
         let view = self
             .ctx
             .source
-            .get_job(&request.job_id, true)
+            .get_job(&request.job_id, request.include_content)
             .await?
             .ok_or_else(|| Status::not_found(format!("job {} not found", request.job_id)))?;
         Ok(Response::new(

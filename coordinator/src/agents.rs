@@ -6,12 +6,14 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     sync::Mutex,
-    time::{Instant, SystemTime, UNIX_EPOCH},
+    time::Instant,
 };
 
 use fondation_proto::pb::CoordinatorMessage;
 use tokio::sync::{mpsc, Notify};
 use tonic::Status;
+
+use crate::job_source::now_ms;
 
 /// Messages down one agent's stream.
 pub type AgentSender = mpsc::Sender<Result<CoordinatorMessage, Status>>;
@@ -72,13 +74,6 @@ pub struct AgentRegistry {
     inner: Mutex<Inner>,
     /// Signalled when capacity may have appeared (agent joined, slot freed, drain lifted).
     capacity: Notify,
-}
-
-pub fn now_ms() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64() * 1000.0)
-        .unwrap_or_default()
 }
 
 impl AgentRegistry {

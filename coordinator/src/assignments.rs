@@ -12,7 +12,7 @@ use std::{
 
 use tokio::sync::mpsc;
 
-use crate::{job_source::Document, lease::JobEvent};
+use crate::lease::JobEvent;
 
 /// One handing-out of a job to an agent.
 #[derive(Debug, Clone)]
@@ -68,7 +68,7 @@ impl AssignmentTable {
     /// A fresh epoch, greater than every one handed out before by this process and (through the
     /// clock) by earlier ones.
     pub fn next_epoch(&self) -> u64 {
-        let clock = (crate::agents::now_ms() * 1000.0) as u64;
+        let clock = (crate::job_source::now_ms() * 1000.0) as u64;
         let mut previous = self.last_epoch.load(Ordering::Relaxed);
         loop {
             let next = clock.max(previous + 1);
@@ -175,9 +175,4 @@ impl AssignmentTable {
             let _ = entry.events.send(event);
         }
     }
-}
-
-/// Total size of documents, for the result-size guard.
-pub fn content_bytes(documents: &[Document]) -> usize {
-    documents.iter().map(|d| d.content.len()).sum()
 }

@@ -11,10 +11,9 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::{
-    agents::now_ms,
     assignments::AssignmentRecord,
     context::Context,
-    job_source::{ClaimedJob, RepoTarget},
+    job_source::{now_ms, ClaimedJob, RepoTarget},
     lease::{spawn_keeper, JobEvent, KeeperStart},
 };
 

@@ -159,7 +159,7 @@ fn check_hello(hello: &pb::Hello, peer: String) -> Result<AgentDescription, Stat
 }
 
 fn cap(text: &str, max: usize) -> String {
-    crate::lease::truncate(text, max)
+    limits::truncate_utf8(text, max).to_string()
 }
 
 /// Tells the keepers of the runs a (re)connecting agent still has that it is back, stops the runs

@@ -450,7 +450,7 @@ impl Keeper {
 
     /// Records a failed attempt (retry or dead), or a permanent failure.
     async fn fail(&mut self, message: &str, retryable: bool) -> End {
-        let message = truncate(message, limits::MAX_MESSAGE_BYTES);
+        let message = limits::truncate_utf8(message, limits::MAX_MESSAGE_BYTES);
         let outcome = self
             .final_write(|ctx, job_id| {
                 let message = &message;
@@ -564,16 +564,4 @@ impl Keeper {
             let _ = sender.try_send(Ok(pb::CoordinatorMessage { kind: Some(kind) }));
         }
     }
-}
-
-/// Cuts a message to at most `max` bytes on a character boundary.
-pub fn truncate(message: &str, max: usize) -> String {
-    if message.len() <= max {
-        return message.to_string();
-    }
-    let mut end = max;
-    while !message.is_char_boundary(end) {
-        end -= 1;
-    }
-    message[..end].to_string()
 }

@@ -39,6 +39,28 @@ pub mod limits {
     pub const MAX_NAME_BYTES: usize = 512;
     /// Length of a progress or error message.
     pub const MAX_MESSAGE_BYTES: usize = 8 * 1024;
+
+    /// The longest prefix of `text` of at most `max` bytes that ends on a character boundary.
+    pub fn truncate_utf8(text: &str, max: usize) -> &str {
+        if text.len() <= max {
+            return text;
+        }
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        &text[..end]
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn truncation_keeps_whole_characters() {
+            assert_eq!(super::truncate_utf8("héllo", 2), "h");
+            assert_eq!(super::truncate_utf8("héllo", 3), "hé");
+            assert_eq!(super::truncate_utf8("abc", 10), "abc");
+        }
+    }
 }
 
 /// Fully-qualified service names, as health and reflection report them.

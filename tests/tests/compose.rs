@@ -203,6 +203,16 @@ impl Cluster {
         .await
     }
 
+    /// Waits like `wait_healthy`; the host names (agent ids) of the healthy agents.
+    async fn wait_healthy_agents(&self, expected: &[(&str, usize)]) -> BTreeSet<String> {
+        self.wait_healthy(expected)
+            .await
+            .into_iter()
+            .filter(|c| c.service == "agent")
+            .map(|c| c.hostname)
+            .collect()
+    }
+
     /// Agent ids ListAgents shows, through grpcurl on the published port.
     async fn wait_listed_agents(&self, count: usize) -> BTreeSet<String> {
         wait::until(
@@ -347,13 +357,7 @@ async fn compose_cluster_builds_offline_scales_and_survives_kills_and_restarts()
         run_log: run_log_dir.join("runs.log"),
         source: JobSource::Embedded,
     };
-    let first_agents: BTreeSet<String> = cluster
-        .wait_healthy(&expected)
-        .await
-        .into_iter()
-        .filter(|c| c.service == "agent")
-        .map(|c| c.hostname)
-        .collect();
+    let first_agents: BTreeSet<String> = cluster.wait_healthy_agents(&expected).await;
     println!("3 agents healthy after {:?}", started.elapsed());
     if convex {
         let addr = cluster
@@ -411,13 +415,7 @@ async fn compose_cluster_builds_offline_scales_and_survives_kills_and_restarts()
             entry.1 = 6;
         }
     }
-    let all_agents: BTreeSet<String> = cluster
-        .wait_healthy(&expected)
-        .await
-        .into_iter()
-        .filter(|c| c.service == "agent")
-        .map(|c| c.hostname)
-        .collect();
+    let all_agents: BTreeSet<String> = cluster.wait_healthy_agents(&expected).await;
     let listed = cluster.wait_listed_agents(6).await;
     assert_eq!(
         listed, all_agents,

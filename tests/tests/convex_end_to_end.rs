@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use fondation_testkit::{
-    fake_convex::{CallOutcome, CallRecord, FakeOptions, FaultKind, FaultSpec},
+    fake_convex::{now_ms, CallOutcome, CallRecord, FakeOptions, FaultKind, FaultSpec},
     fixture_cli::{read_run_log, runs_per_job},
     support::{
         cluster::{process_alive, wait_runs_started, AgentOptions, AgentProc},
@@ -116,14 +116,6 @@ async fn one_poller_whatever_the_number_of_agents_and_none_while_all_slots_are_b
     let busy = claims(&world.client.calls().await.unwrap(), busy_from, now_ms());
     assert_eq!(busy, 0, "no claim while every slot is busy");
     world.assert_no_rejected_calls().await;
-}
-
-fn now_ms() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64()
-        * 1000.0
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -14,7 +14,7 @@
 use std::{
     path::{Path, PathBuf},
     sync::{Arc, Mutex, PoisonError},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use async_trait::async_trait;
@@ -22,8 +22,8 @@ use rand::Rng;
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, TransactionBehavior};
 
 use super::{
-    ClaimedJob, Document, DocumentKind, FailOutcome, JobId, JobResult, JobSource, JobSourceError,
-    JobStatus, JobView, NewJob, ProgressUpdate, RepoTarget, Result,
+    now_ms, ClaimedJob, Document, DocumentKind, FailOutcome, JobId, JobResult, JobSource,
+    JobSourceError, JobStatus, JobView, NewJob, ProgressUpdate, RepoTarget, Result, StoredDocument,
 };
 
 /// File name of the database inside `DATA_DIR`.
@@ -382,12 +382,7 @@ impl JobSource for EmbeddedStore {
             let outcome = if retryable {
                 retry_or_die(&tx, &job_id, state.attempts, &error, now, &options)?
             } else {
-                tx.execute(
-                    "UPDATE jobs SET status = 'failed', locked_by = NULL, lease_until = NULL,
-                         error = ?2, updated_at = ?3
-                     WHERE id = ?1",
-                    params![job_id, error, now],
-                )?;
+                end_for_good(&tx, &job_id, JobStatus::Failed, &error, now)?;
                 FailOutcome::Failed
             };
             tx.commit()?;
@@ -560,6 +555,23 @@ fn reclaim_expired(tx: &Transaction<'_>, now: f64, options: &EmbeddedOptions) ->
     Ok(())
 }
 
+/// Ends a job in a final failure status (`failed` or `dead`), releasing its lease.
+fn end_for_good(
+    tx: &Transaction<'_>,
+    job_id: &str,
+    status: JobStatus,
+    error: &str,
+    now: f64,
+) -> OpResult<()> {
+    tx.execute(
+        "UPDATE jobs SET status = ?2, locked_by = NULL, lease_until = NULL,
+             error = ?3, updated_at = ?4
+         WHERE id = ?1",
+        params![job_id, status.as_str(), error, now],
+    )?;
+    Ok(())
+}
+
 /// The `queue:retryOrFail` transition: back to pending after a backoff, or dead.
 fn retry_or_die(
     tx: &Transaction<'_>,
@@ -570,12 +582,7 @@ fn retry_or_die(
     options: &EmbeddedOptions,
 ) -> OpResult<FailOutcome> {
     if attempts >= options.max_attempts {
-        tx.execute(
-            "UPDATE jobs SET status = 'dead', locked_by = NULL, lease_until = NULL,
-                 error = ?2, updated_at = ?3
-             WHERE id = ?1",
-            params![job_id, error, now],
-        )?;
+        end_for_good(tx, job_id, JobStatus::Dead, error, now)?;
         return Ok(FailOutcome::Dead { attempts });
     }
     let next_run_at_ms = now + backoff_ms(options, attempts);
@@ -738,11 +745,11 @@ fn load_documents(
     tx: &Transaction<'_>,
     job_id: &str,
     include_content: bool,
-) -> OpResult<Vec<Document>> {
+) -> OpResult<Vec<StoredDocument>> {
     // Without content, select an empty string so large contents are never read.
     let content = if include_content { "content" } else { "''" };
     let mut stmt = tx.prepare(&format!(
-        "SELECT slug, title, kind, chapter_index, {content} FROM documents
+        "SELECT slug, title, kind, chapter_index, {content}, size_bytes FROM documents
          WHERE job_id = ?1 ORDER BY position"
     ))?;
     let rows = stmt
@@ -753,20 +760,24 @@ fn load_documents(
                 row.get::<_, String>(2)?,
                 row.get::<_, Option<u32>>(3)?,
                 row.get::<_, String>(4)?,
+                row.get::<_, u64>(5)?,
             ))
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     rows.into_iter()
-        .map(|(slug, title, kind, chapter_index, content)| {
+        .map(|(slug, title, kind, chapter_index, content, size_bytes)| {
             let kind = kind
                 .parse::<DocumentKind>()
                 .map_err(|err| OpError::Unusable(format!("stored document: {err}")))?;
-            Ok(Document {
-                slug,
-                title,
-                kind,
-                chapter_index,
-                content,
+            Ok(StoredDocument {
+                document: Document {
+                    slug,
+                    title,
+                    kind,
+                    chapter_index,
+                    content,
+                },
+                size_bytes,
             })
         })
         .collect()
@@ -805,11 +816,8 @@ fn cap_error(error: &str) -> String {
     if error.len() <= MAX_ERROR_BYTES {
         return error.to_owned();
     }
-    let mut end = MAX_ERROR_BYTES - MARKER.len();
-    while !error.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}{MARKER}", &error[..end])
+    let kept = fondation_proto::limits::truncate_utf8(error, MAX_ERROR_BYTES - MARKER.len());
+    format!("{kept}{MARKER}")
 }
 
 /// A random id shaped like a Convex id.
@@ -821,12 +829,6 @@ fn new_id() -> String {
 }
 
 /// Milliseconds since the Unix epoch, whole like JavaScript's `Date.now()`.
-fn now_ms() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0.0, |since| since.as_millis() as f64)
-}
-
 fn duration_ms(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1000.0
 }

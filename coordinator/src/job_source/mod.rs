@@ -12,6 +12,14 @@ use std::{fmt, str::FromStr, time::Duration};
 
 use async_trait::async_trait;
 
+/// Milliseconds since the Unix epoch, whole like JavaScript's `Date.now()`: the unit of every
+/// timestamp the job sources use.
+pub fn now_ms() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |since| since.as_millis() as f64)
+}
+
 /// Job id as the source spells it (a Convex id, or an embedded-store id of the same shape).
 pub type JobId = String;
 
@@ -184,6 +192,15 @@ pub struct Document {
     pub content: String,
 }
 
+/// A document as read back from the source: its content only when asked for, its size always.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredDocument {
+    /// `content` is empty unless the reader asked for contents.
+    pub document: Document,
+    /// Size of the stored content in bytes.
+    pub size_bytes: u64,
+}
+
 /// A successful run's outcome.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct JobResult {
@@ -222,8 +239,8 @@ pub struct JobView {
     pub locked_by: Option<String>,
     pub created_at_ms: f64,
     pub updated_at_ms: f64,
-    /// Stored documents, in upload order; `content` is empty unless asked for.
-    pub documents: Vec<Document>,
+    /// Stored documents, in upload order.
+    pub documents: Vec<StoredDocument>,
 }
 
 /// A job to enqueue (`Admin/SubmitJob`).

@@ -40,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 pub use self::{
     client::{FakeConvexClient, FunctionFailure},
     store::{
-        AuthSeen, CallOutcome, CallRecord, FaultKind, FaultSpec, JobDoc, LatencySpec,
+        now_ms, AuthSeen, CallOutcome, CallRecord, FaultKind, FaultSpec, JobDoc, LatencySpec,
         RepositoryDoc, StoredDoc, Violations,
     },
 };

@@ -1,6 +1,8 @@
 //! Checks on what goes to and comes from the deployment: id and name shapes, Convex's size limits,
 //! and the caps applied to free text.
 
+use fondation_proto::limits::truncate_utf8;
+
 use super::functions::{FileArg, Summary};
 use crate::job_source::{DocumentKind, JobResult, JobSourceError, Result};
 
@@ -139,18 +141,6 @@ pub(super) fn summary(files: &[FileArg<'_>], generated_at: f64) -> Summary {
     }
 }
 
-/// The longest prefix of `text` of at most `max` bytes that ends on a character boundary.
-pub(super) fn cap_utf8(text: &str, max: usize) -> &str {
-    if text.len() <= max {
-        return text;
-    }
-    let mut cut = max;
-    while !text.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    &text[..cut]
-}
-
 /// Caps an error text at [`MAX_ERROR_BYTES`], keeping its start and its end (where the CLI's last
 /// error lines are).
 pub(super) fn cap_error_text(text: &str) -> String {
@@ -158,7 +148,7 @@ pub(super) fn cap_error_text(text: &str) -> String {
         return text.to_owned();
     }
     let marker = format!("\n[... {} bytes cut ...]\n", text.len());
-    let head = cap_utf8(text, 1024);
+    let head = truncate_utf8(text, 1024);
     let tail_budget = MAX_ERROR_BYTES - head.len() - marker.len();
     let mut start = text.len() - tail_budget;
     while !text.is_char_boundary(start) {

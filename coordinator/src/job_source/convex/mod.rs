@@ -26,18 +26,19 @@ use std::{
     collections::HashMap,
     fmt,
     sync::{Mutex, PoisonError},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use async_trait::async_trait;
+use fondation_proto::limits::truncate_utf8;
 use tracing::{info, warn};
 
 pub use self::checks::{is_convex_id, MAX_ARGS_BYTES, MAX_DOCUMENT_BYTES, MAX_ERROR_BYTES};
 
 use self::{
     checks::{
-        cap_error_text, cap_utf8, check_id, file_args, summary, validate_branch,
-        validate_full_name, MAX_MESSAGE_BYTES,
+        cap_error_text, check_id, file_args, summary, validate_branch, validate_full_name,
+        MAX_MESSAGE_BYTES,
     },
     client::{encode_args, CallError, ConvexClient},
     functions::{
@@ -48,7 +49,7 @@ use self::{
     },
 };
 use super::{
-    is_cancel_signal, ClaimedJob, FailOutcome, JobId, JobResult, JobSource, JobSourceError,
+    is_cancel_signal, now_ms, ClaimedJob, FailOutcome, JobId, JobResult, JobSource, JobSourceError,
     JobStatus, JobView, NewJob, ProgressUpdate, RepoTarget, Result,
 };
 
@@ -415,7 +416,7 @@ impl JobSource for ConvexSource {
             }
             return Err(error);
         }
-        let message = cap_utf8(&result.message, MAX_MESSAGE_BYTES);
+        let message = truncate_utf8(&result.message, MAX_MESSAGE_BYTES);
         let args = CompleteArgs {
             job_id,
             worker_id,
@@ -573,12 +574,6 @@ fn not_owned(job_id: &str, worker_id: &str) -> JobSourceError {
 
 fn millis(duration: Duration) -> f64 {
     duration.as_millis() as f64
-}
-
-fn now_ms() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0.0, |elapsed| elapsed.as_millis() as f64)
 }
 
 #[cfg(test)]

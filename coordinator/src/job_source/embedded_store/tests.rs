@@ -107,7 +107,7 @@ async fn submit_claim_complete_round_trip() {
     let job = view(&store, &id).await;
     assert_eq!(job.status, JobStatus::Completed);
     assert_eq!(job.locked_by, None);
-    assert_eq!(job.documents, first);
+    assert_eq!(contents(&job), first);
 
     // A repeated complete (lost reply) succeeds and replaces the whole set.
     let second = vec![doc("b.md", "beta v2"), doc("d.md", "delta")];
@@ -115,11 +115,16 @@ async fn submit_claim_complete_round_trip() {
         .complete(&id, "w1", &result(second.clone()))
         .await
         .unwrap();
-    assert_eq!(view(&store, &id).await.documents, second);
+    assert_eq!(contents(&view(&store, &id).await), second);
 
     let light = store.get_job(&id, false).await.unwrap().unwrap();
-    assert!(light.documents.iter().all(|d| d.content.is_empty()));
-    assert_eq!(light.documents[1].slug, "d.md");
+    assert!(light
+        .documents
+        .iter()
+        .all(|d| d.document.content.is_empty()));
+    assert_eq!(light.documents[1].document.slug, "d.md");
+    let sizes: Vec<u64> = light.documents.iter().map(|d| d.size_bytes).collect();
+    assert_eq!(sizes, vec![7, 5], "sizes without reading contents");
 
     // Another worker does not get that success.
     assert!(matches!(
@@ -451,7 +456,7 @@ async fn data_survives_reopening() {
     );
     let job = view(&store, &done).await;
     assert_eq!(job.status, JobStatus::Completed);
-    assert_eq!(job.documents, vec![doc("a.md", "alpha")]);
+    assert_eq!(contents(&job), vec![doc("a.md", "alpha")]);
     let claimed = store.claim("w1", LEASE).await.unwrap().unwrap();
     assert_eq!(claimed.id, pending);
 }
@@ -518,4 +523,9 @@ async fn oversize_results_are_refused() {
         Err(JobSourceError::TooLarge(_))
     ));
     assert_eq!(view(&store, &id).await.status, JobStatus::Claimed);
+}
+
+/// The documents of a view, as they were uploaded.
+fn contents(view: &JobView) -> Vec<Document> {
+    view.documents.iter().map(|d| d.document.clone()).collect()
 }
