@@ -87,7 +87,7 @@ async fn dispatch(ctx: &Arc<Context>, job: ClaimedJob) {
     if let Some(stale) = ctx.assignments.by_job(&job.id) {
         warn!(job_id = %job.id, stale_assignment = %stale.assignment_id, "job claimed again while still assigned; the old run is stale");
         ctx.assignments
-            .notify(&stale.assignment_id, JobEvent::AgentLostRun);
+            .notify(&stale.assignment_id, JobEvent::Superseded);
     }
 
     let assignment_id = uuid::Uuid::new_v4().to_string();

@@ -48,6 +48,9 @@ pub enum JobEvent {
     AgentBack,
     /// The agent reconnected without the assignment: the run is lost.
     AgentLostRun,
+    /// The job source handed the job out again (its lease lapsed): a newer assignment owns it,
+    /// so this run stops and writes nothing more.
+    Superseded,
     /// Check for cancellation now (an operator asked).
     CheckCancel,
 }
@@ -237,6 +240,9 @@ impl Keeper {
                 );
                 Some(self.fail(&message, true).await)
             }
+            JobEvent::Superseded => Some(End::StopRun {
+                reason: "the job was claimed again after its lease lapsed".into(),
+            }),
             JobEvent::CheckCancel => self.check_cancel().await,
         }
     }
