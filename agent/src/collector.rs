@@ -15,6 +15,7 @@ use std::io::Read;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use fondation_proto::model::DocumentKind;
 use serde::ser::{Serialize, SerializeMap, Serializer};
 use tracing::warn;
 
@@ -32,38 +33,15 @@ const STEP_YAML_TITLES: [&str; 3] = ["Abstractions", "Relationships", "Chapter O
 pub const OUTPUT_DIRS: [&str; 3] = ["chapters", "reviewed-chapters", "tutorials"];
 
 /// Kind and title prefix of the documents of each of [`OUTPUT_DIRS`].
-const OUTPUT_DIR_KINDS: [(DocKind, &str); 3] = [
-    (DocKind::Chapter, ""),
-    (DocKind::Chapter, "Reviewed: "),
-    (DocKind::Tutorial, "Tutorial: "),
+const OUTPUT_DIR_KINDS: [(DocumentKind, &str); 3] = [
+    (DocumentKind::Chapter, ""),
+    (DocumentKind::Chapter, "Reviewed: "),
+    (DocumentKind::Tutorial, "Tutorial: "),
 ];
 
 /// Longest title kept, in bytes: a title comes from a line of the file, and a runaway line must
 /// not eat the headroom the other fields of a Convex document need.
 const MAX_TITLE_BYTES: usize = 500;
-
-/// What a document is, as stored in Convex's `kind` field.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DocKind {
-    Chapter,
-    Tutorial,
-    /// Part of the Convex contract; the analyzer's output folder holds no table of contents, so
-    /// [`collect`] never produces one.
-    Toc,
-    Yaml,
-}
-
-impl DocKind {
-    /// The name Convex uses for this kind.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DocKind::Chapter => "chapter",
-            DocKind::Tutorial => "tutorial",
-            DocKind::Toc => "toc",
-            DocKind::Yaml => "yaml",
-        }
-    }
-}
 
 /// One document read from the output folder.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,7 +49,7 @@ pub struct CollectedDocument {
     /// Path relative to the output folder, e.g. `chapters/chapter_0_intro.md`.
     pub slug: String,
     pub title: String,
-    pub kind: DocKind,
+    pub kind: DocumentKind,
     /// 0-based position within its folder, in natural order; None for YAML documents.
     pub chapter_index: Option<u32>,
     pub content: String,
@@ -485,7 +463,7 @@ fn yaml_document(file: &Candidate, limits: &CollectLimits) -> Result<CollectedDo
     Ok(CollectedDocument {
         slug: file.slug.clone(),
         title,
-        kind: DocKind::Yaml,
+        kind: DocumentKind::Yaml,
         chapter_index: None,
         content,
     })

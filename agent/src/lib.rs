@@ -62,7 +62,6 @@ pub async fn run(
         workspace_root,
         allowlist: checked.allowlist,
         template: checked.template,
-        tls: checked.tls,
     });
     let grace = ctx.config.shutdown_grace;
     let grace_timer = {
@@ -75,7 +74,7 @@ pub async fn run(
             }
         })
     };
-    session::Agent::new(ctx, checked.agent_id, health)
+    session::Agent::new(ctx, checked.agent_id, checked.tls, health)
         .run(shutdown)
         .await;
     grace_timer.abort();

@@ -6,7 +6,10 @@
 
 use std::{path::Path, sync::Arc, time::Duration};
 
-use fondation_proto::{pb, validate};
+use fondation_proto::{
+    model::{Assignment, Document, Phase, RunEvent, RunOutcome, RunReport},
+    validate,
+};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -14,7 +17,7 @@ use tracing::{info, warn};
 use crate::{
     analyzer::{CommandTemplate, TemplateValues},
     clone::{clone_repo, CloneError, CloneSpec},
-    collector::{self, CollectLimits, CollectedDocument, DocKind},
+    collector::{self, CollectLimits, CollectedDocument},
     config::AgentConfig,
     process::{self, ExitStatusKind, OutputLine, ProcessEnd, ProcessSpec},
     progress::{self, TOTAL_STEPS},
@@ -39,21 +42,8 @@ const MESSAGE_INTERVAL: Duration = Duration::from_secs(1);
 /// shutdown the job must go to another agent; when the coordinator asked, it ignores the outcome.
 const STOPPED: &str = "the run was stopped before it finished";
 
-/// A message about a run, for the session to send.
-#[derive(Debug, Clone)]
-pub struct Report {
-    pub assignment_id: String,
-    pub kind: pb::agent_message::Kind,
-}
-
-impl Report {
-    /// Whether this report ends the run (after it, only the acknowledgement matters).
-    pub fn is_final(&self) -> bool {
-        matches!(self.kind, pb::agent_message::Kind::Finished(_))
-    }
-}
-
-pub type ReportSink = mpsc::UnboundedSender<Report>;
+/// Where a run's reports go: the session sends them, and holds the result until acknowledged.
+pub type ReportSink = mpsc::UnboundedSender<RunReport>;
 
 /// What every run needs from the agent's configuration.
 #[derive(Debug)]
@@ -63,8 +53,6 @@ pub struct RunnerContext {
     pub workspace_root: std::path::PathBuf,
     pub allowlist: validate::RepoAllowlist,
     pub template: CommandTemplate,
-    /// TLS towards the coordinator, for an https:// COORDINATOR_URL.
-    pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 /// Why a run failed.
@@ -93,7 +81,7 @@ impl RunFailure {
 /// Runs one assignment and reports everything about it on `reports`, ending with `Finished`.
 pub async fn run_assignment(
     ctx: Arc<RunnerContext>,
-    assignment: pb::Assignment,
+    assignment: Assignment,
     reports: ReportSink,
     cancel: CancellationToken,
 ) {
@@ -102,42 +90,33 @@ pub async fn run_assignment(
         epoch: assignment.epoch,
         sink: reports,
     };
-    reporter.send(pb::agent_message::Kind::Accepted(pb::AssignmentAccepted {
-        assignment_id: assignment.assignment_id.clone(),
-        epoch: assignment.epoch,
-    }));
+    reporter.send(RunEvent::Accepted);
     info!(job_id = %assignment.job_id, attempt = assignment.attempt, "run started");
     let outcome = execute(&ctx, &assignment, &reporter, &cancel).await;
     let finished = match outcome {
         Ok(documents) => {
             let count = documents.len() as u32;
             for (index, document) in documents.into_iter().enumerate() {
-                reporter.send(pb::agent_message::Kind::Document(pb::ResultDocument {
-                    assignment_id: assignment.assignment_id.clone(),
-                    epoch: assignment.epoch,
+                reporter.send(RunEvent::Document {
                     index: index as u32,
-                    document: Some(to_wire(document)),
-                }));
+                    document: into_document(document),
+                });
             }
             info!(job_id = %assignment.job_id, documents = count, "run succeeded");
-            pb::assignment_finished::Outcome::Succeeded(pb::RunSucceeded {
+            RunOutcome::Succeeded {
                 document_count: count,
                 message: format!("{count} documents generated"),
-            })
+            }
         }
         Err(failure) => {
             warn!(job_id = %assignment.job_id, error = %failure.message, retryable = failure.retryable, "run failed");
-            pb::assignment_finished::Outcome::Failed(pb::RunFailed {
+            RunOutcome::Failed {
                 message: failure.message,
                 retryable: failure.retryable,
-            })
+            }
         }
     };
-    reporter.send(pb::agent_message::Kind::Finished(pb::AssignmentFinished {
-        assignment_id: assignment.assignment_id.clone(),
-        epoch: assignment.epoch,
-        outcome: Some(finished),
-    }));
+    reporter.send(RunEvent::Finished(finished));
 }
 
 struct Reporter {
@@ -147,36 +126,31 @@ struct Reporter {
 }
 
 impl Reporter {
-    fn send(&self, kind: pb::agent_message::Kind) {
+    fn send(&self, event: RunEvent) {
         // The session outlives its runs; a closed sink means the agent is exiting anyway.
-        let _ = self.sink.send(Report {
+        let _ = self.sink.send(RunReport {
             assignment_id: self.assignment_id.clone(),
-            kind,
+            epoch: self.epoch,
+            event,
         });
     }
 
-    fn phase(&self, phase: pb::Phase) {
-        self.send(pb::agent_message::Kind::Phase(pb::PhaseChanged {
-            assignment_id: self.assignment_id.clone(),
-            epoch: self.epoch,
-            phase: phase as i32,
-        }));
+    fn phase(&self, phase: Phase) {
+        self.send(RunEvent::Phase(phase));
     }
 
     fn step(&self, step: u32, message: String) {
-        self.send(pb::agent_message::Kind::Progress(pb::StepProgress {
-            assignment_id: self.assignment_id.clone(),
-            epoch: self.epoch,
+        self.send(RunEvent::Progress {
             step,
             total_steps: TOTAL_STEPS,
             message,
-        }));
+        });
     }
 }
 
 async fn execute(
     ctx: &RunnerContext,
-    assignment: &pb::Assignment,
+    assignment: &Assignment,
     reporter: &Reporter,
     cancel: &CancellationToken,
 ) -> Result<Vec<CollectedDocument>, RunFailure> {
@@ -200,7 +174,7 @@ async fn execute(
         })?;
     let repo = workspace.path().join("repo");
 
-    reporter.phase(pb::Phase::Cloning);
+    reporter.phase(Phase::Cloning);
     let clone = CloneSpec {
         url: assignment.repo_url.clone(),
         branch: assignment.branch.clone(),
@@ -218,11 +192,11 @@ async fn execute(
             },
         })?;
 
-    reporter.phase(pb::Phase::Analyzing);
+    reporter.phase(Phase::Analyzing);
     let output_dir = repo.join(OUTPUT_FOLDER);
     analyze(ctx, assignment, &repo, &output_dir, reporter, cancel).await?;
 
-    reporter.phase(pb::Phase::Gathering);
+    reporter.phase(Phase::Gathering);
     let limits = CollectLimits::default();
     let documents = tokio::task::spawn_blocking(move || collector::collect(&output_dir, &limits))
         .await
@@ -238,7 +212,7 @@ async fn execute(
 /// Runs the analyzer CLI, reporting its progress, until it ends.
 async fn analyze(
     ctx: &RunnerContext,
-    assignment: &pb::Assignment,
+    assignment: &Assignment,
     repo: &Path,
     output_dir: &Path,
     reporter: &Reporter,
@@ -386,17 +360,11 @@ impl StepTracker {
     }
 }
 
-fn to_wire(document: CollectedDocument) -> pb::Document {
-    let kind = match document.kind {
-        DocKind::Chapter => pb::DocumentKind::Chapter,
-        DocKind::Tutorial => pb::DocumentKind::Tutorial,
-        DocKind::Toc => pb::DocumentKind::Toc,
-        DocKind::Yaml => pb::DocumentKind::Yaml,
-    };
-    pb::Document {
+fn into_document(document: CollectedDocument) -> Document {
+    Document {
         slug: document.slug,
         title: document.title,
-        kind: kind as i32,
+        kind: document.kind,
         chapter_index: document.chapter_index,
         content: document.content,
     }

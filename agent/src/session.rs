@@ -1,27 +1,31 @@
 //! The agent's session with the coordinator: dial out, say who we are and what we still run,
 //! take assignments, stream reports, hold results until acknowledged, and reconnect with
 //! exponential backoff and jitter whenever the coordinator is not there.
+//!
+//! This is the agent's end of the wire: messages are converted to and from the domain model
+//! ([`fondation_proto::model`]) here and nowhere else.
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use fondation_proto::pb::{
-    self, agent_gateway_client::AgentGatewayClient, agent_message::Kind as Up,
-    coordinator_message::Kind as Down,
+use fondation_proto::{
+    model::{Assignment, FromAgent, HeldRun, Hello, RunEvent, RunOutcome, RunReport, ToAgent},
+    pb::{self, agent_gateway_client::AgentGatewayClient},
 };
+use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{
     metadata::MetadataValue,
-    transport::{Channel, Endpoint},
-    Request, Streaming,
+    transport::{Channel, ClientTlsConfig, Endpoint},
+    Request, Status, Streaming,
 };
 use tracing::{debug, info, warn};
 
 use crate::{
     health::HealthState,
-    runner::{run_assignment, Report, RunnerContext},
+    runner::{run_assignment, RunnerContext},
 };
 
 /// Wait for the coordinator's `Welcome` after `Hello`.
@@ -30,6 +34,8 @@ const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Messages queued towards the coordinator.
 const OUTBOUND_QUEUE: usize = 256;
+/// Shortest heartbeat interval honoured, whatever `Welcome` asks for.
+const MIN_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(100);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -48,9 +54,9 @@ struct RunEntry {
     cancel: CancellationToken,
     /// The run's documents and its `Finished`, once it has ended: re-sent after a reconnect until
     /// the coordinator acknowledges them.
-    result: Option<Vec<Up>>,
+    result: Option<Vec<RunReport>>,
     /// Documents reported so far, collected into `result` when `Finished` arrives.
-    partial: Vec<Up>,
+    partial: Vec<RunReport>,
 }
 
 /// How a session ended.
@@ -64,10 +70,12 @@ enum SessionEnd {
 pub struct Agent {
     ctx: Arc<RunnerContext>,
     agent_id: String,
+    /// TLS towards the coordinator, for an https:// COORDINATOR_URL.
+    tls: Option<ClientTlsConfig>,
     health: HealthState,
     runs: HashMap<String, RunEntry>,
-    reports_tx: mpsc::UnboundedSender<Report>,
-    reports: mpsc::UnboundedReceiver<Report>,
+    reports_tx: mpsc::UnboundedSender<RunReport>,
+    reports: mpsc::UnboundedReceiver<RunReport>,
     /// No new assignments: drained by an operator or shutting down.
     draining: bool,
     /// Running jobs were told to stop (grace over, or a second signal).
@@ -84,11 +92,17 @@ pub struct Shutdown {
 }
 
 impl Agent {
-    pub fn new(ctx: Arc<RunnerContext>, agent_id: String, health: HealthState) -> Self {
+    pub fn new(
+        ctx: Arc<RunnerContext>,
+        agent_id: String,
+        tls: Option<ClientTlsConfig>,
+        health: HealthState,
+    ) -> Self {
         let (reports_tx, reports) = mpsc::unbounded_channel();
         Self {
             ctx,
             agent_id,
+            tls,
             health,
             runs: HashMap::new(),
             reports_tx,
@@ -238,7 +252,7 @@ impl Agent {
             .http2_keep_alive_interval(self.ctx.config.keepalive_interval)
             .keep_alive_timeout(self.ctx.config.keepalive_interval * 2)
             .keep_alive_while_idle(true);
-        let endpoint = match &self.ctx.tls {
+        let endpoint = match &self.tls {
             Some(tls) => endpoint
                 .tls_config(tls.clone())
                 .map_err(|e| SessionError::Url {
@@ -258,27 +272,8 @@ impl Agent {
             AgentGatewayClient::new(channel).max_decoding_message_size(8 * 1024 * 1024);
 
         let (outbound, outbound_rx) = mpsc::channel(OUTBOUND_QUEUE);
-        let hello = pb::Hello {
-            agent_id: self.agent_id.clone(),
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            slots: self.slots(),
-            labels: Default::default(),
-            running: self
-                .runs
-                .iter()
-                .map(|(assignment_id, run)| pb::RunningAssignment {
-                    assignment_id: assignment_id.clone(),
-                    job_id: run.job_id.clone(),
-                    epoch: run.epoch,
-                    result_pending: run.result.is_some(),
-                })
-                .collect(),
-            protocol_version: pb::ProtocolVersion::ProtocolVersion1 as i32,
-        };
         outbound
-            .send(pb::AgentMessage {
-                kind: Some(Up::Hello(hello)),
-            })
+            .send(FromAgent::Hello(self.hello()).into())
             .await
             .map_err(|_| SessionError::Refused("outbound queue closed".into()))?;
         let mut request = Request::new(ReceiverStream::new(outbound_rx));
@@ -298,35 +293,54 @@ impl Agent {
             .await
             .map_err(|_| SessionError::Refused("no Welcome from the coordinator".into()))?
             .map_err(|status| SessionError::Refused(status.message().to_string()))?;
-        let Some(pb::CoordinatorMessage {
-            kind: Some(Down::Welcome(welcome)),
-        }) = first
-        else {
+        let Some(Ok(ToAgent::Welcome(welcome))) = first.map(ToAgent::try_from) else {
             return Err(SessionError::Refused(
                 "the coordinator did not answer Hello with Welcome".into(),
             ));
         };
         info!(coordinator = %welcome.coordinator_id, url = %url, "connected to the coordinator");
-        let heartbeat = Duration::from_millis(u64::from(welcome.heartbeat_interval_ms.max(100)));
+        let heartbeat = welcome.heartbeat_interval.max(MIN_HEARTBEAT_INTERVAL);
 
         // Results that ended while we were away go out again.
-        for (assignment_id, run) in &self.runs {
-            for kind in run.result.iter().flatten() {
-                debug!(%assignment_id, "re-sending a held result");
-                let _ = outbound
-                    .send(pb::AgentMessage {
-                        kind: Some(kind.clone()),
-                    })
-                    .await;
-            }
+        for report in self.held_results() {
+            debug!(assignment_id = %report.assignment_id, "re-sending a held result");
+            let _ = outbound.send(report.into()).await;
         }
         Ok((outbound, inbound, heartbeat))
+    }
+
+    /// Who we are, and the runs we still work on or hold a result of.
+    fn hello(&self) -> Hello {
+        Hello {
+            agent_id: self.agent_id.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            slots: self.slots(),
+            labels: Default::default(),
+            running: self
+                .runs
+                .iter()
+                .map(|(assignment_id, run)| HeldRun {
+                    assignment_id: assignment_id.clone(),
+                    job_id: run.job_id.clone(),
+                    epoch: run.epoch,
+                    result_pending: run.result.is_some(),
+                })
+                .collect(),
+        }
+    }
+
+    /// The reports of every ended run not yet acknowledged: documents, then `Finished`.
+    fn held_results(&self) -> Vec<RunReport> {
+        self.runs
+            .values()
+            .flat_map(|run| run.result.iter().flatten().cloned())
+            .collect()
     }
 
     async fn serve(
         &mut self,
         outbound: mpsc::Sender<pb::AgentMessage>,
-        mut inbound: Streaming<pb::CoordinatorMessage>,
+        mut inbound: impl Stream<Item = Result<pb::CoordinatorMessage, Status>> + Unpin,
         heartbeat_every: Duration,
         shutdown: &Shutdown,
     ) -> SessionEnd {
@@ -337,31 +351,27 @@ impl Agent {
                 // End our half of the stream and let the coordinator close its half, so it sees a
                 // clean goodbye rather than a broken connection.
                 drop(outbound);
-                let goodbye = async { while let Ok(Some(_)) = inbound.message().await {} };
+                let goodbye = async { while let Some(Ok(_)) = inbound.next().await {} };
                 let _ = tokio::time::timeout(GOODBYE_TIMEOUT, goodbye).await;
                 return SessionEnd::Done;
             }
             tokio::select! {
-                message = inbound.message() => match message {
-                    Ok(Some(message)) => {
-                        if let Some(kind) = message.kind {
-                            self.on_message(kind, &outbound).await;
-                        }
-                    }
-                    Ok(None) => return SessionEnd::Lost("the coordinator closed the stream".into()),
-                    Err(status) => return SessionEnd::Lost(format!("stream error: {}", status.message())),
+                message = inbound.next() => match message.map(|m| m.map(ToAgent::try_from)) {
+                    Some(Ok(Ok(message))) => self.on_message(message, &outbound).await,
+                    // A kind this agent does not know (a newer coordinator): not ours to act on.
+                    Some(Ok(Err(error))) => warn!(%error, "message from the coordinator ignored"),
+                    None => return SessionEnd::Lost("the coordinator closed the stream".into()),
+                    Some(Err(status)) => return SessionEnd::Lost(format!("stream error: {}", status.message())),
                 },
                 Some(report) = self.reports.recv() => {
                     self.record(&report);
-                    if outbound.send(pb::AgentMessage { kind: Some(report.kind) }).await.is_err() {
+                    if outbound.send(report.into()).await.is_err() {
                         return SessionEnd::Lost("the outbound stream closed".into());
                     }
                 }
                 _ = heartbeat.tick() => {
-                    let beat = pb::AgentMessage {
-                        kind: Some(Up::Heartbeat(pb::AgentHeartbeat { free_slots: self.free_slots() })),
-                    };
-                    if outbound.send(beat).await.is_err() {
+                    let beat = FromAgent::Heartbeat { free_slots: self.free_slots() };
+                    if outbound.send(beat.into()).await.is_err() {
                         return SessionEnd::Lost("the outbound stream closed".into());
                     }
                 }
@@ -371,10 +381,10 @@ impl Agent {
         }
     }
 
-    async fn on_message(&mut self, kind: Down, outbound: &mpsc::Sender<pb::AgentMessage>) {
-        match kind {
-            Down::Assignment(assignment) => self.accept(assignment, outbound).await,
-            Down::Cancel(cancel) => match self.runs.get(&cancel.assignment_id) {
+    async fn on_message(&mut self, message: ToAgent, outbound: &mpsc::Sender<pb::AgentMessage>) {
+        match message {
+            ToAgent::Assignment(assignment) => self.accept(assignment, outbound).await,
+            ToAgent::Cancel(cancel) => match self.runs.get(&cancel.assignment_id) {
                 Some(run) if run.result.is_some() => {
                     self.runs.remove(&cancel.assignment_id);
                 }
@@ -384,7 +394,7 @@ impl Agent {
                 }
                 None => debug!(assignment_id = %cancel.assignment_id, "cancel for an unknown run"),
             },
-            Down::ResultAck(ack) => {
+            ToAgent::ResultAck(ack) => {
                 if let Some(run) = self.runs.remove(&ack.assignment_id) {
                     run.cancel.cancel();
                     if ack.accepted {
@@ -394,20 +404,16 @@ impl Agent {
                     }
                 }
             }
-            Down::Drain(drain) => {
+            ToAgent::Drain(drain) => {
                 info!(reason = %drain.reason, "draining: no new jobs");
                 self.draining = true;
                 self.health.set_draining().await;
             }
-            Down::Welcome(_) => warn!("unexpected Welcome mid-session; ignored"),
+            ToAgent::Welcome(_) => warn!("unexpected Welcome mid-session; ignored"),
         }
     }
 
-    async fn accept(
-        &mut self,
-        assignment: pb::Assignment,
-        outbound: &mpsc::Sender<pb::AgentMessage>,
-    ) {
+    async fn accept(&mut self, assignment: Assignment, outbound: &mpsc::Sender<pb::AgentMessage>) {
         let refusal = if self.draining {
             Some("the agent is draining")
         } else if self.free_slots() == 0 {
@@ -419,17 +425,15 @@ impl Agent {
         };
         if let Some(reason) = refusal {
             warn!(job_id = %assignment.job_id, reason, "assignment refused");
-            let refused = pb::AgentMessage {
-                kind: Some(Up::Finished(pb::AssignmentFinished {
-                    assignment_id: assignment.assignment_id,
-                    epoch: assignment.epoch,
-                    outcome: Some(pb::assignment_finished::Outcome::Failed(pb::RunFailed {
-                        message: format!("assignment refused: {reason}"),
-                        retryable: true,
-                    })),
-                })),
+            let refused = RunReport {
+                assignment_id: assignment.assignment_id,
+                epoch: assignment.epoch,
+                event: RunEvent::Finished(RunOutcome::Failed {
+                    message: format!("assignment refused: {reason}"),
+                    retryable: true,
+                }),
             };
-            let _ = outbound.send(refused).await;
+            let _ = outbound.send(refused.into()).await;
             return;
         }
         let cancel = CancellationToken::new();
@@ -452,15 +456,15 @@ impl Agent {
     }
 
     /// Keeps what must survive a disconnect: the documents and the end of each run.
-    fn record(&mut self, report: &Report) {
+    fn record(&mut self, report: &RunReport) {
         let Some(run) = self.runs.get_mut(&report.assignment_id) else {
             return;
         };
-        match &report.kind {
-            Up::Document(_) => run.partial.push(report.kind.clone()),
-            Up::Finished(_) => {
+        match &report.event {
+            RunEvent::Document { .. } => run.partial.push(report.clone()),
+            RunEvent::Finished(_) => {
                 let mut result = std::mem::take(&mut run.partial);
-                result.push(report.kind.clone());
+                result.push(report.clone());
                 run.result = Some(result);
             }
             _ => {}

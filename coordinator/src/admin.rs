@@ -2,7 +2,11 @@
 
 use std::sync::Arc;
 
-use fondation_proto::{pb, settings::Secret};
+use fondation_proto::{
+    model::{Drain, ToAgent},
+    pb,
+    settings::Secret,
+};
 use tonic::{Request, Response, Status};
 use tracing::info;
 
@@ -213,13 +217,11 @@ impl pb::admin_server::Admin for Admin {
             .agents
             .drain(&agent_id)
             .ok_or_else(|| Status::not_found(format!("agent {agent_id} is not connected")))?;
-        let message = pb::CoordinatorMessage {
-            kind: Some(pb::coordinator_message::Kind::Drain(pb::DrainRequest {
-                reason: "drained by an operator".into(),
-            })),
-        };
+        let message = ToAgent::Drain(Drain {
+            reason: "drained by an operator".into(),
+        });
         sender
-            .send(Ok(message))
+            .send(message)
             .await
             .map_err(|_| Status::unavailable(format!("agent {agent_id} disconnected")))?;
         info!(agent_id = %agent_id, "agent draining");

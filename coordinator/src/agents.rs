@@ -9,14 +9,13 @@ use std::{
     time::Instant,
 };
 
-use fondation_proto::pb::CoordinatorMessage;
+use fondation_proto::model::ToAgent;
 use tokio::sync::{mpsc, Notify};
-use tonic::Status;
 
 use crate::job_source::now_ms;
 
-/// Messages down one agent's stream.
-pub type AgentSender = mpsc::Sender<Result<CoordinatorMessage, Status>>;
+/// Messages down one agent's stream; the gateway turns them into wire messages.
+pub type AgentSender = mpsc::Sender<ToAgent>;
 
 /// What an agent said about itself in `Hello`.
 #[derive(Debug, Clone)]
@@ -72,7 +71,8 @@ struct Inner {
 #[derive(Default)]
 pub struct AgentRegistry {
     inner: Mutex<Inner>,
-    /// Signalled when capacity may have appeared (agent joined, slot freed, drain lifted).
+    /// Signalled when capacity may have appeared (agent joined, slot freed). A drain is never
+    /// lifted: a drained agent takes work again only as a new session.
     capacity: Notify,
 }
 
@@ -138,11 +138,6 @@ impl AgentRegistry {
     /// Waits until some capacity change was signalled.
     pub async fn capacity_changed(&self) {
         self.capacity.notified().await
-    }
-
-    /// Waits for a capacity change, or at most `limit`.
-    pub async fn capacity_changed_or(&self, limit: std::time::Duration) {
-        let _ = tokio::time::timeout(limit, self.capacity.notified()).await;
     }
 
     /// Picks the agent with the most free slots (least recently served on a tie), credits it with
@@ -214,11 +209,7 @@ impl AgentRegistry {
 mod tests {
     use super::*;
 
-    fn agent(
-        registry: &AgentRegistry,
-        id: &str,
-        slots: u32,
-    ) -> mpsc::Receiver<Result<CoordinatorMessage, Status>> {
+    fn agent(registry: &AgentRegistry, id: &str, slots: u32) -> mpsc::Receiver<ToAgent> {
         let (tx, rx) = mpsc::channel(8);
         registry.connect(
             AgentDescription {

@@ -10,7 +10,7 @@ use std::{
     },
 };
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 
 use crate::lease::JobEvent;
 
@@ -58,6 +58,8 @@ pub struct AssignmentTable {
     inner: Mutex<HashMap<String, Entry>>,
     /// Epochs only grow, also across restarts: seeded from the wall clock in microseconds.
     last_epoch: AtomicU64,
+    /// Signalled whenever an assignment leaves the table, for [`AssignmentTable::emptied`].
+    removed: Notify,
 }
 
 impl AssignmentTable {
@@ -96,6 +98,21 @@ impl AssignmentTable {
 
     pub fn remove(&self, assignment_id: &str) {
         self.lock().remove(assignment_id);
+        self.removed.notify_waiters();
+    }
+
+    /// Waits until no assignment is left (every keeper ended or suspended).
+    pub async fn emptied(&self) {
+        loop {
+            let removed = self.removed.notified();
+            tokio::pin!(removed);
+            // Registered before looking, so a removal between the look and the wait is not missed.
+            removed.as_mut().enable();
+            if self.is_empty() {
+                return;
+            }
+            removed.await;
+        }
     }
 
     /// The assignment currently running `job_id`, if any.

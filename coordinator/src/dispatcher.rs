@@ -6,7 +6,10 @@
 
 use std::{sync::Arc, time::Duration};
 
-use fondation_proto::{pb, validate};
+use fondation_proto::{
+    model::{Assignment, ToAgent},
+    validate,
+};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
@@ -31,10 +34,14 @@ pub async fn run_claim_loop(ctx: Arc<Context>) {
         if shutdown.is_cancelled() {
             return;
         }
-        let claimed = ctx
-            .source
-            .claim(&ctx.worker_id, ctx.config.lease_time)
-            .await;
+        // Raced against shutdown: during a job-source outage a claim retries for up to its retry
+        // budget, and a stopping coordinator must not wait that out. A claim cut short may
+        // already have been applied by the source; like a claim whose reply was lost, that job
+        // stays under our lock until its lease is reclaimed (DESIGN.md section 2).
+        let claimed = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            claimed = ctx.source.claim(&ctx.worker_id, ctx.config.lease_time) => claimed,
+        };
         let wait = match claimed {
             Ok(Some(job)) => {
                 dispatch(&ctx, job).await;
@@ -133,19 +140,17 @@ async fn dispatch(ctx: &Arc<Context>, job: ClaimedJob) {
         KeeperStart::Assigned,
     );
 
-    let message = pb::CoordinatorMessage {
-        kind: Some(pb::coordinator_message::Kind::Assignment(pb::Assignment {
-            assignment_id,
-            job_id: job.id.clone(),
-            repo_url: target.url,
-            branch: target.branch,
-            prompt: job.prompt,
-            attempt: job.attempt,
-            epoch: record.epoch,
-        })),
-    };
+    let message = ToAgent::Assignment(Assignment {
+        assignment_id,
+        job_id: job.id.clone(),
+        repo_url: target.url,
+        branch: target.branch,
+        prompt: job.prompt,
+        attempt: job.attempt,
+        epoch: record.epoch,
+    });
     info!(job_id = %job.id, agent_id = %agent_id, attempt = job.attempt, "job assigned");
-    if sender.send(Ok(message)).await.is_err() {
+    if sender.send(message).await.is_err() {
         // The stream closed under us: the keeper hears about it from the gateway's clean-up or,
         // failing that, hands the job back after the re-attach grace.
         ctx.assignments
@@ -164,3 +169,6 @@ fn check_job(ctx: &Context, job: &ClaimedJob) -> Result<RepoTarget, String> {
     validate::check_prompt(&job.prompt).map_err(|e| e.to_string())?;
     Ok(target)
 }
+
+#[cfg(test)]
+mod tests;

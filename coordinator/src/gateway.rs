@@ -1,7 +1,10 @@
 //! `fondation.v1.AgentGateway`: one bidirectional stream per agent.
 //!
 //! Authenticates the agent, registers its session, re-attaches the assignments it reports, routes
-//! its reports to the lease keepers (refusing stale ones), and notices when it goes silent.
+//! its reports to the lease keepers (refusing stale ones), and notices when it goes silent. This is
+//! the coordinator's end of the wire: messages are converted to and from the domain model
+//! ([`fondation_proto::model`]) here, and a malformed one ends the session with
+//! `INVALID_ARGUMENT`.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -9,9 +12,16 @@ use std::{
     sync::Arc,
 };
 
-use fondation_proto::{limits, pb, settings::Secret, validate};
+use fondation_proto::{
+    limits,
+    model::{
+        CancelRun, FromAgent, HeldRun, Hello, ResultAck, RunEvent, RunReport, ToAgent, Welcome,
+    },
+    pb,
+    settings::Secret,
+};
 use futures::Stream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_stream::{wrappers::ReceiverStream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
@@ -19,8 +29,7 @@ use tracing::{debug, info, warn};
 use crate::{
     agents::{AgentDescription, AgentSender},
     context::Context,
-    job_source::{ActiveStatus, Document, DocumentKind},
-    lease::{JobEvent, RunOutcome},
+    lease::JobEvent,
 };
 
 /// Most slots one agent may announce.
@@ -77,22 +86,21 @@ impl pb::agent_gateway_server::AgentGateway for Gateway {
             .await
             .map_err(|_| Status::deadline_exceeded("no Hello within AGENT_TIMEOUT"))?;
         let hello = match first {
-            Some(Ok(pb::AgentMessage {
-                kind: Some(pb::agent_message::Kind::Hello(hello)),
-            })) => hello,
+            Some(Ok(message)) => match FromAgent::try_from(message)? {
+                FromAgent::Hello(hello) => hello,
+                _ => return Err(Status::invalid_argument("the first message must be Hello")),
+            },
             Some(Err(status)) => return Err(status),
-            _ => return Err(Status::invalid_argument("the first message must be Hello")),
+            None => return Err(Status::invalid_argument("the first message must be Hello")),
         };
         let description = check_hello(&hello, peer)?;
 
         let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
-        let welcome = pb::CoordinatorMessage {
-            kind: Some(pb::coordinator_message::Kind::Welcome(pb::Welcome {
-                coordinator_id: ctx.worker_id.clone(),
-                heartbeat_interval_ms: ctx.config.agent_heartbeat_interval().as_millis() as u32,
-            })),
-        };
-        tx.try_send(Ok(welcome))
+        let welcome = ToAgent::Welcome(Welcome {
+            coordinator_id: ctx.worker_id.clone(),
+            heartbeat_interval: ctx.config.agent_heartbeat_interval(),
+        });
+        tx.try_send(welcome)
             .map_err(|_| Status::internal("could not queue Welcome"))?;
 
         let agent_id = description.agent_id.clone();
@@ -114,9 +122,19 @@ impl pb::agent_gateway_server::AgentGateway for Gateway {
         info!(agent_id = %agent_id, version = %description.version, slots = description.slots, peer = %description.peer, adopted = adopted.len(), "agent connected");
         reattach(ctx, &agent_id, &hello.running, &adopted, replaced, &tx);
 
+        // A protocol violation ends the response stream with its status.
+        let (violation_tx, violation_rx) = oneshot::channel::<Status>();
         let ctx = ctx.clone();
         tokio::spawn(async move {
-            let reason = read_reports(&ctx, &agent_id, &mut inbound, &tx).await;
+            let reason = match read_reports(&ctx, &agent_id, &mut inbound, &tx).await {
+                Ok(reason) => reason,
+                Err(status) => {
+                    warn!(agent_id = %agent_id, error = %status.message(), "invalid message from agent; closing its session");
+                    let reason = format!("invalid message: {}", status.message());
+                    let _ = violation_tx.send(status);
+                    reason
+                }
+            };
             if let Some(running) = ctx.agents.disconnect(&agent_id, session_id) {
                 warn!(agent_id = %agent_id, reason = %reason, "agent disconnected");
                 for assignment_id in running {
@@ -124,19 +142,16 @@ impl pb::agent_gateway_server::AgentGateway for Gateway {
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let messages = ReceiverStream::new(rx).map(|message| Ok(message.into()));
+        let violation = futures::stream::once(violation_rx)
+            .filter_map(|status| status.ok().map(Err::<pb::CoordinatorMessage, Status>));
+        Ok(Response::new(Box::pin(messages.merge(violation))))
     }
 }
 
-fn check_hello(hello: &pb::Hello, peer: String) -> Result<AgentDescription, Status> {
-    if hello.protocol_version != pb::ProtocolVersion::ProtocolVersion1 as i32 {
-        return Err(Status::failed_precondition(format!(
-            "unsupported protocol version {}; this coordinator speaks PROTOCOL_VERSION_1",
-            hello.protocol_version
-        )));
-    }
-    validate::check_job_id(&hello.agent_id)
-        .map_err(|e| Status::invalid_argument(format!("invalid agent id: {e} (set AGENT_ID)")))?;
+/// The coordinator's policy on what an agent may announce (the model checked the protocol
+/// version and the agent id).
+fn check_hello(hello: &Hello, peer: String) -> Result<AgentDescription, Status> {
     if hello.slots == 0 || hello.slots > MAX_SLOTS {
         return Err(Status::invalid_argument(format!(
             "agent {} announced {} slots; MAX_CONCURRENT_JOBS must be 1 to {MAX_SLOTS}",
@@ -168,7 +183,7 @@ fn cap(text: &str, max: usize) -> String {
 fn reattach(
     ctx: &Context,
     agent_id: &str,
-    running: &[pb::RunningAssignment],
+    running: &[HeldRun],
     adopted: &BTreeSet<String>,
     replaced: BTreeSet<String>,
     tx: &AgentSender,
@@ -197,64 +212,70 @@ fn reattach(
 
 /// What tells an agent to drop an assignment: a cancel for a running one, a refused
 /// acknowledgement for one that only holds a result.
-fn refuse(assignment_id: &str, result_pending: bool) -> pb::coordinator_message::Kind {
+fn refuse(assignment_id: &str, result_pending: bool) -> ToAgent {
     let reason = "this coordinator no longer owns the assignment".to_string();
+    let assignment_id = assignment_id.to_string();
     if result_pending {
-        pb::coordinator_message::Kind::ResultAck(pb::ResultAck {
-            assignment_id: assignment_id.to_string(),
+        ToAgent::ResultAck(ResultAck {
+            assignment_id,
             accepted: false,
             message: reason,
         })
     } else {
-        pb::coordinator_message::Kind::Cancel(pb::CancelAssignment {
-            assignment_id: assignment_id.to_string(),
+        ToAgent::Cancel(CancelRun {
+            assignment_id,
             reason,
         })
     }
 }
 
-fn send(tx: &AgentSender, kind: pb::coordinator_message::Kind) {
-    let _ = tx.try_send(Ok(pb::CoordinatorMessage { kind: Some(kind) }));
+fn send(tx: &AgentSender, message: ToAgent) {
+    let _ = tx.try_send(message);
 }
 
-/// Reads the agent's reports until its stream ends, errs or goes silent; returns why it ended.
+/// Reads the agent's reports until its stream ends, errs or goes silent; returns why it ended, or
+/// the status that ends it when the agent broke the protocol.
 async fn read_reports(
     ctx: &Context,
     agent_id: &str,
     inbound: &mut Streaming<pb::AgentMessage>,
     tx: &AgentSender,
-) -> String {
+) -> Result<String, Status> {
     loop {
         let next = tokio::select! {
             next = tokio::time::timeout(ctx.config.agent_timeout, inbound.next()) => next,
-            _ = tx.closed() => return "session replaced".into(),
-            _ = ctx.sessions_closed.cancelled() => return "coordinator stopping".into(),
+            _ = tx.closed() => return Ok("session replaced".into()),
+            _ = ctx.sessions_closed.cancelled() => return Ok("coordinator stopping".into()),
         };
         let message = match next {
             Err(_) => {
-                return format!(
+                return Ok(format!(
                     "silent for AGENT_TIMEOUT ({} ms)",
                     ctx.config.agent_timeout.as_millis()
-                )
+                ))
             }
-            Ok(None) => return "stream closed".into(),
-            Ok(Some(Err(status))) => return format!("stream error: {}", status.message()),
+            Ok(None) => return Ok("stream closed".into()),
+            Ok(Some(Err(status))) => return Ok(format!("stream error: {}", status.message())),
             Ok(Some(Ok(message))) => message,
         };
         ctx.agents.touch(agent_id);
-        let Some(kind) = message.kind else { continue };
-        let (assignment_id, epoch, event) = match into_event(kind) {
-            Ok(Some(routed)) => routed,
-            Ok(None) => continue,
-            Err(problem) => {
-                warn!(agent_id, %problem, "invalid report from agent; ignored");
-                continue;
+        let RunReport {
+            assignment_id,
+            epoch,
+            event,
+        } = match FromAgent::try_from(message)? {
+            FromAgent::Report(report) => report,
+            FromAgent::Heartbeat { .. } => continue,
+            FromAgent::Hello(_) => {
+                return Err(Status::invalid_argument(
+                    "Hello may only be the first message",
+                ))
             }
         };
         let kind = EventKind::of(&event);
-        if let Err(error) = ctx
-            .assignments
-            .route(&assignment_id, epoch, agent_id, event)
+        if let Err(error) =
+            ctx.assignments
+                .route(&assignment_id, epoch, agent_id, JobEvent::Run(event))
         {
             match kind {
                 // Documents of a refused result: its `Finished` gets the one answer.
@@ -280,93 +301,11 @@ enum EventKind {
 }
 
 impl EventKind {
-    fn of(event: &JobEvent) -> Self {
+    fn of(event: &RunEvent) -> Self {
         match event {
-            JobEvent::Document { .. } => EventKind::Document,
-            JobEvent::Finished(_) => EventKind::Finished,
+            RunEvent::Document { .. } => EventKind::Document,
+            RunEvent::Finished(_) => EventKind::Finished,
             _ => EventKind::Other,
         }
     }
-}
-
-/// Turns a report into a keeper event; `Ok(None)` for messages that need no routing.
-fn into_event(kind: pb::agent_message::Kind) -> Result<Option<(String, u64, JobEvent)>, String> {
-    use pb::agent_message::Kind;
-    Ok(Some(match kind {
-        Kind::Hello(_) => return Err("Hello may only be the first message".into()),
-        Kind::Heartbeat(_) => return Ok(None),
-        Kind::Accepted(m) => (m.assignment_id, m.epoch, JobEvent::Accepted),
-        Kind::Phase(m) => {
-            let status = match pb::Phase::try_from(m.phase) {
-                Ok(pb::Phase::Cloning) => ActiveStatus::Cloning,
-                Ok(pb::Phase::Analyzing) => ActiveStatus::Analyzing,
-                Ok(pb::Phase::Gathering) => ActiveStatus::Gathering,
-                _ => return Err(format!("unknown phase {}", m.phase)),
-            };
-            (m.assignment_id, m.epoch, JobEvent::Phase(status))
-        }
-        Kind::Progress(m) => {
-            if m.step == 0 || m.step > m.total_steps.max(1) {
-                return Err(format!(
-                    "step {} of {} is out of range",
-                    m.step, m.total_steps
-                ));
-            }
-            let event = JobEvent::Progress {
-                step: m.step,
-                message: cap(&m.message, limits::MAX_MESSAGE_BYTES),
-            };
-            (m.assignment_id, m.epoch, event)
-        }
-        Kind::Document(m) => {
-            let document = m
-                .document
-                .ok_or_else(|| "ResultDocument without a document".to_string())
-                .and_then(into_document)?;
-            let event = JobEvent::Document {
-                index: m.index,
-                document,
-            };
-            (m.assignment_id, m.epoch, event)
-        }
-        Kind::Finished(m) => {
-            let outcome = match m.outcome {
-                Some(pb::assignment_finished::Outcome::Succeeded(s)) => RunOutcome::Succeeded {
-                    document_count: s.document_count,
-                    message: cap(&s.message, limits::MAX_MESSAGE_BYTES),
-                },
-                Some(pb::assignment_finished::Outcome::Failed(f)) => RunOutcome::Failed {
-                    message: cap(&f.message, limits::MAX_MESSAGE_BYTES),
-                    retryable: f.retryable,
-                },
-                None => return Err("AssignmentFinished without an outcome".into()),
-            };
-            (m.assignment_id, m.epoch, JobEvent::Finished(outcome))
-        }
-    }))
-}
-
-/// Checks a document from the wire. Size limits are the keeper's (they fail the job, not the
-/// message), names are checked here.
-fn into_document(document: pb::Document) -> Result<Document, String> {
-    let kind = match pb::DocumentKind::try_from(document.kind) {
-        Ok(pb::DocumentKind::Chapter) => DocumentKind::Chapter,
-        Ok(pb::DocumentKind::Tutorial) => DocumentKind::Tutorial,
-        Ok(pb::DocumentKind::Toc) => DocumentKind::Toc,
-        Ok(pb::DocumentKind::Yaml) => DocumentKind::Yaml,
-        _ => return Err(format!("document {:?} has no valid kind", document.slug)),
-    };
-    if document.slug.is_empty() || document.slug.len() > limits::MAX_NAME_BYTES {
-        return Err(format!(
-            "document slug must be 1 to {} bytes",
-            limits::MAX_NAME_BYTES
-        ));
-    }
-    Ok(Document {
-        slug: document.slug,
-        title: cap(&document.title, limits::MAX_NAME_BYTES),
-        kind,
-        chapter_index: document.chapter_index,
-        content: document.content,
-    })
 }

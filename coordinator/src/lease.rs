@@ -7,9 +7,13 @@
 //! A run's end is journaled before the agent is released from it, and the journal entry is only
 //! dropped once the job source has the end: a restart or an outage delays a result, never loses it.
 
-use std::{sync::Arc, time::Duration};
+use std::{future::Future, sync::Arc, time::Duration};
 
-use fondation_proto::{limits, pb};
+use backon::{ExponentialBuilder, Retryable};
+use fondation_proto::{
+    limits,
+    model::{CancelRun, Phase, ResultAck, RunEvent, RunOutcome, ToAgent},
+};
 use tokio::{
     sync::mpsc,
     time::{interval_at, sleep_until, Instant, MissedTickBehavior},
@@ -29,19 +33,8 @@ use crate::{
 /// Something that happened to an in-flight job.
 #[derive(Debug)]
 pub enum JobEvent {
-    /// The agent took the assignment.
-    Accepted,
-    Phase(ActiveStatus),
-    Progress {
-        step: u32,
-        message: String,
-    },
-    /// One result document, already checked by the gateway.
-    Document {
-        index: u32,
-        document: Document,
-    },
-    Finished(RunOutcome),
+    /// A report of the agent running the assignment, already checked and fenced by the gateway.
+    Run(RunEvent),
     /// The agent's session ended; it may come back within the re-attach grace.
     AgentGone,
     /// The agent reconnected and still runs the assignment.
@@ -55,22 +48,12 @@ pub enum JobEvent {
     CheckCancel,
 }
 
-#[derive(Debug)]
-pub enum RunOutcome {
-    Succeeded {
-        document_count: u32,
-        message: String,
-    },
-    Failed {
-        message: String,
-        retryable: bool,
-    },
-}
-
 /// How long a stopped run may take to report its end before its slot is freed anyway.
 const STOP_REPORT_TIMEOUT: Duration = Duration::from_secs(60);
-/// Waits between attempts to deliver a final write while the job source is unavailable.
-const FINAL_WRITE_BACKOFF: [u64; 6] = [1, 2, 5, 10, 20, 30];
+/// First wait before retrying a final write while the job source is unavailable; the waits
+/// double from there up to [`FINAL_WRITE_MAX_DELAY`], and go on until shutdown.
+const FINAL_WRITE_MIN_DELAY: Duration = Duration::from_secs(1);
+const FINAL_WRITE_MAX_DELAY: Duration = Duration::from_secs(30);
 
 /// How a keeper starts.
 pub enum KeeperStart {
@@ -200,12 +183,12 @@ impl Keeper {
 
     async fn on_event(&mut self, event: JobEvent) -> Option<End> {
         match event {
-            JobEvent::Accepted => {
+            JobEvent::Run(RunEvent::Accepted) => {
                 info!(job_id = %self.record.job_id, agent_id = %self.record.agent_id, "assignment accepted");
                 self.set_status(ActiveStatus::Running).await
             }
-            JobEvent::Phase(status) => self.set_status(status).await,
-            JobEvent::Progress { step, message } => {
+            JobEvent::Run(RunEvent::Phase(phase)) => self.set_status(status_of(phase)).await,
+            JobEvent::Run(RunEvent::Progress { step, message, .. }) => {
                 self.pending.current_step = Some(step);
                 self.pending.progress = Some(message);
                 if self.flush_deadline().is_some_and(|at| at <= Instant::now()) {
@@ -214,11 +197,11 @@ impl Keeper {
                     None
                 }
             }
-            JobEvent::Document { index, document } => {
+            JobEvent::Run(RunEvent::Document { index, document }) => {
                 self.add_document(index, document);
                 None
             }
-            JobEvent::Finished(outcome) => Some(self.finish(outcome).await),
+            JobEvent::Run(RunEvent::Finished(outcome)) => Some(self.finish(outcome).await),
             JobEvent::AgentGone => {
                 warn!(job_id = %self.record.job_id, agent_id = %self.record.agent_id, "agent gone; waiting for it to re-attach");
                 self.agent_gone_at = Some(Instant::now());
@@ -435,11 +418,10 @@ impl Keeper {
 
     async fn complete(&mut self, result: JobResult) -> End {
         let count = result.documents.len();
+        let ctx = &self.ctx;
+        let job_id = self.record.job_id.as_str();
         let outcome = self
-            .final_write(|ctx, job_id| {
-                let result = &result;
-                async move { ctx.source.complete(job_id, &ctx.worker_id, result).await }
-            })
+            .final_write(|| ctx.source.complete(job_id, &ctx.worker_id, &result))
             .await;
         match outcome {
             Ok(()) => {
@@ -457,15 +439,10 @@ impl Keeper {
     /// Records a failed attempt (retry or dead), or a permanent failure.
     async fn fail(&mut self, message: &str, retryable: bool) -> End {
         let message = limits::truncate_utf8(message, limits::MAX_MESSAGE_BYTES);
+        let ctx = &self.ctx;
+        let job_id = self.record.job_id.as_str();
         let outcome = self
-            .final_write(|ctx, job_id| {
-                let message = &message;
-                async move {
-                    ctx.source
-                        .fail(job_id, &ctx.worker_id, message, retryable)
-                        .await
-                }
-            })
+            .final_write(|| ctx.source.fail(job_id, &ctx.worker_id, message, retryable))
             .await;
         match outcome {
             Ok(FailOutcome::Retrying {
@@ -508,43 +485,47 @@ impl Keeper {
     }
 
     /// Runs a final write (complete or fail), retrying while the job source is unavailable: a
-    /// result is delayed by an outage, never dropped. Gives up only at shutdown.
-    async fn final_write<'a, T, F, Fut>(&'a self, call: F) -> Result<T, JobSourceError>
+    /// result is delayed by an outage, never dropped. Gives up only at shutdown, when a wait is
+    /// cut short and the last attempt's error is returned.
+    async fn final_write<T, F, Fut>(&self, call: F) -> Result<T, JobSourceError>
     where
-        F: Fn(&'a Context, &'a str) -> Fut,
-        Fut: std::future::Future<Output = Result<T, JobSourceError>> + 'a,
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, JobSourceError>>,
     {
-        let mut attempt = 0usize;
-        loop {
-            match call(&self.ctx, &self.record.job_id).await {
-                Err(error) if error.is_transient() && !self.ctx.shutdown.is_cancelled() => {
-                    let wait = FINAL_WRITE_BACKOFF[attempt.min(FINAL_WRITE_BACKOFF.len() - 1)];
-                    attempt += 1;
-                    warn!(job_id = %self.record.job_id, %error, wait_s = wait, "job source unavailable; retrying the final write");
+        let shutdown = self.ctx.shutdown.clone();
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(FINAL_WRITE_MIN_DELAY)
+            .with_max_delay(FINAL_WRITE_MAX_DELAY)
+            .without_max_times();
+        call.retry(backoff)
+            .sleep(move |wait| {
+                let shutdown = shutdown.clone();
+                async move {
                     tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_secs(wait)) => {}
-                        _ = self.ctx.shutdown.cancelled() => {}
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = shutdown.cancelled() => {}
                     }
                 }
-                other => return other,
-            }
-        }
+            })
+            .when(|error| error.is_transient() && !self.ctx.shutdown.is_cancelled())
+            .notify(|error, wait| {
+                warn!(job_id = %self.record.job_id, %error, wait_ms = wait.as_millis() as u64, "job source unavailable; retrying the final write");
+            })
+            .await
     }
 
     /// Tells the agent to stop the run and waits (bounded) for it to say it has.
     async fn stop_run(&self, reason: &str, events: &mut mpsc::UnboundedReceiver<JobEvent>) {
-        self.send(pb::coordinator_message::Kind::Cancel(
-            pb::CancelAssignment {
-                assignment_id: self.record.assignment_id.clone(),
-                reason: reason.to_string(),
-            },
-        ));
+        self.send(ToAgent::Cancel(CancelRun {
+            assignment_id: self.record.assignment_id.clone(),
+            reason: reason.to_string(),
+        }));
         let deadline = Instant::now() + STOP_REPORT_TIMEOUT;
         loop {
             tokio::select! {
                 _ = self.ctx.shutdown.cancelled() => return,
                 event = events.recv() => match event {
-                    Some(JobEvent::Finished(_)) => {
+                    Some(JobEvent::Run(RunEvent::Finished(_))) => {
                         self.ack(false, reason);
                         return;
                     }
@@ -557,17 +538,29 @@ impl Keeper {
     }
 
     fn ack(&self, accepted: bool, message: &str) {
-        self.send(pb::coordinator_message::Kind::ResultAck(pb::ResultAck {
+        self.send(ToAgent::ResultAck(ResultAck {
             assignment_id: self.record.assignment_id.clone(),
             accepted,
             message: message.to_string(),
         }));
     }
 
-    fn send(&self, kind: pb::coordinator_message::Kind) {
+    fn send(&self, message: ToAgent) {
         if let Some(sender) = self.ctx.agents.sender(&self.record.agent_id) {
             // A full or closed stream means the agent is going away; its re-attach sorts it out.
-            let _ = sender.try_send(Ok(pb::CoordinatorMessage { kind: Some(kind) }));
+            let _ = sender.try_send(message);
         }
     }
 }
+
+/// The job status a run's phase shows as.
+fn status_of(phase: Phase) -> ActiveStatus {
+    match phase {
+        Phase::Cloning => ActiveStatus::Cloning,
+        Phase::Analyzing => ActiveStatus::Analyzing,
+        Phase::Gathering => ActiveStatus::Gathering,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -27,6 +27,8 @@ pub mod job_source;
 pub mod journal;
 pub mod lease;
 pub mod server;
+#[cfg(test)]
+mod testing;
 
 pub use config::{Cli, Command, CoordinatorConfig};
 pub use server::run;

@@ -209,17 +209,13 @@ async fn recover(ctx: &Arc<Context>) -> Result<(), ServeError> {
 
 /// Waits until every lease keeper has suspended or finished, within a bound.
 async fn wait_for_keepers(ctx: &Context) {
-    let deadline = tokio::time::Instant::now() + SUSPEND_TIMEOUT;
-    while !ctx.assignments.is_empty() {
-        if tokio::time::Instant::now() >= deadline {
-            warn!(
-                remaining = ctx.assignments.len(),
-                "lease keepers did not stop in time; the journal still has their jobs"
-            );
-            return;
-        }
-        ctx.agents
-            .capacity_changed_or(Duration::from_millis(50))
-            .await;
+    if tokio::time::timeout(SUSPEND_TIMEOUT, ctx.assignments.emptied())
+        .await
+        .is_err()
+    {
+        warn!(
+            remaining = ctx.assignments.len(),
+            "lease keepers did not stop in time; the journal still has their jobs"
+        );
     }
 }

@@ -3,6 +3,7 @@
 //!
 //! Layout:
 //! - [`pb`]: the generated protobuf types and tonic services;
+//! - [`model`]: the domain model of the agent link and its conversions from and to [`pb`];
 //! - [`validate`]: repository URL allow-list and git branch-name rules, shared so the coordinator
 //!   (before assigning) and the agent (before cloning) enforce the same thing;
 //! - [`serving`]: reflection and health-probe helpers every gRPC server and `health` subcommand uses;
@@ -10,6 +11,7 @@
 //! - [`tls`]: certificates for the agent <-> coordinator link; [`signals`]: SIGTERM/SIGINT.
 
 pub mod logging;
+pub mod model;
 pub mod serving;
 pub mod settings;
 pub mod signals;

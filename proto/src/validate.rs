@@ -53,6 +53,13 @@ pub enum ValidationError {
     )]
     InvalidJobId { id: String, reason: String },
 
+    /// The agent id is not 1 to 64 characters of `[A-Za-z0-9_-]`.
+    #[error(
+        "agent id {id:?} is not valid: {reason}; an agent id is 1 to {MAX_AGENT_ID_LEN} \
+         characters of A-Z, a-z, 0-9, '_' and '-'"
+    )]
+    InvalidAgentId { id: String, reason: String },
+
     /// The prompt is larger than [`MAX_PROMPT_BYTES`].
     #[error("prompt is {len} bytes, more than the limit of {max} bytes; shorten the prompt")]
     PromptTooLarge { len: usize, max: usize },
@@ -74,6 +81,9 @@ pub const MAX_BRANCH_BYTES: usize = 255;
 
 /// Longest job id accepted (Convex ids are 31 to 37 characters).
 pub const MAX_JOB_ID_LEN: usize = 64;
+
+/// Longest agent id accepted (a host name label is at most 63 characters).
+pub const MAX_AGENT_ID_LEN: usize = 64;
 
 /// Largest prompt accepted. It travels as one argv string, and Linux caps one argv string at
 /// 128 KiB, so this leaves room while allowing any sensible prompt.
@@ -331,21 +341,37 @@ fn branch_problem(name: &str) -> Option<String> {
 /// Checks a job id: 1 to [`MAX_JOB_ID_LEN`] characters of `[A-Za-z0-9_-]`. Job ids end up in
 /// folder names and log fields, so nothing else is accepted.
 pub fn check_job_id(id: &str) -> Result<(), ValidationError> {
-    let reason = if id.is_empty() {
-        Some("it is empty".to_owned())
-    } else if id.len() > MAX_JOB_ID_LEN {
-        Some(format!("it is longer than {MAX_JOB_ID_LEN} characters"))
-    } else {
-        id.chars()
-            .find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-'))
-            .map(|c| format!("it contains {c:?}"))
-    };
-    reason.map_or(Ok(()), |reason| {
+    identifier_problem(id, MAX_JOB_ID_LEN).map_or(Ok(()), |reason| {
         Err(ValidationError::InvalidJobId {
             id: shown(id),
             reason,
         })
     })
+}
+
+/// Checks an agent id (`AGENT_ID`, the host name by default): 1 to [`MAX_AGENT_ID_LEN`]
+/// characters of `[A-Za-z0-9_-]`. Agent ids name the agent's workspace folder under `TEMP_DIR`
+/// and appear in log fields and `Admin/ListAgents`, so nothing else is accepted.
+pub fn check_agent_id(id: &str) -> Result<(), ValidationError> {
+    identifier_problem(id, MAX_AGENT_ID_LEN).map_or(Ok(()), |reason| {
+        Err(ValidationError::InvalidAgentId {
+            id: shown(id),
+            reason,
+        })
+    })
+}
+
+/// Why `id` is not 1 to `max` characters of `[A-Za-z0-9_-]`, if it is not.
+fn identifier_problem(id: &str, max: usize) -> Option<String> {
+    if id.is_empty() {
+        Some("it is empty".to_owned())
+    } else if id.len() > max {
+        Some(format!("it is longer than {max} characters"))
+    } else {
+        id.chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-'))
+            .map(|c| format!("it contains {c:?}"))
+    }
 }
 
 /// Checks a prompt: at most [`MAX_PROMPT_BYTES`] bytes and no NUL (it is passed as an argv

@@ -59,9 +59,9 @@ fn collects_the_real_sample_in_order() {
 
     for (index, document) in documents.iter().enumerate() {
         let expected_kind = match index {
-            0..=2 => DocKind::Yaml,
-            3..=24 => DocKind::Chapter,
-            _ => DocKind::Tutorial,
+            0..=2 => DocumentKind::Yaml,
+            3..=24 => DocumentKind::Chapter,
+            _ => DocumentKind::Tutorial,
         };
         assert_eq!(document.kind, expected_kind, "{}", document.slug);
         let expected_index = (index >= 3).then(|| ((index - 3) % 11) as u32);
@@ -117,7 +117,7 @@ fn sample_titles_and_indexes() {
         reviewed.title,
         "Reviewed: Chapter 10: Mock and Testing Infrastructure"
     );
-    assert_eq!(reviewed.kind, DocKind::Chapter);
+    assert_eq!(reviewed.kind, DocumentKind::Chapter);
     assert_eq!(reviewed.chapter_index, Some(10));
 
     let tutorial = find(
@@ -128,7 +128,7 @@ fn sample_titles_and_indexes() {
         tutorial.title,
         "Tutorial: Interactive Tutorial: Message and Chat System"
     );
-    assert_eq!(tutorial.kind, DocKind::Tutorial);
+    assert_eq!(tutorial.kind, DocumentKind::Tutorial);
     assert_eq!(tutorial.chapter_index, Some(4));
     // No `# ` line at all: the title comes from the file name.
     let tutorial = find(&documents, "tutorials/tutorial_0_workflow_orchestration.md");
@@ -200,7 +200,7 @@ fn markdown_title_and_fallback() {
     assert_eq!(documents[0].title, "Real Title");
     assert_eq!(documents[1].title, "chapter 1 no heading");
     assert_eq!(documents[2].title, "Tutorial: notes");
-    assert_eq!(documents[2].kind, DocKind::Tutorial);
+    assert_eq!(documents[2].kind, DocumentKind::Tutorial);
     assert_eq!(documents[2].chapter_index, Some(0));
 }
 
@@ -439,12 +439,12 @@ fn natural_order() {
 #[test]
 fn kinds_have_convex_names() {
     let names = [
-        DocKind::Chapter,
-        DocKind::Tutorial,
-        DocKind::Toc,
-        DocKind::Yaml,
+        DocumentKind::Chapter,
+        DocumentKind::Tutorial,
+        DocumentKind::Toc,
+        DocumentKind::Yaml,
     ]
-    .map(DocKind::as_str);
+    .map(DocumentKind::as_str);
     assert_eq!(names, ["chapter", "tutorial", "toc", "yaml"]);
 }
 

@@ -146,51 +146,9 @@ pub struct ProgressUpdate {
     pub current_step: Option<u32>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DocumentKind {
-    Chapter,
-    Tutorial,
-    Toc,
-    Yaml,
-}
-
-impl DocumentKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DocumentKind::Chapter => "chapter",
-            DocumentKind::Tutorial => "tutorial",
-            DocumentKind::Toc => "toc",
-            DocumentKind::Yaml => "yaml",
-        }
-    }
-}
-
-impl FromStr for DocumentKind {
-    type Err = JobSourceError;
-
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "chapter" => Ok(DocumentKind::Chapter),
-            "tutorial" => Ok(DocumentKind::Tutorial),
-            "toc" => Ok(DocumentKind::Toc),
-            "yaml" => Ok(DocumentKind::Yaml),
-            other => Err(JobSourceError::Invalid(format!(
-                "unknown document kind {other:?}"
-            ))),
-        }
-    }
-}
-
-/// One generated document, as stored by `docs:upsertFromJob`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Document {
-    pub slug: String,
-    pub title: String,
-    pub kind: DocumentKind,
-    pub chapter_index: Option<u32>,
-    pub content: String,
-}
+/// Documents and their kinds are the domain model's: one definition, one mapping to the wire
+/// and to Convex's `kind` names.
+pub use fondation_proto::model::{Document, DocumentKind};
 
 /// A document as read back from the source: its content only when asked for, its size always.
 #[derive(Debug, Clone, PartialEq, Eq)]

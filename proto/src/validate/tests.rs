@@ -302,6 +302,24 @@ fn job_ids() {
 }
 
 #[test]
+fn agent_ids() {
+    for id in ["a", "agent-1", "host_2", &"x".repeat(64)] {
+        assert_eq!(check_agent_id(id), Ok(()), "{id:?}");
+    }
+    for id in ["", "a/b", "..", "a b", "é", &"x".repeat(65)] {
+        assert!(
+            matches!(
+                check_agent_id(id),
+                Err(ValidationError::InvalidAgentId { .. })
+            ),
+            "{id:?} should be invalid"
+        );
+    }
+    let msg = check_agent_id("a b").unwrap_err().to_string();
+    assert!(msg.starts_with("agent id \"a b\""), "{msg}");
+}
+
+#[test]
 fn prompts() {
     check_prompt("").unwrap();
     check_prompt("analyze this repository, please").unwrap();

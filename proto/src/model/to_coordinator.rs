@@ -1,0 +1,290 @@
+//! Agent -> coordinator: what an agent says up its session stream, above all what a run reports.
+//! `From<FromAgent>` builds the wire message (agent side); `TryFrom<pb::AgentMessage>` checks and
+//! reads it (coordinator side): a message that breaks the contract is a [`ModelError`], texts
+//! longer than the limits are cut.
+
+use std::collections::BTreeMap;
+
+use super::{capped, Document, ModelError};
+use crate::{
+    limits,
+    pb::{self, agent_message::Kind},
+    validate,
+};
+
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: pb::ProtocolVersion = pb::ProtocolVersion::ProtocolVersion1;
+
+/// One message up an agent's stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FromAgent {
+    /// The first message of every session.
+    Hello(Hello),
+    /// Sent when the agent has nothing else to say.
+    Heartbeat { free_slots: u32 },
+    /// Something about one run.
+    Report(RunReport),
+}
+
+/// Who the agent is and what it still holds. The protocol version is checked on receipt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    /// Checked with [`validate::check_agent_id`].
+    pub agent_id: String,
+    pub version: String,
+    pub slots: u32,
+    pub labels: BTreeMap<String, String>,
+    /// Runs the agent still works on or holds a result of (after a reconnect).
+    pub running: Vec<HeldRun>,
+}
+
+/// A run an agent reports as its own in `Hello`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldRun {
+    pub assignment_id: String,
+    pub job_id: String,
+    pub epoch: u64,
+    /// The run has ended; the agent only waits for the acknowledgement of its result.
+    pub result_pending: bool,
+}
+
+/// A report about one run, fenced by its assignment id and epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunReport {
+    pub assignment_id: String,
+    pub epoch: u64,
+    pub event: RunEvent,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunEvent {
+    /// The agent took the assignment and started it.
+    Accepted,
+    Phase(Phase),
+    /// The analyzer reached `step` of `total_steps` (1-based).
+    Progress {
+        step: u32,
+        total_steps: u32,
+        message: String,
+    },
+    /// Document `index` (0-based) of a finished run's result, sent before `Finished`.
+    Document {
+        index: u32,
+        document: Document,
+    },
+    /// The run ended.
+    Finished(RunOutcome),
+}
+
+/// The stages of a run, as the job's status shows them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Cloning,
+    Analyzing,
+    Gathering,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunOutcome {
+    /// `document_count` documents were sent before this.
+    Succeeded {
+        document_count: u32,
+        message: String,
+    },
+    /// `retryable` is false when running again cannot help.
+    Failed { message: String, retryable: bool },
+}
+
+impl From<Phase> for pb::Phase {
+    fn from(phase: Phase) -> Self {
+        match phase {
+            Phase::Cloning => pb::Phase::Cloning,
+            Phase::Analyzing => pb::Phase::Analyzing,
+            Phase::Gathering => pb::Phase::Gathering,
+        }
+    }
+}
+
+impl From<FromAgent> for pb::AgentMessage {
+    fn from(message: FromAgent) -> Self {
+        let kind = match message {
+            FromAgent::Hello(hello) => Kind::Hello(pb::Hello {
+                agent_id: hello.agent_id,
+                version: hello.version,
+                slots: hello.slots,
+                labels: hello.labels.into_iter().collect(),
+                running: hello
+                    .running
+                    .into_iter()
+                    .map(|run| pb::RunningAssignment {
+                        assignment_id: run.assignment_id,
+                        job_id: run.job_id,
+                        epoch: run.epoch,
+                        result_pending: run.result_pending,
+                    })
+                    .collect(),
+                protocol_version: PROTOCOL_VERSION as i32,
+            }),
+            FromAgent::Heartbeat { free_slots } => {
+                Kind::Heartbeat(pb::AgentHeartbeat { free_slots })
+            }
+            FromAgent::Report(report) => report_kind(report),
+        };
+        pb::AgentMessage { kind: Some(kind) }
+    }
+}
+
+impl From<RunReport> for pb::AgentMessage {
+    fn from(report: RunReport) -> Self {
+        FromAgent::Report(report).into()
+    }
+}
+
+fn report_kind(report: RunReport) -> Kind {
+    let RunReport {
+        assignment_id,
+        epoch,
+        event,
+    } = report;
+    match event {
+        RunEvent::Accepted => Kind::Accepted(pb::AssignmentAccepted {
+            assignment_id,
+            epoch,
+        }),
+        RunEvent::Phase(phase) => Kind::Phase(pb::PhaseChanged {
+            assignment_id,
+            epoch,
+            phase: pb::Phase::from(phase) as i32,
+        }),
+        RunEvent::Progress {
+            step,
+            total_steps,
+            message,
+        } => Kind::Progress(pb::StepProgress {
+            assignment_id,
+            epoch,
+            step,
+            total_steps,
+            message,
+        }),
+        RunEvent::Document { index, document } => Kind::Document(pb::ResultDocument {
+            assignment_id,
+            epoch,
+            index,
+            document: Some(document.into()),
+        }),
+        RunEvent::Finished(outcome) => Kind::Finished(pb::AssignmentFinished {
+            assignment_id,
+            epoch,
+            outcome: Some(match outcome {
+                RunOutcome::Succeeded {
+                    document_count,
+                    message,
+                } => pb::assignment_finished::Outcome::Succeeded(pb::RunSucceeded {
+                    document_count,
+                    message,
+                }),
+                RunOutcome::Failed { message, retryable } => {
+                    pb::assignment_finished::Outcome::Failed(pb::RunFailed { message, retryable })
+                }
+            }),
+        }),
+    }
+}
+
+impl TryFrom<pb::AgentMessage> for FromAgent {
+    type Error = ModelError;
+
+    fn try_from(message: pb::AgentMessage) -> Result<Self, ModelError> {
+        let kind = message
+            .kind
+            .ok_or(ModelError::MissingKind("AgentMessage"))?;
+        let report = |assignment_id, epoch, event| {
+            FromAgent::Report(RunReport {
+                assignment_id,
+                epoch,
+                event,
+            })
+        };
+        Ok(match kind {
+            Kind::Hello(hello) => FromAgent::Hello(hello.try_into()?),
+            Kind::Heartbeat(beat) => FromAgent::Heartbeat {
+                free_slots: beat.free_slots,
+            },
+            Kind::Accepted(m) => report(m.assignment_id, m.epoch, RunEvent::Accepted),
+            Kind::Phase(m) => {
+                let phase = match pb::Phase::try_from(m.phase) {
+                    Ok(pb::Phase::Cloning) => Phase::Cloning,
+                    Ok(pb::Phase::Analyzing) => Phase::Analyzing,
+                    Ok(pb::Phase::Gathering) => Phase::Gathering,
+                    _ => return Err(ModelError::UnknownPhase(m.phase)),
+                };
+                report(m.assignment_id, m.epoch, RunEvent::Phase(phase))
+            }
+            Kind::Progress(m) => {
+                if m.step == 0 || m.step > m.total_steps.max(1) {
+                    return Err(ModelError::StepOutOfRange {
+                        step: m.step,
+                        total_steps: m.total_steps,
+                    });
+                }
+                let event = RunEvent::Progress {
+                    step: m.step,
+                    total_steps: m.total_steps,
+                    message: capped(m.message, limits::MAX_MESSAGE_BYTES),
+                };
+                report(m.assignment_id, m.epoch, event)
+            }
+            Kind::Document(m) => {
+                let document = m.document.ok_or(ModelError::MissingDocument)?.try_into()?;
+                let event = RunEvent::Document {
+                    index: m.index,
+                    document,
+                };
+                report(m.assignment_id, m.epoch, event)
+            }
+            Kind::Finished(m) => {
+                let outcome = match m.outcome.ok_or(ModelError::MissingOutcome)? {
+                    pb::assignment_finished::Outcome::Succeeded(s) => RunOutcome::Succeeded {
+                        document_count: s.document_count,
+                        message: capped(s.message, limits::MAX_MESSAGE_BYTES),
+                    },
+                    pb::assignment_finished::Outcome::Failed(f) => RunOutcome::Failed {
+                        message: capped(f.message, limits::MAX_MESSAGE_BYTES),
+                        retryable: f.retryable,
+                    },
+                };
+                report(m.assignment_id, m.epoch, RunEvent::Finished(outcome))
+            }
+        })
+    }
+}
+
+/// Checks the protocol version and the agent id. Slot bounds and label caps are the
+/// coordinator's policy, applied by its gateway.
+impl TryFrom<pb::Hello> for Hello {
+    type Error = ModelError;
+
+    fn try_from(hello: pb::Hello) -> Result<Self, ModelError> {
+        if hello.protocol_version != PROTOCOL_VERSION as i32 {
+            return Err(ModelError::UnsupportedProtocol(hello.protocol_version));
+        }
+        validate::check_agent_id(&hello.agent_id).map_err(ModelError::InvalidAgentId)?;
+        Ok(Hello {
+            agent_id: hello.agent_id,
+            version: hello.version,
+            slots: hello.slots,
+            labels: hello.labels.into_iter().collect(),
+            running: hello
+                .running
+                .into_iter()
+                .map(|run| HeldRun {
+                    assignment_id: run.assignment_id,
+                    job_id: run.job_id,
+                    epoch: run.epoch,
+                    result_pending: run.result_pending,
+                })
+                .collect(),
+        })
+    }
+}
