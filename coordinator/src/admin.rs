@@ -2,7 +2,8 @@
 
 use std::sync::Arc;
 
-use fondation_proto::{pb, settings::Secret};
+use fondation_proto::pb;
+use fondation_runtime::settings::Secret;
 use tonic::{Request, Response, Status};
 use tracing::info;
 

@@ -9,7 +9,8 @@ use std::{
     sync::Arc,
 };
 
-use fondation_proto::{limits, pb, settings::Secret, validate};
+use fondation_proto::{limits, pb, validate};
+use fondation_runtime::settings::Secret;
 use futures::Stream;
 use tokio::sync::mpsc;
 use tokio_stream::{wrappers::ReceiverStream, StreamExt};
