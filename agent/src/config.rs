@@ -4,11 +4,12 @@
 use std::{path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
-use fondation_proto::{
+use fondation_proto::validate::RepoAllowlist;
+use fondation_runtime::{
     logging::LogFormat,
-    settings::{millis, Secret},
+    serving::HealthArgs,
+    settings::{millis, secret_setting, Secret, SecretError},
     tls,
-    validate::RepoAllowlist,
 };
 use tonic::transport::ClientTlsConfig;
 
@@ -34,8 +35,8 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Exit 0 when this agent's health service at HEALTH_ADDR reports SERVING (for container
-    /// health checks).
-    Health,
+    /// health checks): connected and taking work by default, alive with `--service liveness`.
+    Health(HealthArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -55,6 +56,10 @@ pub struct AgentConfig {
     /// The agent's own gRPC health (and reflection) address.
     #[arg(long, env = "HEALTH_ADDR", default_value = "0.0.0.0:50052")]
     pub health_addr: String,
+
+    /// File to write the bound HEALTH_ADDR to once listening (useful with port 0).
+    #[arg(long, env = "ADDRESS_FILE")]
+    pub address_file: Option<PathBuf>,
 
     /// Jobs this agent runs at once.
     #[arg(long, env = "MAX_CONCURRENT_JOBS", default_value = "1")]
@@ -80,6 +85,10 @@ pub struct AgentConfig {
     /// Token presented to the coordinator (its AGENT_TOKEN).
     #[arg(long, env = "AGENT_TOKEN", hide_env_values = true)]
     pub agent_token: Option<Secret>,
+
+    /// File holding AGENT_TOKEN, instead of the variable.
+    #[arg(long, env = "AGENT_TOKEN_FILE")]
+    pub agent_token_file: Option<PathBuf>,
 
     /// Longest an analyzer run may take (ms).
     #[arg(long, env = "ANALYZER_TIMEOUT", default_value = "7200000", value_parser = millis)]
@@ -145,6 +154,8 @@ pub struct AgentConfig {
 pub enum ConfigError {
     #[error("{name} is invalid: {message}")]
     Invalid { name: &'static str, message: String },
+    #[error(transparent)]
+    Secret(#[from] SecretError),
 }
 
 /// Configuration after its checks.
@@ -158,6 +169,17 @@ pub struct CheckedConfig {
 }
 
 impl AgentConfig {
+    /// Reads the secrets given as `<NAME>_FILE` into their settings, so the rest of the agent
+    /// sees one value per secret whichever way it was given.
+    pub fn read_secret_files(mut self) -> Result<Self, ConfigError> {
+        self.agent_token = secret_setting(
+            "AGENT_TOKEN",
+            self.agent_token,
+            self.agent_token_file.take().as_deref(),
+        )?;
+        Ok(self)
+    }
+
     pub fn check(&self) -> Result<CheckedConfig, ConfigError> {
         let invalid = |name, message: String| ConfigError::Invalid { name, message };
         if !(1..=64).contains(&self.max_concurrent_jobs) {

@@ -37,7 +37,7 @@ pub enum AgentError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Serving(#[from] fondation_proto::serving::ServingError),
+    Serving(#[from] fondation_runtime::serving::ServingError),
 }
 
 /// Runs the agent until `shutdown.drain` is cancelled and its jobs have ended, or were handed back

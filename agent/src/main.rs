@@ -7,18 +7,22 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::Parser;
 use fondation_agent::{Cli, Command, Shutdown};
-use fondation_proto::{logging, serving, signals::TerminationSignals};
+use fondation_runtime::{listener, logging, serving, signals::TerminationSignals};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
-    if let Some(Command::Health) = cli.command {
-        return Ok(serving::health_command(&cli.config.health_addr, None).await?);
+    if let Some(Command::Health(args)) = &cli.command {
+        return Ok(serving::health_command(&cli.config.health_addr, args, None).await?);
     }
-    logging::init(cli.config.log_format);
-    let listener = tokio::net::TcpListener::bind(&cli.config.health_addr)
-        .await
-        .with_context(|| format!("binding HEALTH_ADDR {}", cli.config.health_addr))?;
+    let config = cli.config.read_secret_files()?;
+    logging::init(config.log_format);
+    let listener = listener::bind(
+        &config.health_addr,
+        "HEALTH_ADDR",
+        config.address_file.as_deref(),
+    )
+    .await?;
     let mut signals = TerminationSignals::install().context("installing signal handlers")?;
     let shutdown = Shutdown::default();
     let on_signal = shutdown.clone();
@@ -29,7 +33,7 @@ async fn main() -> anyhow::Result<ExitCode> {
         signals.next().await;
         on_signal.now.cancel();
     });
-    fondation_agent::run(listener, cli.config, shutdown)
+    fondation_agent::run(listener, config, shutdown)
         .await
         .context("running the agent")?;
     Ok(ExitCode::SUCCESS)

@@ -249,6 +249,8 @@ impl Agent {
                 message: e.to_string(),
             })?
             .connect_timeout(Duration::from_secs(5))
+            // Explicit, as on the coordinator's side: small messages must not wait for Nagle.
+            .tcp_nodelay(true)
             .http2_keep_alive_interval(self.ctx.config.keepalive_interval)
             .keep_alive_timeout(self.ctx.config.keepalive_interval * 2)
             .keep_alive_while_idle(true);

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use fondation_proto::{
     model::{Drain, ToAgent},
     pb,
-    settings::Secret,
 };
+use fondation_runtime::settings::Secret;
 use tonic::{Request, Response, Status};
 use tracing::info;
 

@@ -4,11 +4,12 @@
 use std::{path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
-use fondation_proto::{
+use fondation_proto::validate::RepoAllowlist;
+use fondation_runtime::{
     logging::LogFormat,
-    settings::{millis, Secret},
+    serving::HealthArgs,
+    settings::{millis, secret_setting, Secret, SecretError},
     tls::{self, TlsFileError},
-    validate::RepoAllowlist,
 };
 
 #[derive(Debug, Parser)]
@@ -26,8 +27,9 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Exit 0 when the coordinator at LISTEN_ADDR reports SERVING (for container health checks).
-    Health,
+    /// Exit 0 when the coordinator at LISTEN_ADDR reports SERVING (for container health checks):
+    /// ready to take work by default, alive with `--service liveness`.
+    Health(HealthArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -35,6 +37,10 @@ pub struct CoordinatorConfig {
     /// gRPC address for agents, admin, health and reflection.
     #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:50051")]
     pub listen_addr: String,
+
+    /// File to write the bound LISTEN_ADDR to once listening (useful with port 0).
+    #[arg(long, env = "ADDRESS_FILE")]
+    pub address_file: Option<PathBuf>,
 
     /// Folder for the embedded job store and the coordinator's state (worker id).
     #[arg(long, env = "DATA_DIR", default_value = "./fondation-data")]
@@ -55,6 +61,10 @@ pub struct CoordinatorConfig {
     /// Convex deploy key, sent as `Authorization: Convex <key>`. Never logged.
     #[arg(long, env = "CONVEX_DEPLOY_KEY", hide_env_values = true)]
     pub convex_deploy_key: Option<Secret>,
+
+    /// File holding CONVEX_DEPLOY_KEY, instead of the variable.
+    #[arg(long, env = "CONVEX_DEPLOY_KEY_FILE")]
+    pub convex_deploy_key_file: Option<PathBuf>,
 
     /// Identity towards the job source (`lockedBy` of claimed jobs). Must be stable across
     /// restarts: when unset, one is generated once and kept in DATA_DIR/worker-id.
@@ -110,9 +120,17 @@ pub struct CoordinatorConfig {
     #[arg(long, env = "AGENT_TOKEN", hide_env_values = true)]
     pub agent_token: Option<Secret>,
 
+    /// File holding AGENT_TOKEN, instead of the variable.
+    #[arg(long, env = "AGENT_TOKEN_FILE")]
+    pub agent_token_file: Option<PathBuf>,
+
     /// Token for Admin calls that change state (SubmitJob, CancelJob, DrainAgent); open when unset.
     #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<Secret>,
+
+    /// File holding ADMIN_TOKEN, instead of the variable.
+    #[arg(long, env = "ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
 
     /// PEM certificate chain to serve TLS with on LISTEN_ADDR (with TLS_KEY); plaintext when unset.
     #[arg(long, env = "TLS_CERT")]
@@ -153,9 +171,32 @@ pub struct CoordinatorConfig {
 pub enum ConfigError {
     #[error("{name} is invalid: {message}")]
     Invalid { name: &'static str, message: String },
+    #[error(transparent)]
+    Secret(#[from] SecretError),
 }
 
 impl CoordinatorConfig {
+    /// Reads the secrets given as `<NAME>_FILE` into their settings, so the rest of the
+    /// coordinator sees one value per secret whichever way it was given.
+    pub fn read_secret_files(mut self) -> Result<Self, ConfigError> {
+        self.agent_token = secret_setting(
+            "AGENT_TOKEN",
+            self.agent_token,
+            self.agent_token_file.take().as_deref(),
+        )?;
+        self.admin_token = secret_setting(
+            "ADMIN_TOKEN",
+            self.admin_token,
+            self.admin_token_file.take().as_deref(),
+        )?;
+        self.convex_deploy_key = secret_setting(
+            "CONVEX_DEPLOY_KEY",
+            self.convex_deploy_key,
+            self.convex_deploy_key_file.take().as_deref(),
+        )?;
+        Ok(self)
+    }
+
     /// Checks what clap cannot, naming the variable at fault.
     pub fn validate(&self) -> Result<RepoAllowlist, ConfigError> {
         let invalid = |name, message: String| Err(ConfigError::Invalid { name, message });
@@ -292,6 +333,28 @@ mod tests {
         );
         assert!(error(&["--repo-allowlist", "ftp://x/"]).starts_with("REPO_ALLOWLIST"));
         assert!(error(&["--max-attempts", "0"]).starts_with("MAX_ATTEMPTS"));
+    }
+
+    #[test]
+    fn secrets_come_from_files_or_values_not_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("admin-token");
+        std::fs::write(&file, "from-file\n").unwrap();
+        let file = file.to_str().unwrap();
+        let config = parse(&["--admin-token-file", file, "--agent-token", "direct"])
+            .read_secret_files()
+            .unwrap();
+        assert_eq!(config.admin_token.unwrap().expose(), "from-file");
+        assert_eq!(config.agent_token.unwrap().expose(), "direct");
+
+        let error = parse(&["--admin-token-file", file, "--admin-token", "direct"])
+            .read_secret_files()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("ADMIN_TOKEN and ADMIN_TOKEN_FILE"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -18,8 +18,8 @@ use fondation_proto::{
         CancelRun, FromAgent, HeldRun, Hello, ResultAck, RunEvent, RunReport, ToAgent, Welcome,
     },
     pb,
-    settings::Secret,
 };
+use fondation_runtime::settings::Secret;
 use futures::Stream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::{wrappers::ReceiverStream, StreamExt};

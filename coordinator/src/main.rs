@@ -5,20 +5,24 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::Parser;
 use fondation_coordinator::{Cli, Command};
-use fondation_proto::{logging, serving, signals::TerminationSignals};
+use fondation_runtime::{listener, logging, serving, signals::TerminationSignals};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
-    if let Some(Command::Health) = cli.command {
+    if let Some(Command::Health(args)) = &cli.command {
         let tls = cli.config.health_probe_tls()?;
-        return Ok(serving::health_command(&cli.config.listen_addr, tls).await?);
+        return Ok(serving::health_command(&cli.config.listen_addr, args, tls).await?);
     }
-    logging::init(cli.config.log_format);
-    let listener = tokio::net::TcpListener::bind(&cli.config.listen_addr)
-        .await
-        .with_context(|| format!("binding LISTEN_ADDR {}", cli.config.listen_addr))?;
+    let config = cli.config.read_secret_files()?;
+    logging::init(config.log_format);
+    let listener = listener::bind(
+        &config.listen_addr,
+        "LISTEN_ADDR",
+        config.address_file.as_deref(),
+    )
+    .await?;
     let mut signals = TerminationSignals::install().context("installing signal handlers")?;
     let shutdown = CancellationToken::new();
     let on_signal = shutdown.clone();
@@ -26,7 +30,7 @@ async fn main() -> anyhow::Result<ExitCode> {
         signals.next().await;
         on_signal.cancel();
     });
-    fondation_coordinator::run(listener, cli.config, shutdown)
+    fondation_coordinator::run(listener, config, shutdown)
         .await
         .context("running the coordinator")?;
     Ok(ExitCode::SUCCESS)

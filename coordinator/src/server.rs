@@ -4,10 +4,10 @@ use std::{sync::Arc, time::Duration};
 
 use fondation_proto::{
     pb::{admin_server::AdminServer, agent_gateway_server::AgentGatewayServer},
-    serving, tls, ADMIN_SERVICE, AGENT_GATEWAY_SERVICE,
+    ADMIN_SERVICE, AGENT_GATEWAY_SERVICE,
 };
+use fondation_runtime::{listener, serving, tls};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic_health::ServingStatus;
@@ -120,7 +120,7 @@ pub async fn run(
         sessions_closed: CancellationToken::new(),
     });
 
-    let (health, health_service) = tonic_health::server::health_reporter();
+    let (health, health_service) = serving::health_service().await;
     for service in ["", AGENT_GATEWAY_SERVICE, ADMIN_SERVICE] {
         health
             .set_service_status(service, ServingStatus::Serving)
@@ -152,16 +152,15 @@ pub async fn run(
     if let Some(tls) = server_tls(&ctx.config)? {
         builder = builder.tls_config(tls)?;
     }
-    builder
+    let router = builder
         .http2_keepalive_interval(Some(keepalive))
         .http2_keepalive_timeout(Some(keepalive_timeout))
         .add_service(health_service)
         .add_service(serving::reflection_v1()?)
         .add_service(serving::reflection_v1alpha()?)
         .add_service(AgentGatewayServer::new(Gateway::new(ctx.clone())))
-        .add_service(AdminServer::new(Admin::new(ctx.clone())))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopping)
-        .await?;
+        .add_service(AdminServer::new(Admin::new(ctx.clone())));
+    listener::serve(router, listener, stopping).await?;
     let _ = claimer.await;
     info!("coordinator stopped");
     Ok(())

@@ -1,21 +1,15 @@
 //! The gRPC contract between coordinator and agents (`fondation.v1`), and the input checks both
-//! sides apply to what crosses it.
+//! sides apply to what crosses it. What the binaries share around it (logging, settings, TLS
+//! files, serving) is in the `fondation-runtime` crate.
 //!
 //! Layout:
 //! - [`pb`]: the generated protobuf types and tonic services;
 //! - [`model`]: the domain model of the agent link and its conversions from and to [`pb`];
 //! - [`validate`]: repository URL allow-list and git branch-name rules, shared so the coordinator
 //!   (before assigning) and the agent (before cloning) enforce the same thing;
-//! - [`serving`]: reflection and health-probe helpers every gRPC server and `health` subcommand uses;
-//! - [`logging`]: the one tracing set-up of both binaries; [`settings`]: shared setting parsers;
-//! - [`tls`]: certificates for the agent <-> coordinator link; [`signals`]: SIGTERM/SIGINT.
+//! - [`limits`]: size limits of what crosses the wire.
 
-pub mod logging;
 pub mod model;
-pub mod serving;
-pub mod settings;
-pub mod signals;
-pub mod tls;
 pub mod validate;
 
 /// Generated code for package `fondation.v1`.

@@ -7,14 +7,15 @@ use fondation_proto::pb;
 use fondation_testkit::support::{
     cluster::{
         process_alive, wait_runs_started, AgentOptions, AgentProc, CoordinatorProc, Sandbox,
+        ANY_PORT,
     },
-    free_port, wait,
+    wait,
 };
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cancel_job_stops_the_cli_and_the_job_stays_canceled() {
     let sandbox = Sandbox::new();
-    let coordinator = CoordinatorProc::start(&sandbox, free_port(), &[]).await;
+    let coordinator = CoordinatorProc::start(&sandbox, ANY_PORT, &[]).await;
     let mut agent = AgentProc::spawn(
         &sandbox,
         AgentOptions {

@@ -12,7 +12,7 @@ use fondation_testkit::{
         cluster::{AgentOptions, AgentProc},
         convex_world::ConvexWorld,
         fault_proxy::FaultProxy,
-        free_port, wait,
+        wait,
     },
 };
 use nix::sys::signal::Signal;
@@ -69,8 +69,9 @@ async fn a_hundred_jobs_survive_kills_restarts_stalls_and_an_outage() {
         ..FakeOptions::fast()
     };
     let world = ConvexWorld::new(options).await;
-    let port = free_port();
-    let mut coordinator = Some(world.coordinator(Some(port), COORDINATOR).await);
+    let first = world.coordinator(None, COORDINATOR).await;
+    let port = first.port;
+    let mut coordinator = Some(first);
     let target = format!("127.0.0.1:{port}");
     let mut proxies = Vec::new();
     let mut agents = Vec::new();

@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, time::Duration};
 use fondation_testkit::{
     fixture_cli::{self, max_concurrency_per_agent, read_run_log, runs_per_job},
     support::{
-        cluster::{AgentOptions, AgentProc, CoordinatorProc, Sandbox},
+        cluster::{AgentOptions, AgentProc, CoordinatorProc, Sandbox, ANY_PORT},
         free_port,
     },
 };
@@ -61,7 +61,7 @@ fn expected_documents() -> BTreeMap<String, (String, String, Option<u32>, serde_
 #[tokio::test(flavor = "multi_thread")]
 async fn submitted_job_completes_with_exactly_the_documents_the_cli_wrote() {
     let sandbox = Sandbox::new();
-    let coordinator = CoordinatorProc::start(&sandbox, free_port(), &[]).await;
+    let coordinator = CoordinatorProc::start(&sandbox, ANY_PORT, &[]).await;
     let _agent = AgentProc::connected(&sandbox, "agent-1", coordinator.url(), &[]).await;
     let mut admin = coordinator.admin().await;
 
@@ -112,7 +112,7 @@ async fn submitted_job_completes_with_exactly_the_documents_the_cli_wrote() {
 #[tokio::test(flavor = "multi_thread")]
 async fn twelve_jobs_on_three_agents_run_once_each_within_slots_and_spread() {
     let sandbox = Sandbox::new();
-    let coordinator = CoordinatorProc::start(&sandbox, free_port(), &[]).await;
+    let coordinator = CoordinatorProc::start(&sandbox, ANY_PORT, &[]).await;
     let mut agents = Vec::new();
     for id in ["agent-a", "agent-b", "agent-c"] {
         agents.push(AgentProc::spawn(
@@ -177,7 +177,7 @@ async fn failing_cli_is_retried_with_backoff_and_ends_dead_with_its_error() {
     let sandbox = Sandbox::new();
     let coordinator = CoordinatorProc::start(
         &sandbox,
-        free_port(),
+        ANY_PORT,
         &[("MAX_ATTEMPTS", "3"), ("RETRY_BACKOFF", "300")],
     )
     .await;
@@ -255,7 +255,7 @@ async fn agent_started_before_the_coordinator_connects_once_it_is_up() {
 #[tokio::test(flavor = "multi_thread")]
 async fn disallowed_urls_and_hostile_branches_fail_clearly_and_run_nothing() {
     let sandbox = Sandbox::new();
-    let coordinator = CoordinatorProc::start(&sandbox, free_port(), &[]).await;
+    let coordinator = CoordinatorProc::start(&sandbox, ANY_PORT, &[]).await;
     let agent = AgentProc::connected(&sandbox, "agent-1", coordinator.url(), &[]).await;
     let mut admin = coordinator.admin().await;
     let pwned = sandbox.path("pwned");

@@ -8,9 +8,10 @@ use fondation_testkit::{
     support::{
         cluster::{
             process_alive, wait_runs_started, AgentOptions, AgentProc, CoordinatorProc, Sandbox,
+            ANY_PORT,
         },
         fault_proxy::FaultProxy,
-        free_port, wait,
+        wait,
     },
 };
 use nix::sys::signal::Signal;
@@ -49,7 +50,7 @@ const SLOW_AGENT: &[(&str, &str)] = &[
 #[tokio::test(flavor = "multi_thread")]
 async fn agent_killed_mid_job_is_handed_back_and_completed_once_by_another() {
     let sandbox = Sandbox::new();
-    let coordinator = CoordinatorProc::start(&sandbox, free_port(), COORDINATOR).await;
+    let coordinator = CoordinatorProc::start(&sandbox, ANY_PORT, COORDINATOR).await;
     let mut first = agent(&sandbox, "agent-a", coordinator.url(), SLOW_AGENT);
     first.wait_connected().await;
     let mut admin = coordinator.admin().await;
@@ -96,8 +97,8 @@ async fn agent_killed_mid_job_is_handed_back_and_completed_once_by_another() {
 #[tokio::test(flavor = "multi_thread")]
 async fn coordinator_killed_mid_job_adopts_the_running_cli_after_restart() {
     let sandbox = Sandbox::new();
-    let port = free_port();
-    let mut coordinator = CoordinatorProc::start(&sandbox, port, COORDINATOR).await;
+    let mut coordinator = CoordinatorProc::start(&sandbox, ANY_PORT, COORDINATOR).await;
+    let port = coordinator.port;
     let mut survivor = agent(&sandbox, "survivor", coordinator.url(), SLOW_AGENT);
     let mut victim = agent(&sandbox, "victim", coordinator.url(), SLOW_AGENT);
     survivor.wait_connected().await;
@@ -139,7 +140,7 @@ async fn stall_shorter_than_the_grace_window_keeps_the_single_run() {
     let sandbox = Sandbox::new();
     let coordinator = CoordinatorProc::start(
         &sandbox,
-        free_port(),
+        ANY_PORT,
         &[("AGENT_TIMEOUT", "1500"), ("REATTACH_GRACE", "8000")],
     )
     .await;
@@ -175,7 +176,7 @@ async fn stall_shorter_than_the_grace_window_keeps_the_single_run() {
 #[tokio::test(flavor = "multi_thread")]
 async fn stall_longer_than_the_grace_window_moves_the_job_and_refuses_the_late_result() {
     let sandbox = Sandbox::new();
-    let mut coordinator = CoordinatorProc::start(&sandbox, free_port(), COORDINATOR).await;
+    let mut coordinator = CoordinatorProc::start(&sandbox, ANY_PORT, COORDINATOR).await;
     let proxy = FaultProxy::start(coordinator.addr()).await;
     // This agent would rather finish than detach, so its result comes late.
     let patient: Vec<(&str, &str)> = [SLOW_AGENT, &[("DETACH_TIMEOUT", "120000")]].concat();
@@ -214,7 +215,7 @@ async fn stall_longer_than_the_grace_window_moves_the_job_and_refuses_the_late_r
 #[tokio::test(flavor = "multi_thread")]
 async fn agent_cut_off_past_detach_timeout_stops_its_cli() {
     let sandbox = Sandbox::new();
-    let coordinator = CoordinatorProc::start(&sandbox, free_port(), COORDINATOR).await;
+    let coordinator = CoordinatorProc::start(&sandbox, ANY_PORT, COORDINATOR).await;
     let proxy = FaultProxy::start(coordinator.addr()).await;
     let detaching: Vec<(&str, &str)> = [
         &[
@@ -255,7 +256,7 @@ async fn agent_cut_off_past_detach_timeout_stops_its_cli() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_lets_the_running_job_finish_and_the_agent_exit_zero() {
     let sandbox = Sandbox::new();
-    let coordinator = CoordinatorProc::start(&sandbox, free_port(), COORDINATOR).await;
+    let coordinator = CoordinatorProc::start(&sandbox, ANY_PORT, COORDINATOR).await;
     let mut draining = agent(&sandbox, "draining", coordinator.url(), SLOW_AGENT);
     draining.wait_connected().await;
     let mut admin = coordinator.admin().await;
@@ -272,7 +273,7 @@ async fn sigterm_lets_the_running_job_finish_and_the_agent_exit_zero() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_with_a_short_grace_hands_the_job_to_another_agent() {
     let sandbox = Sandbox::new();
-    let coordinator = CoordinatorProc::start(&sandbox, free_port(), COORDINATOR).await;
+    let coordinator = CoordinatorProc::start(&sandbox, ANY_PORT, COORDINATOR).await;
     let hasty: Vec<(&str, &str)> = [SLOW_AGENT, &[("SHUTDOWN_GRACE", "300")]].concat();
     let mut leaving = agent(&sandbox, "leaving", coordinator.url(), &hasty);
     leaving.wait_connected().await;
@@ -294,8 +295,8 @@ async fn sigterm_with_a_short_grace_hands_the_job_to_another_agent() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_to_the_coordinator_keeps_jobs_for_the_restarted_one() {
     let sandbox = Sandbox::new();
-    let port = free_port();
-    let mut coordinator = CoordinatorProc::start(&sandbox, port, COORDINATOR).await;
+    let mut coordinator = CoordinatorProc::start(&sandbox, ANY_PORT, COORDINATOR).await;
+    let port = coordinator.port;
     let mut worker = agent(&sandbox, "worker", coordinator.url(), SLOW_AGENT);
     worker.wait_connected().await;
     let mut admin = coordinator.admin().await;
@@ -317,7 +318,7 @@ async fn sigterm_to_the_coordinator_keeps_jobs_for_the_restarted_one() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_second_sigterm_stops_at_once_and_still_hands_the_job_back() {
     let sandbox = Sandbox::new();
-    let coordinator = CoordinatorProc::start(&sandbox, free_port(), COORDINATOR).await;
+    let coordinator = CoordinatorProc::start(&sandbox, ANY_PORT, COORDINATOR).await;
     // The default SHUTDOWN_GRACE (10 minutes) would let the job finish: only the second signal
     // can make the agent leave early.
     let mut leaving = agent(&sandbox, "leaving", coordinator.url(), SLOW_AGENT);

@@ -4,8 +4,8 @@
 use std::{process::Command, time::Duration};
 
 use fondation_testkit::support::{
-    cluster::{AgentProc, CoordinatorProc, Sandbox},
-    free_port, wait,
+    cluster::{AgentProc, CoordinatorProc, Sandbox, ANY_PORT},
+    wait,
 };
 
 fn grpcurl(args: &[&str]) -> Result<String, String> {
@@ -32,8 +32,8 @@ fn json(text: &str) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread")]
 async fn grpcurl_lists_services_submits_and_reads_jobs_and_checks_health() {
     let sandbox = Sandbox::new();
-    let coordinator = CoordinatorProc::start(&sandbox, free_port(), &[]).await;
-    let agent = AgentProc::connected(&sandbox, "agent-1", coordinator.url(), &[]).await;
+    let coordinator = CoordinatorProc::start(&sandbox, ANY_PORT, &[]).await;
+    let mut agent = AgentProc::connected(&sandbox, "agent-1", coordinator.url(), &[]).await;
     let addr = coordinator.addr();
 
     let services = grpcurl(&["-plaintext", &addr, "list"]).unwrap();
@@ -119,7 +119,18 @@ async fn grpcurl_lists_services_submits_and_reads_jobs_and_checks_health() {
         .unwrap(),
     );
     assert_eq!(named["status"], "SERVING");
-    let agent_addr = format!("127.0.0.1:{}", agent.health_port);
+    let liveness = json(
+        &grpcurl(&[
+            "-plaintext",
+            "-d",
+            r#"{"service":"liveness"}"#,
+            &addr,
+            "grpc.health.v1.Health/Check",
+        ])
+        .unwrap(),
+    );
+    assert_eq!(liveness["status"], "SERVING");
+    let agent_addr = agent.health_addr().await;
     let agent_health =
         json(&grpcurl(&["-plaintext", &agent_addr, "grpc.health.v1.Health/Check"]).unwrap());
     assert_eq!(agent_health["status"], "SERVING");

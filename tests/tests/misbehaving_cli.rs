@@ -4,9 +4,8 @@
 
 use std::time::Duration;
 
-use fondation_testkit::support::{
-    cluster::{AgentOptions, AgentProc, CoordinatorProc, Sandbox},
-    free_port,
+use fondation_testkit::support::cluster::{
+    AgentOptions, AgentProc, CoordinatorProc, Sandbox, ANY_PORT,
 };
 
 const TERMINAL: &[&str] = &["completed", "failed", "dead", "canceled"];
@@ -14,7 +13,7 @@ const TERMINAL: &[&str] = &["completed", "failed", "dead", "canceled"];
 #[tokio::test(flavor = "multi_thread")]
 async fn misbehaving_analyzers_get_clear_outcomes() {
     let sandbox = Sandbox::new();
-    let mut coordinator = CoordinatorProc::start(&sandbox, free_port(), &[]).await;
+    let mut coordinator = CoordinatorProc::start(&sandbox, ANY_PORT, &[]).await;
     let mut agent = AgentProc::spawn(
         &sandbox,
         AgentOptions {

@@ -7,8 +7,7 @@ use std::{process::Command, time::Duration};
 use fondation_testkit::support::{
     bin_path,
     certs::TestPki,
-    cluster::{AgentOptions, AgentProc, CoordinatorProc, Sandbox},
-    free_port,
+    cluster::{AgentOptions, AgentProc, CoordinatorProc, Sandbox, ANY_PORT},
 };
 
 #[tokio::test(flavor = "multi_thread")]
@@ -22,7 +21,7 @@ async fn agents_need_a_client_certificate_to_reach_a_tls_coordinator() {
     );
     let coordinator = CoordinatorProc::start_with_tls(
         &sandbox,
-        free_port(),
+        ANY_PORT,
         &[
             ("TLS_CERT", &cert),
             ("TLS_KEY", &key),

@@ -10,8 +10,8 @@ use anyhow::{bail, Context as _};
 use fondation_proto::pb;
 
 use crate::support::{
-    cluster::{Admin, AgentOptions, AgentProc, CoordinatorProc, Sandbox},
-    free_port, wait,
+    cluster::{Admin, AgentOptions, AgentProc, CoordinatorProc, Sandbox, ANY_PORT},
+    wait,
 };
 
 use super::{peak_rss_kib, MemoryLine};
@@ -50,7 +50,7 @@ impl Cluster {
     /// Starts a coordinator and `agents` agents (one slot each) and waits until all are connected.
     pub async fn start(agents: usize) -> anyhow::Result<Self> {
         let sandbox = Sandbox::new();
-        let coordinator = CoordinatorProc::start(&sandbox, free_port(), SHIPPED_TIMINGS).await;
+        let coordinator = CoordinatorProc::start(&sandbox, ANY_PORT, SHIPPED_TIMINGS).await;
         let agents: Vec<_> = (1..=agents)
             .map(|n| {
                 AgentProc::spawn(

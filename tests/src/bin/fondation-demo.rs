@@ -25,7 +25,7 @@ fn main() -> anyhow::Result<ExitCode> {
 }
 
 async fn demo() -> anyhow::Result<ExitCode> {
-    fondation_proto::logging::init(fondation_proto::logging::LogFormat::Plain);
+    fondation_runtime::logging::init(fondation_runtime::logging::LogFormat::Plain);
     let root = tempfile::tempdir().context("creating a temp folder for the demo")?;
     let repo = GitFixture::new();
     let allowlist = format!("https://github.com/,{}", repo.allow_prefix);

@@ -57,6 +57,6 @@ impl TestPki {
     /// Client TLS trusting this CA, verifying the server as `localhost`.
     pub fn client_tls(&self) -> tonic::transport::ClientTlsConfig {
         let ca = std::fs::read(&self.ca).expect("reading the CA");
-        fondation_proto::tls::client_config(Some(ca), None, Some("localhost"))
+        fondation_runtime::tls::client_config(Some(ca), None, Some("localhost"))
     }
 }

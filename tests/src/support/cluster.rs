@@ -3,6 +3,7 @@
 
 use std::{
     path::{Path, PathBuf},
+    sync::atomic::{AtomicU64, Ordering},
     time::Duration,
 };
 
@@ -10,7 +11,10 @@ use fondation_proto::pb::{self, admin_client::AdminClient};
 use tempfile::TempDir;
 use tonic::transport::{Channel, ClientTlsConfig};
 
-use super::{bin_path, free_port, git::GitFixture, process::Proc, wait};
+use super::{bin_path, git::GitFixture, process::Proc, wait};
+
+/// For `CoordinatorProc::start`: let the coordinator bind any free port and read it back.
+pub const ANY_PORT: u16 = 0;
 
 /// Coordinator settings that make tests quick; each can be overridden.
 pub const FAST_COORDINATOR_ENV: &[(&str, &str)] = &[
@@ -80,8 +84,37 @@ pub struct CoordinatorProc {
     pub tls: Option<ClientTlsConfig>,
 }
 
+/// Waits until the process that was told to write its bound address to `file` has done so, and
+/// returns that address. The binaries write the file whole (a rename), once they listen.
+async fn reported_address(proc: &mut Proc, file: &Path) -> std::net::SocketAddr {
+    let what = format!("{} to write its address to {}", proc.name, file.display());
+    wait::until(&what, Duration::from_secs(30), || {
+        proc.assert_running();
+        let read = std::fs::read_to_string(file);
+        async move {
+            match read {
+                Ok(text) => text
+                    .trim()
+                    .parse()
+                    .map(Some)
+                    .map_err(|e| format!("{text:?} is not an address: {e}")),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+    })
+    .await
+}
+
+/// A file name no other process of this test uses, for a process to write its address to.
+fn address_file(sandbox: &Sandbox, name: &str) -> PathBuf {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    sandbox.path(&format!("{name}-{n}.address"))
+}
+
 impl CoordinatorProc {
-    /// Starts a coordinator on `port` and waits until it reports SERVING.
+    /// Starts a coordinator on `port` ([`ANY_PORT`]: one the coordinator picks and reports) and
+    /// waits until it reports SERVING.
     pub async fn start(sandbox: &Sandbox, port: u16, extra: &[(&str, &str)]) -> Self {
         Self::start_with_tls(sandbox, port, extra, None).await
     }
@@ -101,8 +134,12 @@ impl CoordinatorProc {
         base.push(("REPO_ALLOWLIST", &allowlist));
         let data = data_dir.to_string_lossy().into_owned();
         base.push(("DATA_DIR", &data));
+        let address_file = address_file(sandbox, "coordinator");
+        let address = address_file.to_string_lossy().into_owned();
+        base.push(("ADDRESS_FILE", &address));
         let env = env_with(&base, extra);
-        let proc = Proc::spawn("coordinator", &bin_path("fondation-coordinator"), &[], &env);
+        let mut proc = Proc::spawn("coordinator", &bin_path("fondation-coordinator"), &[], &env);
+        let port = reported_address(&mut proc, &address_file).await.port();
         let mut coordinator = Self {
             proc,
             port,
@@ -134,7 +171,7 @@ impl CoordinatorProc {
                 let addr = addr.clone();
                 let tls = tls.clone();
                 async move {
-                    match fondation_proto::serving::probe_health_with(
+                    match fondation_runtime::serving::probe_health_with(
                         &addr,
                         "",
                         Duration::from_secs(1),
@@ -170,7 +207,8 @@ impl CoordinatorProc {
 pub struct AgentProc {
     pub proc: Proc,
     pub id: String,
-    pub health_port: u16,
+    /// Where the agent writes the address its health server bound (HEALTH_ADDR on port 0).
+    address_file: PathBuf,
 }
 
 /// How to start an agent.
@@ -184,8 +222,8 @@ pub struct AgentOptions<'a> {
 impl AgentProc {
     /// Starts an agent running the fixture CLI; does not wait for it to connect.
     pub fn spawn(sandbox: &Sandbox, options: AgentOptions<'_>) -> Self {
-        let health_port = free_port();
-        let health = format!("127.0.0.1:{health_port}");
+        let address_file = address_file(sandbox, &format!("agent-{}", options.id));
+        let address = address_file.to_string_lossy().into_owned();
         let temp_dir = sandbox.path("agents-tmp");
         let workdir = sandbox.path("analyzer-workdir");
         std::fs::create_dir_all(&workdir).expect("creating the analyzer workdir");
@@ -201,7 +239,8 @@ impl AgentProc {
         let base: Vec<(&str, &str)> = vec![
             ("COORDINATOR_URL", &options.coordinator_url),
             ("AGENT_ID", options.id),
-            ("HEALTH_ADDR", &health),
+            ("HEALTH_ADDR", "127.0.0.1:0"),
+            ("ADDRESS_FILE", &address),
             ("MAX_CONCURRENT_JOBS", &slots),
             ("TEMP_DIR", &temp),
             ("ANALYZER_COMMAND", &command),
@@ -223,8 +262,15 @@ impl AgentProc {
         Self {
             proc,
             id: options.id.to_string(),
-            health_port,
+            address_file,
         }
+    }
+
+    /// The address of the agent's health server, once it listens.
+    pub async fn health_addr(&mut self) -> String {
+        reported_address(&mut self.proc, &self.address_file)
+            .await
+            .to_string()
     }
 
     /// Starts an agent with one slot and `extra` settings, and waits until it is connected.

@@ -6,8 +6,7 @@ use std::time::Duration;
 use crate::{
     fake_convex::{self, FakeConvexClient, FakeConvexHandle, FakeOptions, JobDoc},
     support::{
-        cluster::{CoordinatorProc, Sandbox},
-        free_port,
+        cluster::{CoordinatorProc, Sandbox, ANY_PORT},
         git::GitFixture,
         wait,
     },
@@ -40,7 +39,7 @@ impl ConvexWorld {
         }
     }
 
-    /// Starts a coordinator on the fake, with `extra` settings.
+    /// Starts a coordinator on the fake on `port` (any free one when `None`), with `extra` settings.
     pub async fn coordinator(&self, port: Option<u16>, extra: &[(&str, &str)]) -> CoordinatorProc {
         let url = self.fake.url();
         let mut env: Vec<(&str, &str)> = vec![
@@ -50,7 +49,7 @@ impl ConvexWorld {
             ("CONVEX_RETRY_BUDGET", "5000"),
         ];
         env.extend_from_slice(extra);
-        CoordinatorProc::start(&self.sandbox, port.unwrap_or_else(free_port), &env).await
+        CoordinatorProc::start(&self.sandbox, port.unwrap_or(ANY_PORT), &env).await
     }
 
     pub async fn create_job(&self, prompt: &str) -> String {

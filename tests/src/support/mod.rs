@@ -50,7 +50,9 @@ pub fn bin_path(name: &str) -> PathBuf {
     path
 }
 
-/// A port that was free a moment ago on 127.0.0.1, for processes that must bind it themselves.
+/// A port that was free a moment ago on 127.0.0.1. Another process may take it before ours binds
+/// it: only for a test that must know a port before the process that binds it exists (an agent
+/// dialing a coordinator not started yet). Everything else binds port 0 and reads it back.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())

@@ -1,13 +1,51 @@
-//! What every gRPC server of ours offers besides its own services: server reflection (v1 and
-//! v1alpha, since grpcurl 1.8 only speaks v1alpha) covering our protos and the health protocol,
-//! and a health probe client for the `health` subcommands used by container health checks.
+//! What every gRPC server of ours offers besides its own services: the health protocol with a
+//! readiness and a liveness name, server reflection (v1 and v1alpha, since grpcurl 1.8 only
+//! speaks v1alpha) covering our protos and the health protocol, and a health probe client for the
+//! `health` subcommands used by container health checks.
+//!
+//! Readiness is not liveness. `""` (the whole server) is SERVING when the process takes work: an
+//! agent only while connected to the coordinator. [`LIVENESS`] is SERVING for as long as the
+//! process serves at all. Orchestrators restart what fails its liveness check, so that check must
+//! not be readiness: a coordinator outage would otherwise get every agent killed with its running
+//! analysis.
 
 use std::time::Duration;
 
 use tonic::transport::{ClientTlsConfig, Endpoint};
-use tonic_health::pb::{
-    health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+use tonic_health::{
+    pb::{
+        health_check_response::ServingStatus,
+        health_client::HealthClient,
+        health_server::{Health, HealthServer},
+        HealthCheckRequest,
+    },
+    server::HealthReporter,
 };
+
+/// Health service name that is SERVING while the process is alive and answering.
+pub const LIVENESS: &str = "liveness";
+
+/// The health service of a server of ours: [`LIVENESS`] SERVING, `""` NOT_SERVING until the
+/// caller says it is ready.
+pub async fn health_service() -> (HealthReporter, HealthServer<impl Health>) {
+    let (reporter, service) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status(LIVENESS, tonic_health::ServingStatus::Serving)
+        .await;
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    (reporter, service)
+}
+
+/// Arguments of the `health` subcommand of both binaries.
+#[derive(Debug, Clone, clap::Args)]
+pub struct HealthArgs {
+    /// The health service name to ask about: `""` (the default) is ready to take work,
+    /// `liveness` is alive (what restarts should check).
+    #[arg(long, default_value = "")]
+    pub service: String,
+}
 
 /// Errors of the reflection setup and of health probes.
 #[derive(Debug, thiserror::Error)]
@@ -30,7 +68,7 @@ pub fn reflection_v1() -> Result<
     ServingError,
 > {
     Ok(tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(fondation_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?)
 }
@@ -43,7 +81,7 @@ pub fn reflection_v1alpha() -> Result<
     ServingError,
 > {
     Ok(tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(fondation_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?)
 }
@@ -60,13 +98,14 @@ pub fn local_dial_url(listen_addr: &str) -> String {
     }
 }
 
-/// The `health` subcommand of both binaries: prints the status of the server listening at
-/// `listen_addr` and succeeds only when it is SERVING (for container health checks).
+/// The `health` subcommand of both binaries: prints the status of `args.service` on the server
+/// listening at `listen_addr` and succeeds only when it is SERVING (for container health checks).
 pub async fn health_command(
     listen_addr: &str,
+    args: &HealthArgs,
     tls: Option<ClientTlsConfig>,
 ) -> Result<std::process::ExitCode, ServingError> {
-    let status = probe_health_with(listen_addr, "", Duration::from_secs(3), tls).await?;
+    let status = probe_health_with(listen_addr, &args.service, Duration::from_secs(3), tls).await?;
     println!("{}", status.as_str_name());
     Ok(if status == ServingStatus::Serving {
         std::process::ExitCode::SUCCESS
