@@ -23,8 +23,9 @@ use crate::{
     lease::{JobEvent, RunOutcome},
 };
 
-/// Most slots one agent may announce.
-const MAX_SLOTS: u32 = 64;
+use fondation_proto::limits::{
+    MAX_LABELS, MAX_LABEL_KEY_BYTES, MAX_LABEL_VALUE_BYTES, MAX_SLOTS, MAX_VERSION_BYTES,
+};
 /// Messages queued towards one agent before sends fail.
 const OUTBOUND_QUEUE: usize = 64;
 
@@ -146,12 +147,12 @@ fn check_hello(hello: &pb::Hello, peer: String) -> Result<AgentDescription, Stat
     let labels: BTreeMap<String, String> = hello
         .labels
         .iter()
-        .take(32)
-        .map(|(k, v)| (cap(k, 64), cap(v, 256)))
+        .take(MAX_LABELS)
+        .map(|(k, v)| (cap(k, MAX_LABEL_KEY_BYTES), cap(v, MAX_LABEL_VALUE_BYTES)))
         .collect();
     Ok(AgentDescription {
         agent_id: hello.agent_id.clone(),
-        version: cap(&hello.version, 64),
+        version: cap(&hello.version, MAX_VERSION_BYTES),
         slots: hello.slots,
         labels,
         peer,
@@ -314,7 +315,7 @@ fn into_event(kind: pb::agent_message::Kind) -> Result<Option<(String, u64, JobE
             }
             let event = JobEvent::Progress {
                 step: m.step,
-                message: cap(&m.message, limits::MAX_MESSAGE_BYTES),
+                message: cap(&m.message, limits::MAX_PROGRESS_BYTES),
             };
             (m.assignment_id, m.epoch, event)
         }
@@ -336,7 +337,7 @@ fn into_event(kind: pb::agent_message::Kind) -> Result<Option<(String, u64, JobE
                     message: cap(&s.message, limits::MAX_MESSAGE_BYTES),
                 },
                 Some(pb::assignment_finished::Outcome::Failed(f)) => RunOutcome::Failed {
-                    message: cap(&f.message, limits::MAX_MESSAGE_BYTES),
+                    message: limits::cap_error_text(&f.message).into_owned(),
                     retryable: f.retryable,
                 },
                 None => return Err("AssignmentFinished without an outcome".into()),

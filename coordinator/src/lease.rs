@@ -456,7 +456,7 @@ impl Keeper {
 
     /// Records a failed attempt (retry or dead), or a permanent failure.
     async fn fail(&mut self, message: &str, retryable: bool) -> End {
-        let message = limits::truncate_utf8(message, limits::MAX_MESSAGE_BYTES);
+        let message = limits::cap_error_text(message);
         let outcome = self
             .final_write(|ctx, job_id| {
                 let message = &message;
