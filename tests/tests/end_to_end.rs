@@ -22,9 +22,17 @@ fn expected_documents() -> BTreeMap<String, (String, String, Option<u32>, serde_
         let text = file.contents_utf8().expect("sample files are UTF-8");
         let name = path.rsplit('/').next().unwrap().to_string();
         if let Some(folder) = path.strip_suffix(&format!("/{name}")) {
+            // The first `# ` line outside fenced code blocks (the samples fence with ```).
+            let mut in_fence = false;
             let heading = text
                 .lines()
-                .find_map(|line| line.strip_prefix("# "))
+                .find_map(|line| {
+                    if line.trim_start().starts_with("```") {
+                        in_fence = !in_fence;
+                        return None;
+                    }
+                    line.strip_prefix("# ").filter(|_| !in_fence)
+                })
                 .map(|title| title.trim().to_string())
                 .unwrap_or_else(|| name.trim_end_matches(".md").replace('_', " "));
             let (kind, title) = match folder {
