@@ -142,7 +142,12 @@ fn parse_step_marker(text: &str) -> Option<StepReport> {
         return None;
     }
     let step = valid_step(step)?;
-    let message = if rest.trim().is_empty() { text } else { rest };
+    // A bare marker still names its step: say which, rather than repeating the marker.
+    let message = if rest.trim().is_empty() {
+        STEP_START_MESSAGES[step as usize - 1]
+    } else {
+        rest
+    };
     Some(report(Some(step), message))
 }
 
@@ -363,7 +368,7 @@ mod tests {
         );
         assert_eq!(
             parse_line("[FONDATION_STEP_6/6]"),
-            step(6, "[FONDATION_STEP_6/6]")
+            step(6, "Generating interactive tutorials")
         );
         for line in [
             r#"{"level":30,"msg":"[FONDATION_STEP_0/6] before the start"}"#,

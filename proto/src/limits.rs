@@ -154,11 +154,14 @@ pub const MAX_OUTPUT_LINE_BYTES: usize = 4 * KIB;
 /// minutes and hundreds of MiB; more on one host is a configuration mistake.
 pub const MAX_SLOTS: u32 = 64;
 
-/// Labels one agent may announce, and the length of a label key and value, of its version text:
-/// they are kept in memory for every agent and shown by the Admin API.
+/// Labels one agent may announce. What an agent describes of itself (labels, version) is kept in
+/// memory for every agent and shown by the Admin API, so each part of it is bounded.
 pub const MAX_LABELS: usize = 32;
+/// Length of a label key (a short name such as `zone`).
 pub const MAX_LABEL_KEY_BYTES: usize = 64;
+/// Length of a label value.
 pub const MAX_LABEL_VALUE_BYTES: usize = 256;
+/// Length of an agent's version text (a semver and a commit at most).
 pub const MAX_VERSION_BYTES: usize = 64;
 
 /// Jobs in one `ListJobs` reply: keeps the reply far below gRPC's 4 MiB default message size.

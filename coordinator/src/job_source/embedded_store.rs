@@ -7,6 +7,10 @@
 //! One addition: expired leases are reclaimed at the start of every claim (the deployment has
 //! `queue:reclaimExpired`, but nothing schedules it).
 //!
+//! Sizes are Convex's too: a result is refused by `limits::check_result`, the check the Convex
+//! source applies before its upload, and an error text is cut by `limits::cap_error_text`, as the
+//! Convex source cuts it before `queue:retryOrFail`; tests on this store see what production would.
+//!
 //! Every change is one transaction, committed with `synchronous = FULL` before the call returns,
 //! so an acknowledged change survives a crash. The coordinator's journal lives in the same file
 //! ([`crate::database`], its own tables): this module only touches `jobs` and `documents`.
