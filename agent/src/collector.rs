@@ -15,6 +15,7 @@ use std::io::Read;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use fondation_proto::limits::{truncate_utf8, MAX_NAME_BYTES};
 use fondation_proto::model::DocumentKind;
 use serde::ser::{Serialize, SerializeMap, Serializer};
 use tracing::warn;
@@ -39,9 +40,6 @@ const OUTPUT_DIR_KINDS: [(DocumentKind, &str); 3] = [
     (DocumentKind::Tutorial, "Tutorial: "),
 ];
 
-/// Longest title kept, in bytes: a title comes from a line of the file, and a runaway line must
-/// not eat the headroom the other fields of a Convex document need.
-const MAX_TITLE_BYTES: usize = 500;
 
 /// One document read from the output folder.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -230,10 +228,15 @@ pub fn collect(output_dir: &Path, limits: &CollectLimits) -> Result<Vec<Collecte
         for (index, file) in files.iter().enumerate() {
             let content = read_text(file, limits)?;
             let stem = file.name.strip_suffix(".md").unwrap_or(&file.name);
-            let title = markdown_title(&content).unwrap_or_else(|| stem.replace('_', " "));
+            let title = match markdown_title(&content) {
+                Some(title) => format!("{title_prefix}{title}"),
+                None => format!("{title_prefix}{}", stem.replace('_', " ")),
+            };
             documents.push(CollectedDocument {
                 slug: file.slug.clone(),
-                title: format!("{title_prefix}{title}"),
+                // A title comes from a line of the file: a runaway line must not eat the room the
+                // other fields of a Convex document need.
+                title: truncate_utf8(&title, MAX_NAME_BYTES).to_owned(),
                 kind,
                 chapter_index: Some(u32::try_from(index).unwrap_or(u32::MAX)),
                 content,
@@ -469,13 +472,51 @@ fn yaml_document(file: &Candidate, limits: &CollectLimits) -> Result<CollectedDo
     })
 }
 
-/// The first `# ` heading anywhere in the file, as the Node worker read titles.
-fn markdown_title(content: &str) -> Option<String> {
-    content
-        .lines()
-        .filter_map(|line| line.strip_prefix("# ").map(str::trim))
-        .find(|title| !title.is_empty())
-        .map(|title| fondation_proto::limits::truncate_utf8(title, MAX_TITLE_BYTES).to_owned())
+/// The first `# ` heading outside fenced code blocks (DESIGN.md section 3): a `# ` line inside a
+/// ```` ``` ```` or `~~~` fence is a shell or Python comment, not a title. As in CommonMark, a
+/// fence is opened by three or more backticks or tildes indented by at most three spaces, closed
+/// by a line of at least as many of the same character and nothing else, and an unclosed fence
+/// runs to the end of the file.
+fn markdown_title(content: &str) -> Option<&str> {
+    let mut open_fence: Option<(u8, usize)> = None;
+    for line in content.lines() {
+        if let Some((marker, length, rest)) = fence_line(line) {
+            match open_fence {
+                None => open_fence = Some((marker, length)),
+                Some((open, open_length))
+                    if marker == open && length >= open_length && rest.trim().is_empty() =>
+                {
+                    open_fence = None;
+                }
+                Some(_) => {}
+            }
+            continue;
+        }
+        if open_fence.is_some() {
+            continue;
+        }
+        if let Some(title) = line.strip_prefix("# ").map(str::trim) {
+            if !title.is_empty() {
+                return Some(title);
+            }
+        }
+    }
+    None
+}
+
+/// A fence line: its character, how many of them, and what follows them.
+fn fence_line(line: &str) -> Option<(u8, usize, &str)> {
+    let text = line.trim_start_matches(' ');
+    if line.len() - text.len() > 3 {
+        return None;
+    }
+    let marker = *text
+        .as_bytes()
+        .first()
+        .filter(|b| matches!(b, b'`' | b'~'))?;
+    let length = text.bytes().take_while(|&b| b == marker).count();
+    // The run is ASCII, so `length` is a character boundary.
+    (length >= 3).then(|| (marker, length, &text[length..]))
 }
 
 /// Reads a listed file as text, refusing to follow a symlink swapped in since listing and never

@@ -182,8 +182,12 @@ impl AgentConfig {
 
     pub fn check(&self) -> Result<CheckedConfig, ConfigError> {
         let invalid = |name, message: String| ConfigError::Invalid { name, message };
-        if !(1..=64).contains(&self.max_concurrent_jobs) {
-            return Err(invalid("MAX_CONCURRENT_JOBS", "must be 1 to 64".into()));
+        if !(1..=fondation_proto::limits::MAX_SLOTS).contains(&self.max_concurrent_jobs) {
+            let max = fondation_proto::limits::MAX_SLOTS;
+            return Err(invalid(
+                "MAX_CONCURRENT_JOBS",
+                format!("must be 1 to {max}"),
+            ));
         }
         let agent_id = match &self.agent_id {
             Some(id) => id.clone(),

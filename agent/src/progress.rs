@@ -1,23 +1,20 @@
 //! Recognising the analyzer's progress in its output.
 //!
 //! The CLI reports progress differently by build and by whether stdout is a terminal (DESIGN.md
-//! section 3): pino JSON lines, `[N/6] Phase: message`, `Step N: ...`, `[PROGRESS] ...`, or nothing
-//! at all. This module turns one output line into a [`StepReport`], tells error lines apart (they
+//! section 3): pino JSON lines (the newest CLI marks step starts in their message as
+//! `[FONDATION_STEP_N/6] ...`), `[N/6] Phase: message`, `Step N: ...`, `[PROGRESS] ...`, or
+//! nothing at all. This module turns one output line into a [`StepReport`], tells error lines apart (they
 //! become a failed job's error text), and, for a silent CLI, reads progress off the files the CLI
 //! has written so far.
 
-use std::path::Path;
+use std::{borrow::Cow, path::Path};
 
-use fondation_proto::limits::truncate_utf8;
+use fondation_proto::limits::{truncate_utf8, MAX_PROGRESS_BYTES};
 
 use crate::collector::{OUTPUT_DIRS, STEP_YAML_FILES};
 
 /// Number of analyzer steps; every step number reported is in `1..=TOTAL_STEPS`.
 pub const TOTAL_STEPS: u32 = 6;
-
-/// Longest message kept, in bytes: progress is forwarded to Convex and shown to users, so a
-/// runaway line must not travel further than this.
-const MAX_MESSAGE_BYTES: usize = 500;
 
 /// The pino messages that start each step, in step order (step = index + 1).
 const STEP_START_MESSAGES: [&str; TOTAL_STEPS as usize] = [
@@ -34,7 +31,7 @@ const STEP_START_MESSAGES: [&str; TOTAL_STEPS as usize] = [
 pub struct StepReport {
     /// The step that started, when the line names one.
     pub step: Option<u32>,
-    /// What the CLI said, trimmed and capped at 500 bytes.
+    /// What the CLI said, trimmed and capped at [`MAX_PROGRESS_BYTES`].
     pub message: String,
 }
 
@@ -45,13 +42,17 @@ pub fn parse_line(line: &str) -> Option<StepReport> {
     let line = line.trim();
     if line.starts_with('{') {
         if let Some(entry) = PinoEntry::parse(line) {
-            // A JSON log line is progress only when it is one of the known step starts: pino
-            // also logs many other info messages that say nothing about how far along we are.
+            // A JSON log line is progress only when it marks or is one of the known step starts:
+            // pino also logs many other info messages that say nothing about how far along we are.
+            if let Some(marked) = parse_step_marker(&entry.msg) {
+                return Some(marked);
+            }
             let step = step_of_pino_message(&entry.msg)?;
             return Some(report(Some(step), &entry.msg));
         }
     }
-    parse_counter(line)
+    parse_step_marker(line)
+        .or_else(|| parse_counter(line))
         .or_else(|| parse_step_prefix(line))
         .or_else(|| parse_progress_tag(line))
 }
@@ -127,6 +128,27 @@ fn step_of_pino_message(msg: &str) -> Option<u32> {
         .iter()
         .position(|start| starts_with_ignore_case(msg, start))
         .map(|index| index as u32 + 1)
+}
+
+/// `[FONDATION_STEP_N/6] message`, the newest CLI's step start, in a JSON line's `msg` or raw.
+fn parse_step_marker(text: &str) -> Option<StepReport> {
+    const MARKER: &str = "[FONDATION_STEP_";
+    let rest = text.trim().strip_prefix(MARKER)?;
+    let (step, rest) = split_number(rest)?;
+    let rest = rest.strip_prefix('/')?;
+    let (total, rest) = split_number(rest)?;
+    let rest = rest.strip_prefix(']')?;
+    if total != TOTAL_STEPS {
+        return None;
+    }
+    let step = valid_step(step)?;
+    // A bare marker still names its step: say which, rather than repeating the marker.
+    let message = if rest.trim().is_empty() {
+        STEP_START_MESSAGES[step as usize - 1]
+    } else {
+        rest
+    };
+    Some(report(Some(step), message))
 }
 
 /// `[N/6] Phase: message` (the terminal format).
@@ -236,7 +258,7 @@ fn valid_step(step: u32) -> Option<u32> {
 fn report(step: Option<u32>, message: &str) -> StepReport {
     StepReport {
         step,
-        message: truncate_utf8(message.trim(), MAX_MESSAGE_BYTES).to_owned(),
+        message: truncate_utf8(message.trim(), MAX_PROGRESS_BYTES).to_owned(),
     }
 }
 
@@ -248,28 +270,12 @@ fn starts_with_ignore_case(text: &str, prefix: &str) -> bool {
 
 /// Removes ANSI escape sequences: some builds colour their output even when it is piped, and a
 /// colour code in front of `[3/6]` must not hide the step.
-fn strip_ansi(line: &str) -> std::borrow::Cow<'_, str> {
-    if !line.contains('\u{1b}') {
-        return std::borrow::Cow::Borrowed(line);
+fn strip_ansi(line: &str) -> Cow<'_, str> {
+    if line.contains('\u{1b}') {
+        Cow::Owned(strip_ansi_escapes::strip_str(line))
+    } else {
+        Cow::Borrowed(line)
     }
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c != '\u{1b}' {
-            out.push(c);
-            continue;
-        }
-        // CSI: parameters and intermediates, then one final char in '@'..='~'. Any other escape
-        // is two characters long, and both are dropped by the `next` in the condition.
-        if chars.next() == Some('[') {
-            for c in chars.by_ref() {
-                if ('@'..='~').contains(&c) {
-                    break;
-                }
-            }
-        }
-    }
-    std::borrow::Cow::Owned(out)
 }
 
 fn is_real_dir(path: &Path) -> bool {
@@ -338,6 +344,50 @@ mod tests {
         ] {
             assert_eq!(parse_line(line), None, "{line}");
         }
+    }
+
+    #[test]
+    fn newest_cli_step_markers_in_json_and_raw() {
+        for (index, msg) in STEP_START_MESSAGES.iter().enumerate() {
+            let n = index + 1;
+            let line = format!(
+                r#"{{"level":30,"time":1700000000000,"pid":7,"hostname":"h","msg":"[FONDATION_STEP_{n}/6] {msg}","step":"{n}/6","phase":"Analyze"}}"#
+            );
+            assert_eq!(parse_line(&line), step(n as u32, msg), "{line}");
+            let raw = format!("[FONDATION_STEP_{n}/6] {msg}");
+            assert_eq!(parse_line(&raw), step(n as u32, msg), "{raw}");
+        }
+        // The marker alone is what counts, whatever the message says.
+        assert_eq!(
+            parse_line(r#"{"level":"info","msg":"[FONDATION_STEP_3/6] Ordering 11 chapters"}"#),
+            step(3, "Ordering 11 chapters")
+        );
+        assert_eq!(
+            parse_line("\u{1b}[32m[FONDATION_STEP_5/6]\u{1b}[0m Reviewing"),
+            step(5, "Reviewing")
+        );
+        assert_eq!(
+            parse_line("[FONDATION_STEP_6/6]"),
+            step(6, "Generating interactive tutorials")
+        );
+        for line in [
+            r#"{"level":30,"msg":"[FONDATION_STEP_0/6] before the start"}"#,
+            r#"{"level":30,"msg":"[FONDATION_STEP_7/6] beyond the end"}"#,
+            r#"{"level":30,"msg":"[FONDATION_STEP_2/5] other total"}"#,
+            r#"{"level":30,"msg":"[FONDATION_STEP_x/6] no number"}"#,
+            "[FONDATION_STEP_2/6 unclosed",
+            "[FONDATION_STEP_99999999999/6] overflow",
+        ] {
+            assert_eq!(parse_line(line), None, "{line}");
+        }
+    }
+
+    #[test]
+    fn ansi_sequences_of_every_kind_are_removed() {
+        // CSI colours, an OSC hyperlink and a cursor move around a counter.
+        let line = "\u{1b}]8;;http://x\u{7}\u{1b}[1;31m[2/6]\u{1b}[0m\u{1b}[2K Relations";
+        assert_eq!(parse_line(line), step(2, "Relations"));
+        assert_eq!(strip_ansi("plain"), "plain");
     }
 
     #[test]
@@ -426,12 +476,12 @@ mod tests {
     fn messages_are_capped_on_a_char_boundary() {
         let long = format!("[1/6] {}", "é".repeat(400)); // 800 bytes of two-byte chars
         let report = parse_line(&long).expect("a counter line");
-        assert_eq!(report.message.len(), 500);
+        assert_eq!(report.message.len(), MAX_PROGRESS_BYTES);
         assert!(report.message.chars().all(|c| c == 'é'));
 
         let long = format!("[1/6] a{}", "é".repeat(400)); // the 500th byte splits a char
         let report = parse_line(&long).expect("a counter line");
-        assert_eq!(report.message.len(), 499);
+        assert_eq!(report.message.len(), MAX_PROGRESS_BYTES - 1);
     }
 
     #[test]

@@ -27,8 +27,7 @@ use crate::{
 pub const OUTPUT_FOLDER: &str = ".claude-tutorial-output";
 /// Prefix of workspace folders, so leftovers of a crashed agent can be recognised and removed.
 pub const WORKSPACE_PREFIX: &str = "fondation-job-";
-/// Longest line of CLI output kept.
-const MAX_LINE_BYTES: usize = 4096;
+use fondation_proto::limits::MAX_OUTPUT_LINE_BYTES as MAX_LINE_BYTES;
 /// Lines of CLI output kept for the error message of a failed run.
 const TAIL_LINES: usize = 60;
 /// Error lines quoted in a failed job's error.

@@ -259,7 +259,8 @@ impl Agent {
                 .tls_config(tls.clone())
                 .map_err(|e| SessionError::Url {
                     url: url.clone(),
-                    message: error_chain(&e),
+                    // `{:#}` writes the error and its causes, joined by ": ".
+                    message: format!("{:#}", anyhow::Error::new(e)),
                 })?,
             None => endpoint,
         };
@@ -268,7 +269,7 @@ impl Agent {
             .await
             .map_err(|e| SessionError::Connect {
                 url: url.clone(),
-                message: error_chain(&e),
+                message: format!("{:#}", anyhow::Error::new(e)),
             })?;
         let mut client =
             AgentGatewayClient::new(channel).max_decoding_message_size(8 * 1024 * 1024);
@@ -472,15 +473,4 @@ impl Agent {
             _ => {}
         }
     }
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
 }

@@ -18,7 +18,7 @@ use crate::{
 };
 
 const DEFAULT_LIST_LIMIT: usize = 100;
-const MAX_LIST_LIMIT: usize = 1000;
+use fondation_proto::limits::MAX_LIST_JOBS as MAX_LIST_LIMIT;
 
 pub struct Admin {
     ctx: Arc<Context>,

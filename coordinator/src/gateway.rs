@@ -32,8 +32,9 @@ use crate::{
     lease::JobEvent,
 };
 
-/// Most slots one agent may announce.
-const MAX_SLOTS: u32 = 64;
+use fondation_proto::limits::{
+    MAX_LABELS, MAX_LABEL_KEY_BYTES, MAX_LABEL_VALUE_BYTES, MAX_SLOTS, MAX_VERSION_BYTES,
+};
 /// Messages queued towards one agent before sends fail.
 const OUTBOUND_QUEUE: usize = 64;
 
@@ -161,12 +162,12 @@ fn check_hello(hello: &Hello, peer: String) -> Result<AgentDescription, Status> 
     let labels: BTreeMap<String, String> = hello
         .labels
         .iter()
-        .take(32)
-        .map(|(k, v)| (cap(k, 64), cap(v, 256)))
+        .take(MAX_LABELS)
+        .map(|(k, v)| (cap(k, MAX_LABEL_KEY_BYTES), cap(v, MAX_LABEL_VALUE_BYTES)))
         .collect();
     Ok(AgentDescription {
         agent_id: hello.agent_id.clone(),
-        version: cap(&hello.version, 64),
+        version: cap(&hello.version, MAX_VERSION_BYTES),
         slots: hello.slots,
         labels,
         peer,

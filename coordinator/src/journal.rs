@@ -6,7 +6,8 @@
 //! - the run's outcome, before the agent is told its result was taken, so a result survives a
 //!   restart (or a job-source outage) until the job source has accepted it.
 //!
-//! It lives in `DATA_DIR/jobs.sqlite3` beside the embedded store's tables, in tables of its own.
+//! It lives in the coordinator's one database file ([`crate::database`]), in tables of its own,
+//! beside the embedded store's.
 
 use std::{
     path::Path,
@@ -17,8 +18,6 @@ use rusqlite::{params, Connection};
 use serde::{Deserialize, Serialize};
 
 use crate::{assignments::AssignmentRecord, job_source::JobResult};
-
-pub const DATABASE_FILE: &str = "jobs.sqlite3";
 
 #[derive(Debug, thiserror::Error)]
 #[error("coordinator journal ({action}): {message}; check that DATA_DIR is writable and not full")]
@@ -56,7 +55,11 @@ impl Journal {
                 message: e.to_string(),
             }
         };
-        let conn = Connection::open(data_dir.join(DATABASE_FILE)).map_err(error("opening"))?;
+        let path = crate::database::path(data_dir).map_err(|e| JournalError {
+            action: "renaming the legacy database file",
+            message: e.to_string(),
+        })?;
+        let conn = Connection::open(path).map_err(error("opening"))?;
         conn.busy_timeout(std::time::Duration::from_secs(10))
             .map_err(error("configuring"))?;
         // WAL with FULL sync: a journal write has reached the disk when the call returns.

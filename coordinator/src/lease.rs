@@ -438,11 +438,11 @@ impl Keeper {
 
     /// Records a failed attempt (retry or dead), or a permanent failure.
     async fn fail(&mut self, message: &str, retryable: bool) -> End {
-        let message = limits::truncate_utf8(message, limits::MAX_MESSAGE_BYTES);
+        let message = limits::cap_error_text(message);
         let ctx = &self.ctx;
         let job_id = self.record.job_id.as_str();
         let outcome = self
-            .final_write(|| ctx.source.fail(job_id, &ctx.worker_id, message, retryable))
+            .final_write(|| ctx.source.fail(job_id, &ctx.worker_id, &message, retryable))
             .await;
         match outcome {
             Ok(FailOutcome::Retrying {

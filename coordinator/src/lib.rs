@@ -11,6 +11,7 @@
 //! - [`assignments`]: in-flight assignments, their fencing epochs, and report routing;
 //! - [`lease`]: the lease keeper, one task per in-flight job, until its end is recorded;
 //! - [`journal`]: what a restart must not forget (assignments, undelivered results);
+//! - [`database`]: the one SQLite file the journal and the embedded store share;
 //! - [`gateway`] and [`admin`]: the gRPC services; [`auth`]: their bearer tokens;
 //! - [`server`]: builds all of it and serves until shutdown.
 
@@ -20,6 +21,7 @@ pub mod assignments;
 pub mod auth;
 pub mod config;
 pub mod context;
+pub mod database;
 pub mod dispatcher;
 pub mod gateway;
 pub mod identity;

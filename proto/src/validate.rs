@@ -12,6 +12,8 @@ use std::fmt;
 
 use url::Url;
 
+use crate::limits::{MAX_BRANCH_BYTES, MAX_JOB_ID_BYTES, MAX_PROMPT_BYTES, MAX_URL_BYTES};
+
 /// What can be wrong with a job input or with `REPO_ALLOWLIST`.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ValidationError {
@@ -48,14 +50,14 @@ pub enum ValidationError {
 
     /// The job id is not 1 to 64 characters of `[A-Za-z0-9_-]`.
     #[error(
-        "job id {id:?} is not valid: {reason}; a job id is 1 to {MAX_JOB_ID_LEN} characters \
+        "job id {id:?} is not valid: {reason}; a job id is 1 to {MAX_JOB_ID_BYTES} characters \
          of A-Z, a-z, 0-9, '_' and '-'"
     )]
     InvalidJobId { id: String, reason: String },
 
     /// The agent id is not 1 to 64 characters of `[A-Za-z0-9_-]`.
     #[error(
-        "agent id {id:?} is not valid: {reason}; an agent id is 1 to {MAX_AGENT_ID_LEN} \
+        "agent id {id:?} is not valid: {reason}; an agent id is 1 to {MAX_JOB_ID_BYTES} \
          characters of A-Z, a-z, 0-9, '_' and '-'"
     )]
     InvalidAgentId { id: String, reason: String },
@@ -72,22 +74,6 @@ pub enum ValidationError {
 /// URL schemes git may ever be asked to use. Everything else (`ext::`, `fd::`, custom remote
 /// helpers, `ftp`...) is refused: remote helpers can run arbitrary commands.
 const ALLOWED_SCHEMES: &[&str] = &["https", "http", "ssh", "git", "file"];
-
-/// Longest repository URL accepted; real ones are far shorter, and this bounds what we log.
-pub const MAX_URL_BYTES: usize = 2048;
-
-/// Longest branch name accepted; git's own limit on a ref component is the file name limit.
-pub const MAX_BRANCH_BYTES: usize = 255;
-
-/// Longest job id accepted (Convex ids are 31 to 37 characters).
-pub const MAX_JOB_ID_LEN: usize = 64;
-
-/// Longest agent id accepted (a host name label is at most 63 characters).
-pub const MAX_AGENT_ID_LEN: usize = 64;
-
-/// Largest prompt accepted. It travels as one argv string, and Linux caps one argv string at
-/// 128 KiB, so this leaves room while allowing any sensible prompt.
-pub const MAX_PROMPT_BYTES: usize = 64 * 1024;
 
 /// How much of an offending input an error message repeats.
 const SHOWN_CHARS: usize = 120;
@@ -338,10 +324,10 @@ fn branch_problem(name: &str) -> Option<String> {
     None
 }
 
-/// Checks a job id: 1 to [`MAX_JOB_ID_LEN`] characters of `[A-Za-z0-9_-]`. Job ids end up in
+/// Checks a job id: 1 to [`MAX_JOB_ID_BYTES`] characters of `[A-Za-z0-9_-]`. Job ids end up in
 /// folder names and log fields, so nothing else is accepted.
 pub fn check_job_id(id: &str) -> Result<(), ValidationError> {
-    identifier_problem(id, MAX_JOB_ID_LEN).map_or(Ok(()), |reason| {
+    identifier_problem(id, MAX_JOB_ID_BYTES).map_or(Ok(()), |reason| {
         Err(ValidationError::InvalidJobId {
             id: shown(id),
             reason,
@@ -349,11 +335,11 @@ pub fn check_job_id(id: &str) -> Result<(), ValidationError> {
     })
 }
 
-/// Checks an agent id (`AGENT_ID`, the host name by default): 1 to [`MAX_AGENT_ID_LEN`]
+/// Checks an agent id (`AGENT_ID`, the host name by default): 1 to [`MAX_JOB_ID_BYTES`]
 /// characters of `[A-Za-z0-9_-]`. Agent ids name the agent's workspace folder under `TEMP_DIR`
 /// and appear in log fields and `Admin/ListAgents`, so nothing else is accepted.
 pub fn check_agent_id(id: &str) -> Result<(), ValidationError> {
-    identifier_problem(id, MAX_AGENT_ID_LEN).map_or(Ok(()), |reason| {
+    identifier_problem(id, MAX_JOB_ID_BYTES).map_or(Ok(()), |reason| {
         Err(ValidationError::InvalidAgentId {
             id: shown(id),
             reason,

@@ -42,6 +42,9 @@ pub const STEP_MESSAGES: [&str; 6] = [
     "Generating interactive tutorials",
 ];
 
+/// How the newest CLI marks a step start in its message: `[FONDATION_STEP_N/6] <message>`.
+pub const STEP_MARKER: &str = "[FONDATION_STEP_";
+
 /// What each step writes: a file or a folder of the sample tree.
 const STEP_OUTPUTS: [&str; 6] = [
     "step1_abstractions.yaml",

@@ -73,6 +73,48 @@ async fn convex_job_completes_with_its_documents_through_the_statuses_in_order()
     world.assert_no_rejected_calls().await;
 }
 
+/// The newest CLI's progress (`[FONDATION_STEP_N/6] ...` in its JSON lines) reaches the
+/// deployment's heartbeats as steps 1 to 6, in order.
+#[tokio::test(flavor = "multi_thread")]
+async fn newest_cli_step_markers_reach_the_heartbeats_as_steps_one_to_six() {
+    let world = ConvexWorld::new(FakeOptions::fast()).await;
+    // Steps 300 ms apart, progress written at most every 50 ms: every step gets its heartbeat.
+    let coordinator = world
+        .coordinator(None, &[("PROGRESS_INTERVAL", "50")])
+        .await;
+    let mut worker = agent(&world, "agent-1", coordinator.url(), &[]);
+    worker.wait_connected().await;
+
+    let job_id = world
+        .create_job("explain this fixture:format=marker fixture:slow=300")
+        .await;
+    let job = world.wait_status(&job_id, TERMINAL, TIMEOUT).await;
+    assert_eq!(job.status, "completed", "{job:?}");
+
+    let calls = world.client.calls().await.unwrap();
+    let heartbeats = calls_of(&calls, "queue:heartbeat", &job_id);
+    let mut steps: Vec<f64> = heartbeats
+        .iter()
+        .filter_map(|call| call.args.get("currentStep").and_then(|s| s.as_f64()))
+        .collect();
+    steps.dedup();
+    assert_eq!(steps, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0], "{heartbeats:#?}");
+    for call in &heartbeats {
+        if let Some(progress) = call.args.get("progress").and_then(|p| p.as_str()) {
+            assert!(
+                !progress.contains("FONDATION_STEP"),
+                "the marker is not shown to users: {progress:?}"
+            );
+            // Steps read from the output files say so: these steps must come from the lines.
+            assert!(
+                !progress.contains("output written"),
+                "a step was seen only in the output files: {progress:?}"
+            );
+        }
+    }
+    world.assert_no_rejected_calls().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn one_poller_whatever_the_number_of_agents_and_none_while_all_slots_are_busy() {
     let world = ConvexWorld::new(FakeOptions::fast()).await;

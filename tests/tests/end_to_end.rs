@@ -3,6 +3,8 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
+use nix::sys::signal::Signal;
+
 use fondation_testkit::{
     fixture_cli::{self, max_concurrency_per_agent, read_run_log, runs_per_job},
     support::{
@@ -22,9 +24,17 @@ fn expected_documents() -> BTreeMap<String, (String, String, Option<u32>, serde_
         let text = file.contents_utf8().expect("sample files are UTF-8");
         let name = path.rsplit('/').next().unwrap().to_string();
         if let Some(folder) = path.strip_suffix(&format!("/{name}")) {
+            // The first `# ` line outside fenced code blocks (the samples fence with ```).
+            let mut in_fence = false;
             let heading = text
                 .lines()
-                .find_map(|line| line.strip_prefix("# "))
+                .find_map(|line| {
+                    if line.trim_start().starts_with("```") {
+                        in_fence = !in_fence;
+                        return None;
+                    }
+                    line.strip_prefix("# ").filter(|_| !in_fence)
+                })
                 .map(|title| title.trim().to_string())
                 .unwrap_or_else(|| name.trim_end_matches(".md").replace('_', " "));
             let (kind, title) = match folder {
@@ -300,4 +310,43 @@ async fn disallowed_urls_and_hostile_branches_fail_clearly_and_run_nothing() {
         !agent.proc.log_contains("run started"),
         "no assignment reached the agent"
     );
+}
+
+/// A `DATA_DIR` of an earlier version, whose database was `jobs.sqlite3`: the coordinator renames
+/// it on start and runs the jobs queued in it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_legacy_database_file_is_renamed_and_its_queued_job_runs() {
+    let sandbox = Sandbox::new();
+    let port = free_port();
+    let mut coordinator = CoordinatorProc::start(&sandbox, port, &[]).await;
+    let job_id = coordinator
+        .admin()
+        .await
+        .submit(&sandbox.repo.url, "main", "explain this project")
+        .await;
+    coordinator.proc.signal(Signal::SIGTERM);
+    let status = coordinator.proc.wait_exit(Duration::from_secs(20)).await;
+    assert!(status.success(), "exit status {status:?}");
+
+    let data_dir = coordinator.data_dir.clone();
+    for suffix in ["", "-wal", "-shm"] {
+        let current = data_dir.join(format!("coordinator.sqlite3{suffix}"));
+        if current.exists() {
+            std::fs::rename(&current, data_dir.join(format!("jobs.sqlite3{suffix}")))
+                .expect("giving the database its legacy name");
+        }
+    }
+    assert!(data_dir.join("jobs.sqlite3").exists());
+
+    let coordinator = CoordinatorProc::start(&sandbox, port, &[]).await;
+    assert!(coordinator.proc.log_contains("database file renamed"));
+    assert!(data_dir.join("coordinator.sqlite3").exists());
+    assert!(!data_dir.join("jobs.sqlite3").exists());
+    let _agent = AgentProc::connected(&sandbox, "agent-1", coordinator.url(), &[]).await;
+    let job = coordinator
+        .admin()
+        .await
+        .wait_status(&job_id, TERMINAL, JOB_TIMEOUT)
+        .await;
+    assert_eq!(job.status, "completed", "{job:?}");
 }

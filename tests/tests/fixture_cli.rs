@@ -177,6 +177,44 @@ fn normal_run_writes_the_sample_tree_and_six_json_steps() {
 }
 
 #[test]
+fn marker_format_prints_the_newest_cli_json_lines() {
+    let repo = repo();
+    let prompt = "document this fixture:format=marker";
+    let output = run(&mut analyze(repo.path(), &["--prompt", prompt]));
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(read_tree(&output_dir(repo.path())), sample_tree_files());
+
+    let lines = json_lines(&output);
+    assert_eq!(lines.len(), 7, "six steps and the end: {lines:?}");
+    for (n, line) in lines[..6].iter().enumerate().map(|(i, l)| (i + 1, l)) {
+        assert_eq!(
+            line["msg"],
+            format!("[FONDATION_STEP_{n}/6] {}", STEP_MESSAGES[n - 1])
+        );
+        assert_eq!(line["step"], format!("{n}/6"));
+        assert!(line["phase"].as_str().is_some_and(|p| !p.is_empty()));
+    }
+    assert_eq!(lines[1]["phase"], "Analyze", "as DESIGN.md shows it");
+    assert_eq!(lines[6]["msg"], COMPLETE_MESSAGE);
+    for line in &lines {
+        assert_eq!(line["level"], 30, "pino's numeric info level");
+        assert!(line["time"].as_u64().is_some() && line["pid"].as_u64().is_some());
+    }
+
+    // A failure is a numeric error line.
+    let repo = self::repo();
+    let prompt = "fixture:format=marker fixture:fail";
+    let output = run(&mut analyze(repo.path(), &["--prompt", prompt]));
+    assert!(!output.status.success());
+    let lines = json_lines(&output);
+    let last = lines.last().expect("an error line");
+    assert_eq!(
+        (&last["level"], &last["msg"]),
+        (&Value::from(50), &Value::from(FAILED_MESSAGE))
+    );
+}
+
+#[test]
 fn text_formats_print_their_step_lines() {
     type StepLine = fn(usize, &str) -> String;
     let cases: [(&str, StepLine); 3] = [

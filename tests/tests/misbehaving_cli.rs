@@ -77,7 +77,7 @@ async fn misbehaving_analyzers_get_clear_outcomes() {
     );
 
     // Every other progress format is understood.
-    for format in ["bracket", "step", "progress"] {
+    for format in ["marker", "bracket", "step", "progress"] {
         let job_id = admin
             .submit(
                 &url,

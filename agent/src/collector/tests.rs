@@ -136,10 +136,49 @@ fn sample_titles_and_indexes() {
         tutorial.title,
         "Tutorial: tutorial 0 workflow orchestration"
     );
-    // As in the Node worker, the first `# ` line anywhere counts, even a shell comment in a
-    // code block.
+    // Its only `# ` line is a shell comment in a code block (the Node worker titled it "Type
+    // checking"): not a title, so the file name gives it.
     let tutorial = find(&documents, "tutorials/tutorial_2_claude_sdk_integration.md");
-    assert_eq!(tutorial.title, "Tutorial: Type checking");
+    assert_eq!(
+        tutorial.title,
+        "Tutorial: tutorial 2 claude sdk integration"
+    );
+}
+
+#[test]
+fn a_shell_comment_in_a_fence_is_not_a_title() {
+    let tutorial = b"Intro text\n\n```bash\n# Type checking\nnpm run typecheck\n```\n\n\
+        # Interactive Tutorial: Claude SDK\n\n~~~sh\n# later comment\n~~~\n";
+    let dir = output_with(&[("tutorials/tutorial_2_sdk.md", tutorial)]);
+    let documents = collect(dir.path(), &CollectLimits::default()).expect("collect");
+    assert_eq!(
+        documents[0].title,
+        "Tutorial: Interactive Tutorial: Claude SDK"
+    );
+}
+
+#[test]
+fn fences_follow_commonmark() {
+    let cases: [(&str, Option<&str>); 8] = [
+        ("```\n# in code\n```\n# Title", Some("Title")),
+        ("~~~\n# in code\n~~~\n# Title", Some("Title")),
+        // A fence closes only with its own character, at least as long as it opened.
+        ("````\n```\n# in code\n````\n# Title", Some("Title")),
+        ("~~~\n```\n# in code\n~~~\n# Title", Some("Title")),
+        // A closing line carries nothing after its run.
+        (
+            "```\n``` not a close\n# in code\n```\n# Title",
+            Some("Title"),
+        ),
+        // Indented by up to three spaces it is still a fence; by four, it is not.
+        ("   ```\n# in code\n   ```\n# Title", Some("Title")),
+        ("    ```\n# Title\n", Some("Title")),
+        // An unclosed fence runs to the end: no title.
+        ("```rust\n# in code\n", None),
+    ];
+    for (content, title) in cases {
+        assert_eq!(markdown_title(content), title, "{content:?}");
+    }
 }
 
 #[test]
@@ -209,7 +248,7 @@ fn long_titles_are_capped() {
     let heading = format!("# {}\n", "é".repeat(400));
     let dir = output_with(&[("chapters/a.md", heading.as_bytes())]);
     let documents = collect(dir.path(), &CollectLimits::default()).expect("collect");
-    assert_eq!(documents[0].title.len(), 500);
+    assert_eq!(documents[0].title.len(), MAX_NAME_BYTES);
 }
 
 #[test]

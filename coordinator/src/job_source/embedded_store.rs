@@ -7,9 +7,13 @@
 //! One addition: expired leases are reclaimed at the start of every claim (the deployment has
 //! `queue:reclaimExpired`, but nothing schedules it).
 //!
+//! Sizes are Convex's too: a result is refused by `limits::check_result`, the check the Convex
+//! source applies before its upload, and an error text is cut by `limits::cap_error_text`, as the
+//! Convex source cuts it before `queue:retryOrFail`; tests on this store see what production would.
+//!
 //! Every change is one transaction, committed with `synchronous = FULL` before the call returns,
 //! so an acknowledged change survives a crash. The coordinator's journal lives in the same file
-//! (its own tables): this module only touches `jobs` and `documents`.
+//! ([`crate::database`], its own tables): this module only touches `jobs` and `documents`.
 
 use std::{
     path::{Path, PathBuf},
@@ -18,6 +22,7 @@ use std::{
 };
 
 use async_trait::async_trait;
+use fondation_proto::limits;
 use rand::Rng;
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, TransactionBehavior};
 
@@ -26,20 +31,8 @@ use super::{
     JobSourceError, JobStatus, JobView, NewJob, ProgressUpdate, RepoTarget, Result, StoredDocument,
 };
 
-/// File name of the database inside `DATA_DIR`.
-pub const DATABASE_FILE: &str = "jobs.sqlite3";
-
 /// Version of the `jobs`/`documents` schema, kept in `PRAGMA user_version`.
 const SCHEMA_VERSION: i64 = 1;
-
-/// Largest prompt accepted by `submit`.
-const MAX_PROMPT_BYTES: usize = 64 * 1024;
-/// Longest error text stored; longer ones are cut (a CLI can print a lot before dying).
-const MAX_ERROR_BYTES: usize = 16 * 1024;
-/// Convex limits a stored document to 1 MiB and a call's arguments to 16 MiB; the embedded store
-/// refuses the same results so that tests here see what production would.
-const MAX_DOCUMENT_BYTES: usize = 1024 * 1024;
-const MAX_RESULT_BYTES: usize = 16 * 1024 * 1024;
 
 /// How long a writer waits for another connection (e.g. the journal's) to release the file.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -113,7 +106,8 @@ impl Default for EmbeddedOptions {
     }
 }
 
-/// The job queue in `<DATA_DIR>/jobs.sqlite3`. Cheap to clone: clones share the connection.
+/// The job queue in the coordinator's database file in `DATA_DIR` ([`crate::database`]). Cheap
+/// to clone: clones share the connection.
 #[derive(Debug, Clone)]
 pub struct EmbeddedStore {
     /// One connection, used from blocking tasks; the mutex serialises this process's calls and
@@ -158,12 +152,17 @@ impl OpError {
 type OpResult<T> = std::result::Result<T, OpError>;
 
 impl EmbeddedStore {
-    /// Opens (creating if needed) `<data_dir>/jobs.sqlite3`.
+    /// Opens (creating if needed) the database file in `data_dir`, renaming a legacy one first.
     pub fn open(data_dir: &Path, options: EmbeddedOptions) -> Result<Self> {
-        let path = data_dir.join(DATABASE_FILE);
         let failed = |what: String| JobSourceError::Failed(format!("embedded store: {what}"));
         std::fs::create_dir_all(data_dir)
             .map_err(|err| failed(format!("creating {}: {err}", data_dir.display())))?;
+        let path = crate::database::path(data_dir).map_err(|err| {
+            failed(format!(
+                "renaming the legacy database file in {}: {err}",
+                data_dir.display()
+            ))
+        })?;
         let mut conn = Connection::open(&path)
             .map_err(|err| failed(format!("opening {}: {err}", path.display())))?;
         prepare(&mut conn)
@@ -373,7 +372,7 @@ impl JobSource for EmbeddedStore {
         retryable: bool,
     ) -> Result<FailOutcome> {
         let (job_id, worker_id) = (job_id.to_owned(), worker_id.to_owned());
-        let error = cap_error(error);
+        let error = limits::cap_error_text(error).into_owned();
         let options = self.options.clone();
         self.run("failing a job", move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -412,12 +411,8 @@ impl JobSource for EmbeddedStore {
         if job.repo_url.is_empty() {
             return Err(JobSourceError::Invalid("repo_url is empty".to_owned()));
         }
-        if job.prompt.len() > MAX_PROMPT_BYTES {
-            return Err(JobSourceError::Invalid(format!(
-                "prompt is {} bytes, more than {MAX_PROMPT_BYTES}",
-                job.prompt.len()
-            )));
-        }
+        fondation_proto::validate::check_prompt(&job.prompt)
+            .map_err(|error| JobSourceError::Invalid(error.to_string()))?;
         let branch = if job.branch.is_empty() {
             "main".to_owned()
         } else {
@@ -789,35 +784,15 @@ fn parse_status(status: &str) -> OpResult<JobStatus> {
         .map_err(|err: JobSourceError| OpError::Unusable(format!("stored job: {err}")))
 }
 
-/// Refuses what Convex would refuse, with a message saying which document is too big.
+/// Refuses what the Convex source refuses, by the same shared check and limits.
 fn check_result_size(job_id: &str, result: &JobResult) -> Result<()> {
-    let mut total = 0usize;
-    for doc in &result.documents {
-        if doc.content.len() > MAX_DOCUMENT_BYTES {
-            return Err(JobSourceError::TooLarge(format!(
-                "job {job_id}: document {} is {} bytes, more than {MAX_DOCUMENT_BYTES}",
-                doc.slug,
-                doc.content.len()
-            )));
-        }
-        total += doc.content.len() + doc.slug.len() + doc.title.len();
-    }
-    if total > MAX_RESULT_BYTES {
-        return Err(JobSourceError::TooLarge(format!(
-            "job {job_id}: documents total {total} bytes, more than {MAX_RESULT_BYTES}"
-        )));
-    }
-    Ok(())
-}
-
-/// Cuts an error text to [`MAX_ERROR_BYTES`] on a character boundary, saying so.
-fn cap_error(error: &str) -> String {
-    const MARKER: &str = " [truncated]";
-    if error.len() <= MAX_ERROR_BYTES {
-        return error.to_owned();
-    }
-    let kept = fondation_proto::limits::truncate_utf8(error, MAX_ERROR_BYTES - MARKER.len());
-    format!("{kept}{MARKER}")
+    limits::check_result(
+        result
+            .documents
+            .iter()
+            .map(|doc| (doc.slug.as_str(), doc.title.as_str(), doc.content.as_str())),
+    )
+    .map_err(|error| JobSourceError::TooLarge(format!("job {job_id}: {error}")))
 }
 
 /// A random id shaped like a Convex id.

@@ -231,7 +231,7 @@ impl TryFrom<pb::AgentMessage> for FromAgent {
                 let event = RunEvent::Progress {
                     step: m.step,
                     total_steps: m.total_steps,
-                    message: capped(m.message, limits::MAX_MESSAGE_BYTES),
+                    message: capped(m.message, limits::MAX_PROGRESS_BYTES),
                 };
                 report(m.assignment_id, m.epoch, event)
             }
@@ -250,7 +250,7 @@ impl TryFrom<pb::AgentMessage> for FromAgent {
                         message: capped(s.message, limits::MAX_MESSAGE_BYTES),
                     },
                     pb::assignment_finished::Outcome::Failed(f) => RunOutcome::Failed {
-                        message: capped(f.message, limits::MAX_MESSAGE_BYTES),
+                        message: limits::cap_error_text(&f.message).into_owned(),
                         retryable: f.retryable,
                     },
                 };

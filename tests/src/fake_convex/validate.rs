@@ -9,11 +9,12 @@ use serde_json::{Map, Value};
 /// Lowercase Crockford base32: the alphabet of Convex ids.
 pub const ID_ALPHABET: &[u8] = b"0123456789abcdefghjkmnpqrstvwxyz";
 
-pub const MAX_ARGS_BYTES: usize = 16 * 1024 * 1024;
-pub const MAX_DOCUMENT_BYTES: usize = 1024 * 1024;
-pub const MAX_DEPTH: usize = 16;
-pub const MAX_OBJECT_FIELDS: usize = 1024;
-pub const MAX_ARRAY_ELEMENTS: usize = 8192;
+// Convex's value limits, defined once beside the caps the coordinator derives from them.
+pub use fondation_proto::limits::{
+    CONVEX_ARGUMENT_BYTES as MAX_ARGS_BYTES, CONVEX_ARRAY_ELEMENTS as MAX_ARRAY_ELEMENTS,
+    CONVEX_DOCUMENT_BYTES as MAX_DOCUMENT_BYTES, CONVEX_NESTING_DEPTH as MAX_DEPTH,
+    CONVEX_OBJECT_FIELDS as MAX_OBJECT_FIELDS,
+};
 
 /// Whether `id` has the shape of a Convex document id (31 to 37 Crockford base32 characters).
 pub fn is_convex_id(id: &str) -> bool {

@@ -7,10 +7,28 @@ use std::io::{self, Write};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::directives::Format;
-use super::STEP_MESSAGES;
+use super::{STEP_MARKER, STEP_MESSAGES};
 
 /// Number of steps the real CLI announces.
 const STEPS: usize = STEP_MESSAGES.len();
+
+/// The `phase` field of the newest CLI's step lines, steps 1 to 6 (DESIGN.md shows step 2's).
+const STEP_PHASES: [&str; STEPS] = [
+    "Extract",
+    "Analyze",
+    "Order",
+    "Generate",
+    "Review",
+    "Tutorials",
+];
+
+/// pino's `level` of a line: a label (`"info"`) in the older builds, pino's default number
+/// (30 info, 50 error) in the newest.
+#[derive(Clone, Copy)]
+enum Level {
+    Info,
+    Error,
+}
 
 pub(super) struct Console {
     format: Format,
@@ -25,7 +43,16 @@ impl Console {
     pub(super) fn step(&self, step: usize) {
         let msg = STEP_MESSAGES[step - 1];
         match self.format {
-            Format::Json => self.stdout(&pino_line("info", msg, None)),
+            Format::Json => self.stdout(&pino_line(self.level(Level::Info), msg, None, &[])),
+            Format::Marker => {
+                let counter = format!("{step}/{STEPS}");
+                self.stdout(&pino_line(
+                    self.level(Level::Info),
+                    &format!("{STEP_MARKER}{counter}] {msg}"),
+                    None,
+                    &[("step", &counter), ("phase", STEP_PHASES[step - 1])],
+                ))
+            }
             Format::Bracket => self.stdout(format!("[{step}/{STEPS}] Phase: {msg}").as_bytes()),
             Format::Step => self.stdout(format!("Step {step}/{STEPS}: {msg}").as_bytes()),
             Format::Progress => self.stdout(format!("[PROGRESS] {msg}").as_bytes()),
@@ -36,7 +63,9 @@ impl Console {
     /// Any other informational line.
     pub(super) fn info(&self, msg: &str) {
         match self.format {
-            Format::Json => self.stdout(&pino_line("info", msg, None)),
+            Format::Json | Format::Marker => {
+                self.stdout(&pino_line(self.level(Level::Info), msg, None, &[]))
+            }
             Format::Bracket | Format::Step => self.stdout(msg.as_bytes()),
             Format::Progress => self.stdout(format!("[PROGRESS] {msg}").as_bytes()),
             Format::Silent => {}
@@ -48,7 +77,9 @@ impl Console {
     /// stderr is written even in the silent format: it is the error text a caller reports.
     pub(super) fn error(&self, msg: &str, error: &str) {
         match self.format {
-            Format::Json => self.stdout(&pino_line("error", msg, Some(error))),
+            Format::Json | Format::Marker => {
+                self.stdout(&pino_line(self.level(Level::Error), msg, Some(error), &[]))
+            }
             Format::Silent => {}
             _ => self.stdout(format!("ERROR: {msg}: {error}").as_bytes()),
         }
@@ -59,9 +90,9 @@ impl Console {
     pub(super) fn invalid_utf8(&self) {
         if self.format != Format::Silent {
             self.stdout(b"\xff\xfe progress \xc3\x28 not utf-8");
-            if self.format == Format::Json {
+            if matches!(self.format, Format::Json | Format::Marker) {
                 // A pino line whose msg holds a lone continuation byte and a 0xff byte.
-                let mut line = pino_line("info", "", None);
+                let mut line = pino_line(self.level(Level::Info), "", None, &[]);
                 let closing_quote = line.len() - 2;
                 line.splice(
                     closing_quote..closing_quote,
@@ -71,6 +102,16 @@ impl Console {
             }
         }
         self.stderr(b"warning: \xff\xfe invalid bytes on stderr");
+    }
+
+    /// The `level` value, as JSON, of this format's lines.
+    fn level(&self, level: Level) -> &'static str {
+        match (self.format, level) {
+            (Format::Marker, Level::Info) => "30",
+            (Format::Marker, Level::Error) => "50",
+            (_, Level::Info) => "\"info\"",
+            (_, Level::Error) => "\"error\"",
+        }
     }
 
     fn stdout(&self, line: &[u8]) {
@@ -89,13 +130,14 @@ fn write_line(out: &mut impl Write, line: &[u8]) {
     let _ = out.write_all(&buf).and_then(|()| out.flush());
 }
 
-/// One pino log line, fields in pino's order. `level` is the label, as DESIGN.md describes.
-fn pino_line(level: &str, msg: &str, error: Option<&str>) -> Vec<u8> {
+/// One pino log line, fields in pino's order, then `fields` (string values). `level` is already
+/// JSON: a quoted label or a number.
+fn pino_line(level: &str, msg: &str, error: Option<&str>, fields: &[(&str, &str)]) -> Vec<u8> {
     let time = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis());
     let mut line = format!(
-        "{{\"level\":\"{level}\",\"time\":{time},\"pid\":{pid},\"hostname\":\"fixture\",\"msg\":{msg}",
+        "{{\"level\":{level},\"time\":{time},\"pid\":{pid},\"hostname\":\"fixture\",\"msg\":{msg}",
         pid = std::process::id(),
         msg = json_string(msg),
     );
@@ -104,6 +146,9 @@ fn pino_line(level: &str, msg: &str, error: Option<&str>) -> Vec<u8> {
             ",\"err\":{{\"type\":\"Error\",\"message\":{}}}",
             json_string(error)
         ));
+    }
+    for (name, value) in fields {
+        line.push_str(&format!(",{}:{}", json_string(name), json_string(value)));
     }
     line.push('}');
     line.into_bytes()
@@ -119,12 +164,17 @@ mod tests {
 
     #[test]
     fn pino_lines_are_json_objects() {
-        let line = pino_line("error", "Analysis failed", Some("boom \"quoted\""));
+        let line = pino_line("\"error\"", "Analysis failed", Some("boom \"quoted\""), &[]);
         let value: serde_json::Value = serde_json::from_slice(&line).expect("valid JSON");
         assert_eq!(value["level"], "error");
         assert_eq!(value["msg"], "Analysis failed");
         assert_eq!(value["hostname"], "fixture");
         assert_eq!(value["err"]["message"], "boom \"quoted\"");
         assert!(value["time"].as_u64().is_some() && value["pid"].as_u64().is_some());
+
+        let line = pino_line("30", "[FONDATION_STEP_2/6] x", None, &[("step", "2/6")]);
+        let value: serde_json::Value = serde_json::from_slice(&line).expect("valid JSON");
+        assert_eq!(value["level"], 30);
+        assert_eq!(value["step"], "2/6");
     }
 }

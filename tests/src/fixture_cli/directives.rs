@@ -17,6 +17,9 @@ pub enum Format {
     /// pino JSON lines (the real CLI when stdout is not a terminal).
     #[default]
     Json,
+    /// The newest CLI's pino JSON lines: numeric levels, and each step start marked in its
+    /// message as `[FONDATION_STEP_N/6] ...`, with `step` and `phase` fields.
+    Marker,
     /// `[N/6] Phase: message` (the real CLI on a terminal).
     Bracket,
     /// `Step N/6: message`.
@@ -126,13 +129,15 @@ impl Directives {
 fn parse_format(value: &str) -> Result<Format, DirectiveError> {
     Ok(match value {
         "json" => Format::Json,
+        "marker" => Format::Marker,
         "bracket" => Format::Bracket,
         "step" => Format::Step,
         "progress" => Format::Progress,
         "silent" => Format::Silent,
         _ => {
             return Err(DirectiveError(format!(
-                "unknown fixture output format {value:?} (json, bracket, step, progress, silent)"
+                "unknown fixture output format {value:?} (json, marker, bracket, step, progress, \
+                 silent)"
             )))
         }
     })

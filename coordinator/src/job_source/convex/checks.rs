@@ -1,30 +1,20 @@
 //! Checks on what goes to and comes from the deployment: id and name shapes, Convex's size limits,
 //! and the caps applied to free text.
 
-use fondation_proto::limits::truncate_utf8;
+// The limits are defined once, in `fondation_proto::limits`; the names here are the ones this
+// module used before that.
+pub(super) use fondation_proto::limits::{cap_error_text, MAX_MESSAGE_BYTES};
+pub use fondation_proto::limits::{
+    CONVEX_ARGUMENT_BYTES as MAX_ARGS_BYTES, CONVEX_DOCUMENT_BYTES as MAX_DOCUMENT_BYTES,
+    MAX_MESSAGE_BYTES as MAX_ERROR_BYTES,
+};
+use fondation_proto::limits::{
+    CONVEX_ARRAY_ELEMENTS as MAX_ARRAY_ELEMENTS, DOCUMENT_FIELDS_BYTES as DOCUMENT_OVERHEAD,
+};
+use fondation_proto::validate::check_branch;
 
 use super::functions::{FileArg, Summary};
 use crate::job_source::{DocumentKind, JobResult, JobSourceError, Result};
-
-/// Convex's limit on the arguments of one call.
-pub const MAX_ARGS_BYTES: usize = 16 * 1024 * 1024;
-
-/// Convex's limit on one stored document. A `docs` document holds the content plus the slug, the
-/// title, a source key repeating both, ids and timestamps, and the deployment may add a few bytes
-/// while normalizing Markdown: [`DOCUMENT_OVERHEAD`] keeps room for those.
-pub const MAX_DOCUMENT_BYTES: usize = 1024 * 1024;
-
-/// Room left in a stored document for the fields besides the content, slug and title.
-const DOCUMENT_OVERHEAD: usize = 1024;
-
-/// Convex's limit on array elements (the `files` of one upsert).
-const MAX_ARRAY_ELEMENTS: usize = 8192;
-
-/// Error texts sent to `queue:retryOrFail` are capped to this size.
-pub const MAX_ERROR_BYTES: usize = 8 * 1024;
-
-/// Completion messages are capped to this size.
-pub(super) const MAX_MESSAGE_BYTES: usize = 8 * 1024;
 
 pub(super) fn check_id(job_id: &str) -> Result<()> {
     if is_convex_id(job_id) {
@@ -65,31 +55,22 @@ pub(super) fn validate_full_name(full_name: &str) -> std::result::Result<(), Str
     }
 }
 
-/// A first check of the branch name against git's ref rules; the agent checks again before
-/// cloning.
+/// The branch name rules are `fondation_proto::validate`'s, the ones the agent checks again
+/// before cloning.
 pub(super) fn validate_branch(branch: &str) -> std::result::Result<(), String> {
-    let valid = !branch.is_empty()
-        && branch.len() <= 255
-        && !branch.starts_with(['-', '/', '.'])
-        && !branch.ends_with(['/', '.'])
-        && !branch.ends_with(".lock")
-        && !branch.contains("..")
-        && !branch.contains("//")
-        && !branch.contains("@{")
-        && !branch
-            .chars()
-            .any(|c| c.is_control() || c.is_whitespace() || "~^:?*[\\".contains(c));
-    if valid {
-        Ok(())
-    } else {
-        Err(format!(
-            "repository defaultBranch {branch:?} is not a valid branch name"
-        ))
-    }
+    check_branch(branch).map_err(|error| format!("repository defaultBranch: {error}"))
 }
 
 /// The documents as `docs:upsertFromJob` files, refusing any that cannot be stored.
 pub(super) fn file_args<'a>(job_id: &str, result: &'a JobResult) -> Result<Vec<FileArg<'a>>> {
+    // The caps every job source applies (the embedded store too); the checks below are Convex's.
+    fondation_proto::limits::check_result(
+        result
+            .documents
+            .iter()
+            .map(|doc| (doc.slug.as_str(), doc.title.as_str(), doc.content.as_str())),
+    )
+    .map_err(|error| JobSourceError::TooLarge(format!("job {job_id}: {error}")))?;
     if result.documents.len() > MAX_ARRAY_ELEMENTS {
         return Err(JobSourceError::TooLarge(format!(
             "job {job_id} has {} documents, over Convex's limit of {MAX_ARRAY_ELEMENTS} per call",
@@ -141,22 +122,6 @@ pub(super) fn summary(files: &[FileArg<'_>], generated_at: f64) -> Summary {
     }
 }
 
-/// Caps an error text at [`MAX_ERROR_BYTES`], keeping its start and its end (where the CLI's last
-/// error lines are).
-pub(super) fn cap_error_text(text: &str) -> String {
-    if text.len() <= MAX_ERROR_BYTES {
-        return text.to_owned();
-    }
-    let marker = format!("\n[... {} bytes cut ...]\n", text.len());
-    let head = truncate_utf8(text, 1024);
-    let tail_budget = MAX_ERROR_BYTES - head.len() - marker.len();
-    let mut start = text.len() - tail_budget;
-    while !text.is_char_boundary(start) {
-        start += 1;
-    }
-    format!("{head}{marker}{}", &text[start..])
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,14 +155,5 @@ mod tests {
         for bad in ["-x", "a..b", "a b", "x.lock", "a~1", ""] {
             assert!(validate_branch(bad).is_err(), "{bad}");
         }
-    }
-
-    #[test]
-    fn error_text_is_capped_keeping_both_ends() {
-        let text = format!("START{}END", "é".repeat(10_000));
-        let capped = cap_error_text(&text);
-        assert!(capped.len() <= MAX_ERROR_BYTES);
-        assert!(capped.starts_with("START"));
-        assert!(capped.ends_with("END"));
     }
 }

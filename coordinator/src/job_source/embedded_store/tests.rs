@@ -1,5 +1,10 @@
 use std::collections::HashSet;
 
+use fondation_proto::limits::{
+    MAX_DOCUMENTS, MAX_DOCUMENT_BYTES, MAX_MESSAGE_BYTES, MAX_NAME_BYTES, MAX_PROMPT_BYTES,
+    MAX_RESULT_BYTES,
+};
+
 use super::*;
 use crate::job_source::ActiveStatus;
 
@@ -285,7 +290,7 @@ async fn non_retryable_failure_fails_for_good() {
     let store = open(dir.path(), no_backoff(5));
     let id = store.submit(new_job(1)).await.unwrap();
     store.claim("w1", LEASE).await.unwrap().unwrap();
-    let long_error = "é".repeat(MAX_ERROR_BYTES);
+    let long_error = format!("START{}END", "é".repeat(MAX_MESSAGE_BYTES));
     assert_eq!(
         store.fail(&id, "w1", &long_error, false).await.unwrap(),
         FailOutcome::Failed
@@ -294,7 +299,13 @@ async fn non_retryable_failure_fails_for_good() {
     assert_eq!(job.status, JobStatus::Failed);
     assert_eq!(job.locked_by, None);
     let error = job.error.expect("error stored");
-    assert!(error.len() <= MAX_ERROR_BYTES && error.ends_with("[truncated]"));
+    // Cut as the Convex source cuts it: both ends kept, within the same cap.
+    assert!(error.len() <= MAX_MESSAGE_BYTES);
+    assert!(
+        error.starts_with("START") && error.ends_with("END"),
+        "{error}"
+    );
+    assert_eq!(error, limits::cap_error_text(&long_error));
     assert!(store.claim("w1", LEASE).await.unwrap().is_none());
 }
 
@@ -511,21 +522,80 @@ async fn next_due_is_the_earliest_pending_run_at() {
     assert_eq!(store.next_due_at_ms().await.unwrap(), Some(next_run_at_ms));
 }
 
+/// The store refuses exactly what the shared check refuses (the one the Convex source applies
+/// too): each cap admits its limit and refuses one more.
 #[tokio::test]
-async fn oversize_results_are_refused() {
+async fn results_are_refused_at_the_shared_limits() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path(), EmbeddedOptions::default());
     let id = store.submit(new_job(1)).await.unwrap();
     store.claim("w1", LEASE).await.unwrap().unwrap();
-    let big = doc("big.md", &"x".repeat(MAX_DOCUMENT_BYTES + 1));
-    assert!(matches!(
-        store.complete(&id, "w1", &result(vec![big])).await,
-        Err(JobSourceError::TooLarge(_))
-    ));
-    assert_eq!(view(&store, &id).await.status, JobStatus::Claimed);
+    let max = MAX_DOCUMENT_BYTES as usize;
+    let long_name = "n".repeat(MAX_NAME_BYTES + 1);
+    let mut long_title = doc("a.md", "x");
+    long_title.title = long_name.clone();
+    let refused = [
+        (
+            "a document over its cap",
+            vec![doc("big.md", &"x".repeat(max + 1))],
+        ),
+        ("a slug over its cap", vec![doc(&long_name, "x")]),
+        ("a title over its cap", vec![long_title]),
+        (
+            "too many documents",
+            vec![doc("a.md", "x"); MAX_DOCUMENTS + 1],
+        ),
+        (
+            "a result over its cap",
+            (0..=MAX_RESULT_BYTES / MAX_DOCUMENT_BYTES)
+                .map(|n| doc(&format!("{n}.md"), &"x".repeat(max)))
+                .collect(),
+        ),
+    ];
+    for (what, documents) in refused {
+        let error = store.complete(&id, "w1", &result(documents)).await;
+        assert!(
+            matches!(&error, Err(JobSourceError::TooLarge(_))),
+            "{what}: {error:?}"
+        );
+        assert_eq!(view(&store, &id).await.status, JobStatus::Claimed, "{what}");
+    }
+
+    // At every cap at once: accepted.
+    let name = "n".repeat(MAX_NAME_BYTES);
+    let mut documents = vec![doc(&name, &"x".repeat(max))];
+    documents.extend((1..MAX_DOCUMENTS).map(|n| doc(&format!("{n}.md"), "x")));
+    documents[0].title = name.clone();
+    store.complete(&id, "w1", &result(documents)).await.unwrap();
+    assert_eq!(view(&store, &id).await.status, JobStatus::Completed);
 }
 
 /// The documents of a view, as they were uploaded.
 fn contents(view: &JobView) -> Vec<Document> {
     view.documents.iter().map(|d| d.document.clone()).collect()
+}
+
+/// A `DATA_DIR` of an earlier version, whose file was `jobs.sqlite3`: its jobs are still there.
+#[tokio::test]
+async fn a_legacy_database_file_is_taken_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = {
+        let store = open(dir.path(), EmbeddedOptions::default());
+        assert_eq!(
+            store.path(),
+            dir.path().join(crate::database::DATABASE_FILE)
+        );
+        store.submit(new_job(1)).await.unwrap()
+    };
+    for suffix in ["", "-wal", "-shm"] {
+        let from = dir.path().join(format!("coordinator.sqlite3{suffix}"));
+        if from.exists() {
+            std::fs::rename(&from, dir.path().join(format!("jobs.sqlite3{suffix}"))).unwrap();
+        }
+    }
+    assert!(dir.path().join("jobs.sqlite3").exists());
+
+    let store = open(dir.path(), EmbeddedOptions::default());
+    assert_eq!(view(&store, &id).await.status, JobStatus::Pending);
+    assert!(!dir.path().join("jobs.sqlite3").exists());
 }
