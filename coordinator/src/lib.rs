@@ -11,6 +11,7 @@
 //! - [`assignments`]: in-flight assignments, their fencing epochs, and report routing;
 //! - [`lease`]: the lease keeper, one task per in-flight job, until its end is recorded;
 //! - [`journal`]: what a restart must not forget (assignments, undelivered results);
+//! - [`reclaimer`]: takes back expired leases on Convex (a lost claim), after refreshing ours;
 //! - [`gateway`] and [`admin`]: the gRPC services; [`auth`]: their bearer tokens;
 //! - [`server`]: builds all of it and serves until shutdown.
 
@@ -26,6 +27,7 @@ pub mod identity;
 pub mod job_source;
 pub mod journal;
 pub mod lease;
+pub mod reclaimer;
 pub mod server;
 
 pub use config::{Cli, Command, CoordinatorConfig};
