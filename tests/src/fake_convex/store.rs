@@ -59,6 +59,10 @@ pub struct JobDoc {
     pub updated_at: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completed_at: Option<f64>,
+    /// What the last `docs:upsertFromJob` did (`inserted`, `updated`, `skipped`, `rejected`,
+    /// `deleted`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regeneration_stats: Option<Value>,
 }
 
 impl JobDoc {
@@ -77,8 +81,25 @@ pub struct RepositoryDoc {
     #[serde(rename = "_creationTime")]
     pub creation_time: f64,
     pub full_name: String,
+    /// Required, as the web app always writes it (GitHub's default branch, else `main`).
+    pub default_branch: String,
+    /// The owner, whose GitHub token clones a private repository.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub default_branch: Option<String>,
+    pub user_id: Option<String>,
+}
+
+/// A `users` document (the fields the worker reads).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UserDoc {
+    #[serde(rename = "_id")]
+    pub id: String,
+    #[serde(rename = "_creationTime")]
+    pub creation_time: f64,
+    pub github_id: String,
+    /// Stored as the web app stores it: `enc_v1_...`, `obf_...` or plain text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub github_access_token: Option<String>,
 }
 
 /// A `docs` document written by `docs:upsertFromJob`.
@@ -193,6 +214,8 @@ pub enum FaultKind {
     Hang,
     /// Run the function, then close the connection instead of replying.
     ApplyThenDrop,
+    /// Reply as if the function threw (e.g. over a transaction limit); nothing is applied.
+    Throw,
 }
 
 /// A fault to inject, as posted to `/_fake/faults`.
@@ -268,6 +291,7 @@ struct ActiveFault {
 pub(crate) struct Store {
     pub jobs: BTreeMap<String, JobDoc>,
     pub repositories: BTreeMap<String, RepositoryDoc>,
+    pub users: BTreeMap<String, UserDoc>,
     pub docs: BTreeMap<String, Vec<StoredDoc>>,
     /// Table of every id issued, so `v.id("jobs")` refuses a repository id.
     pub tables: HashMap<String, &'static str>,
