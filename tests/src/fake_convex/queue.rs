@@ -303,10 +303,11 @@ struct CreateFromUiArgs {
 }
 
 /// The web app's `jobs:create`, how its UI enqueues: refuses a second active job of the same
-/// repository, `maxAttempts: 5`, a fresh callback token.
+/// repository, writes `maxAttempts` ([`FakeOptions::max_attempts`], 5 as the web app), a fresh
+/// callback token.
 pub(super) fn create_from_ui(
     store: &mut Store,
-    _: &FakeOptions,
+    options: &FakeOptions,
     args: Value,
 ) -> Result<Value, FunctionError> {
     let args: CreateFromUiArgs = parse(args)?;
@@ -336,7 +337,7 @@ pub(super) fn create_from_ui(
         status: "pending".to_owned(),
         run_at: now,
         attempts: Some(0.0),
-        max_attempts: Some(5.0),
+        max_attempts: Some(f64::from(options.max_attempts)),
         lease_until: None,
         locked_by: None,
         progress: Some("Initializing...".to_owned()),
