@@ -150,6 +150,9 @@ mod tests {
         assert_eq!(backoff(minute, 0), minute);
         assert_eq!(backoff(minute, 2), minute * 4);
         assert_eq!(backoff(minute, 40), MAX_BACKOFF);
-        assert_eq!(backoff(Duration::from_secs(3600), 3), Duration::from_secs(3600));
+        assert_eq!(
+            backoff(Duration::from_secs(3600), 3),
+            Duration::from_secs(3600)
+        );
     }
 }

@@ -68,7 +68,9 @@ impl Cluster {
                 let repository_id = fake
                     .create_repository(REPO_FULL_NAME, Some("main"))
                     .await
-                    .unwrap_or_else(|e| panic!("creating repository {n} in the fake Convex: {e:#}"));
+                    .unwrap_or_else(|e| {
+                        panic!("creating repository {n} in the fake Convex: {e:#}")
+                    });
                 fake.create_job(&repository_id, prompt)
                     .await
                     .unwrap_or_else(|e| panic!("creating job {n} in the fake Convex: {e:#}"))

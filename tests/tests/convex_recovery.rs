@@ -72,7 +72,12 @@ async fn assert_completed_once_and_nothing_claimed(world: &ConvexWorld, job_id: 
         .filter(|job| job.status == "claimed" || job.locked_by.is_some())
         .collect();
     assert!(claimed.is_empty(), "jobs left claimed: {claimed:#?}");
-    assert!(world.client.violations().await.expect("violations").is_empty());
+    assert!(world
+        .client
+        .violations()
+        .await
+        .expect("violations")
+        .is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -170,7 +175,12 @@ async fn a_ui_cancel_stops_the_run_uploads_nothing_and_keeps_the_previous_course
         course,
         "the previous course is still there"
     );
-    assert!(world.client.violations().await.expect("violations").is_empty());
+    assert!(world
+        .client
+        .violations()
+        .await
+        .expect("violations")
+        .is_empty());
     world.assert_no_rejected_calls().await;
 }
 
@@ -201,7 +211,10 @@ async fn a_claim_applied_with_its_reply_dropped_is_reclaimed_and_completed_once(
     assert_eq!(claims.first(), Some(&CallOutcome::AppliedReplyDropped));
     assert!(calls.iter().any(|call| {
         call.path.as_deref() == Some("queue:reclaimExpired")
-            && call.reply.as_ref().is_some_and(|reply| reply["value"]["reclaimed"] == 1)
+            && call
+                .reply
+                .as_ref()
+                .is_some_and(|reply| reply["value"]["reclaimed"] == 1)
     }));
     assert_completed_once_and_nothing_claimed(&world, &job_id).await;
     world.assert_no_rejected_calls().await;
@@ -218,7 +231,11 @@ async fn a_coordinator_killed_right_after_a_claim_is_recovered_by_the_reclaim() 
     worker.wait_connected().await;
     let job_id = world.create_job("explain this project").await;
     let status = coordinator.proc.wait_exit(TIMEOUT).await;
-    assert_eq!(status.code(), Some(FAILPOINT_EXIT_CODE), "stopped at the failpoint");
+    assert_eq!(
+        status.code(),
+        Some(FAILPOINT_EXIT_CODE),
+        "stopped at the failpoint"
+    );
     let orphan = world.job(&job_id).await;
     assert_eq!(orphan.status, "claimed", "{orphan:?}");
 
@@ -265,11 +282,16 @@ async fn a_reclaim_that_keeps_failing_does_not_stop_claiming() {
         .map(|call| call.outcome)
         .collect();
     assert!(!reclaims.is_empty(), "reclaims were attempted");
-    assert!(reclaims.iter().all(|outcome| *outcome == CallOutcome::FunctionError));
+    assert!(reclaims
+        .iter()
+        .all(|outcome| *outcome == CallOutcome::FunctionError));
     // As admin, the fake shows the reclaim's error to the coordinator, which logs it.
     let admin = FakeConvexClient::new(&world.fake.url()).with_deploy_key(DEPLOY_KEY);
     let error = admin.reclaim_expired().await.expect_err("still failing");
-    assert!(error.to_string().contains("injected function error"), "{error:#}");
+    assert!(
+        error.to_string().contains("injected function error"),
+        "{error:#}"
+    );
 }
 
 #[tokio::test]
@@ -300,7 +322,13 @@ async fn reclaim_expired_is_internal_and_messages_show_only_to_admins() {
         .mutation("jobs:requestCancel", serde_json::json!({"jobId": job_id}))
         .await
         .expect_err("finished");
-    assert!(shown.to_string().contains("cannot be cancelled"), "{shown:#}");
-    let counts = admin.reclaim_expired().await.expect("admin runs internal functions");
+    assert!(
+        shown.to_string().contains("cannot be cancelled"),
+        "{shown:#}"
+    );
+    let counts = admin
+        .reclaim_expired()
+        .await
+        .expect("admin runs internal functions");
     assert_eq!(counts["reclaimed"], 0);
 }

@@ -130,7 +130,8 @@ impl FakeConvexClient {
         full_name: &str,
         default_branch: Option<&str>,
     ) -> anyhow::Result<String> {
-        let args = json!({"fullName": full_name, "defaultBranch": default_branch.unwrap_or("main")});
+        let args =
+            json!({"fullName": full_name, "defaultBranch": default_branch.unwrap_or("main")});
         let id = self.mutation("repositories:create", args).await?;
         id.as_str()
             .map(str::to_owned)
@@ -144,7 +145,8 @@ impl FakeConvexClient {
         default_branch: &str,
         user_id: &str,
     ) -> anyhow::Result<String> {
-        let args = json!({"fullName": full_name, "defaultBranch": default_branch, "userId": user_id});
+        let args =
+            json!({"fullName": full_name, "defaultBranch": default_branch, "userId": user_id});
         let id = self.mutation("repositories:create", args).await?;
         id.as_str()
             .map(str::to_owned)
@@ -153,7 +155,11 @@ impl FakeConvexClient {
 
     /// Creates a user through the fake-only `users:create`, with a GitHub token stored as given
     /// (`enc_v1_...`, `obf_...` or plain); its id.
-    pub async fn create_user(&self, github_id: &str, token: Option<&str>) -> anyhow::Result<String> {
+    pub async fn create_user(
+        &self,
+        github_id: &str,
+        token: Option<&str>,
+    ) -> anyhow::Result<String> {
         let mut args = json!({"githubId": github_id});
         if let Some(token) = token {
             args["githubAccessToken"] = json!(token);

@@ -15,8 +15,9 @@ use serde::{de::DeserializeOwned, Deserialize};
 use serde_json::{json, Value};
 
 use super::{
-    queue, users,
+    queue,
     store::{now_ms, JobDoc, RepositoryDoc, Store, StoredDoc},
+    users,
     validate::{convex_size, literals, optional, required, Validator, MAX_DOCUMENT_BYTES},
     FakeOptions,
 };
@@ -210,8 +211,16 @@ static FUNCTIONS: LazyLock<Vec<Function>> = LazyLock::new(|| {
                 required(
                     "status",
                     literals(&[
-                        "pending", "claimed", "cloning", "analyzing", "gathering", "running",
-                        "completed", "failed", "canceled", "dead",
+                        "pending",
+                        "claimed",
+                        "cloning",
+                        "analyzing",
+                        "gathering",
+                        "running",
+                        "completed",
+                        "failed",
+                        "canceled",
+                        "dead",
                     ]),
                 ),
                 required("callbackToken", Str),
@@ -567,8 +576,7 @@ pub fn normalize_markdown(content: &str) -> String {
             // `\s` also matches the newline ending an empty heading line.
             let next = line[hashes..].chars().next();
             let heading = (1..=6).contains(&hashes)
-                && (next.is_some_and(char::is_whitespace)
-                    || (next.is_none() && index < last));
+                && (next.is_some_and(char::is_whitespace) || (next.is_none() && index < last));
             if heading {
                 spaced.push('\n');
             }

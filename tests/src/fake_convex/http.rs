@@ -314,7 +314,12 @@ fn check_request(
 /// A function error reply. Like a production deployment, the message of an error raised while
 /// the function runs reaches only admin callers (the deploy key) unless
 /// [`FakeOptions::expose_errors`]; others get `[Request ID: <hex>] Server Error`.
-fn function_error(options: &FakeOptions, admin: bool, message: String, outcome: CallOutcome) -> Reply {
+fn function_error(
+    options: &FakeOptions,
+    admin: bool,
+    message: String,
+    outcome: CallOutcome,
+) -> Reply {
     let request_id: String = {
         let mut rng = rand::rng();
         (0..16)
@@ -341,8 +346,9 @@ fn function_error(options: &FakeOptions, admin: bool, message: String, outcome: 
 /// Runs the function as one transaction and shapes its reply. `admin`: the call carries the
 /// deploy key (internal functions run, error messages show).
 fn run(shared: &Shared, endpoint: Kind, path: &str, args: Value, admin: bool) -> Reply {
-    let error =
-        |message: String, outcome: CallOutcome| function_error(&shared.options, admin, message, outcome);
+    let error = |message: String, outcome: CallOutcome| {
+        function_error(&shared.options, admin, message, outcome)
+    };
     let Some(function) = lookup(path).filter(|function| admin || !function.internal) else {
         return error(
             format!(
@@ -401,9 +407,10 @@ fn run(shared: &Shared, endpoint: Kind, path: &str, args: Value, admin: bool) ->
             CallOutcome::FunctionError,
         ),
         // Raised while the function runs: hidden like a thrown error.
-        Err(FunctionError::Limit(message)) => {
-            error(format!("Uncaught Error: {message}"), CallOutcome::FunctionError)
-        }
+        Err(FunctionError::Limit(message)) => error(
+            format!("Uncaught Error: {message}"),
+            CallOutcome::FunctionError,
+        ),
     }
 }
 

@@ -21,7 +21,7 @@
 //!   userId?}` and `users:create {githubId, githubAccessToken?}` returning the new id.
 //! - Faults: besides transport faults, `applyThenDrop` runs a mutation and drops its reply, and
 //!   `throw` makes a call fail as a function error without applying it.
-
+//!
 //! Admin (JSON):
 //! - `GET /_fake/calls`: every call recorded ([`CallRecord`]).
 //! - `GET /_fake/jobs`, `GET /_fake/jobs/{id}`: raw job documents; `PATCH /_fake/jobs/{id}` merges

@@ -18,7 +18,11 @@ struct CreateArgs {
     github_access_token: Option<String>,
 }
 
-pub(super) fn create(store: &mut Store, _: &FakeOptions, args: Value) -> Result<Value, FunctionError> {
+pub(super) fn create(
+    store: &mut Store,
+    _: &FakeOptions,
+    args: Value,
+) -> Result<Value, FunctionError> {
     let args: CreateArgs = parse(args)?;
     let id = store.new_id("users");
     let user = UserDoc {

@@ -157,7 +157,10 @@ pub(super) fn normalized_markdown(content: &str) -> String {
         let after = &rest[at + 1..];
         let hashes = after.bytes().take_while(|&b| b == b'#').count();
         let heading = (1..=6).contains(&hashes)
-            && after[hashes..].chars().next().is_some_and(char::is_whitespace);
+            && after[hashes..]
+                .chars()
+                .next()
+                .is_some_and(char::is_whitespace);
         spaced.push_str(&rest[..=at]);
         if heading {
             spaced.push('\n');
@@ -255,7 +258,10 @@ mod tests {
     #[test]
     fn markdown_is_normalized_like_the_deployment() {
         assert_eq!(normalized_markdown(""), "");
-        assert_eq!(normalized_markdown("# A\ntext\n## B"), "# A\ntext\n\n## B\n");
+        assert_eq!(
+            normalized_markdown("# A\ntext\n## B"),
+            "# A\ntext\n\n## B\n"
+        );
         assert_eq!(normalized_markdown("a\r\n\n\n\nb"), "a\n\nb\n");
         assert_eq!(normalized_markdown("```sh\nx"), "```sh\nx\n```\n");
         assert_eq!(normalized_markdown("#tag\n#######x"), "#tag\n#######x\n");

@@ -97,7 +97,10 @@ impl From<CallError> for JobSourceError {
 enum AttemptError {
     /// May succeed later. `sent` is false only when the request provably never reached the
     /// deployment (connection refused), so even a mutation unsafe to repeat may be sent again.
-    Retryable { message: String, sent: bool },
+    Retryable {
+        message: String,
+        sent: bool,
+    },
     Fatal(CallError),
 }
 
@@ -230,7 +233,10 @@ impl ConvexClient {
         let value = match outcome {
             Ok(value) => value,
             Err(AttemptError::Fatal(error)) => return Err(error),
-            Err(AttemptError::Retryable { message, sent: true }) if !F::REPEATABLE => {
+            Err(AttemptError::Retryable {
+                message,
+                sent: true,
+            }) if !F::REPEATABLE => {
                 return Err(CallError::Ambiguous {
                     path,
                     detail: message,

@@ -329,13 +329,21 @@ impl ConvexSource {
     }
 
     /// After a `queue:complete` whose reply was lost or that was refused: done, or why not.
-    async fn resolve_complete(&self, job_id: &str, worker_id: &str, error: CallError) -> Result<()> {
+    async fn resolve_complete(
+        &self,
+        job_id: &str,
+        worker_id: &str,
+        error: CallError,
+    ) -> Result<()> {
         let Some(doc) = self.fetch_job(job_id).await? else {
             return Err(not_owned(job_id, worker_id));
         };
         let view = doc.view()?;
         if view.status == JobStatus::Completed && view.locked_by.is_none() {
-            info!(job_id, "job found completed after a lost or refused queue:complete");
+            info!(
+                job_id,
+                "job found completed after a lost or refused queue:complete"
+            );
             return Ok(());
         }
         writable(&doc, worker_id)?;
