@@ -336,7 +336,9 @@ pub trait JobSource: Send + Sync + 'static {
 
     /// Stores all of the result's documents (replacing any earlier set) and marks the job
     /// completed. Safe to call again after a lost reply: a job already completed by this worker
-    /// counts as success.
+    /// counts as success. [`JobSourceError::TooLarge`] when the source cannot store this result
+    /// (over its limits, or refused): the caller then fails the job with that reason, so it never
+    /// stays leased with nobody working on it.
     async fn complete(&self, job_id: &str, worker_id: &str, result: &JobResult) -> Result<()>;
 
     /// Records a failed attempt: retried with backoff, or dead after the maximum attempts. With
