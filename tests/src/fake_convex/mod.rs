@@ -64,7 +64,8 @@ pub struct FakeOptions {
     pub backoff_max: Duration,
     /// Up to this much random delay is added to each backoff.
     pub backoff_jitter: Duration,
-    /// Attempts after which `queue:retryOrFail` marks a job dead.
+    /// The `maxAttempts` `jobs:create` writes (5, as the web app), and the default of
+    /// `queue:retryOrFail` for jobs without one.
     pub max_attempts: u32,
     /// Lease when `leaseMs` is omitted.
     pub default_lease: Duration,
