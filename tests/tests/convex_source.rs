@@ -829,3 +829,28 @@ async fn a_cancel_during_the_upload_is_not_overwritten() {
     let violations = h.admin.violations().await.expect("violations");
     assert!(violations.is_empty(), "{violations:?}");
 }
+
+/// A claim that never reached the deployment (connection refused) cannot have claimed anything:
+/// it is retried within the budget and counts no possible orphan.
+#[tokio::test]
+async fn a_claim_that_never_connected_is_no_lost_claim() {
+    let closed = {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
+        listener.local_addr().expect("address")
+    };
+    let mut config = ConvexConfig::new(format!("http://{closed}"));
+    config.request_timeout = Duration::from_secs(1);
+    config.retry_budget = Duration::from_millis(1500);
+    let source = ConvexSource::new(config).expect("valid config");
+    let error = source
+        .claim(WORKER, LEASE)
+        .await
+        .expect_err("nothing listens");
+    assert!(matches!(error, JobSourceError::Unavailable(_)), "{error}");
+    let text = error.to_string();
+    assert!(
+        text.contains("gave up after") && !text.contains("after 1 attempt"),
+        "retried: {text}"
+    );
+    assert_eq!(source.possible_orphans(), 0);
+}
