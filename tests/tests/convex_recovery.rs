@@ -144,6 +144,8 @@ async fn a_ui_cancel_stops_the_run_uploads_nothing_and_keeps_the_previous_course
     // The second run is canceled from the UI while the CLI runs.
     let second = world.create_job_in(&repository, "fixture:slow=3000").await;
     let runs = wait_runs_started(&world.sandbox, &second, 1, TIMEOUT).await;
+    // Once `analyzing` is written (a cancel racing a status write is the documented window).
+    world.wait_status(&second, &["analyzing"], TIMEOUT).await;
     world.client.cancel_from_ui(&second).await.expect("cancel");
     wait::until(
         "the canceled CLI to be gone",
