@@ -104,6 +104,11 @@ pub struct CoordinatorConfig {
     #[arg(long, env = "REATTACH_GRACE", default_value = "15000", value_parser = millis)]
     pub reattach_grace: Duration,
 
+    /// Convex with CONVEX_DEPLOY_KEY: how often `queue:reclaimExpired` takes back jobs whose lease
+    /// expired (a lost claim reply, a crash before the journal); 0 turns it off (ms).
+    #[arg(long, env = "RECLAIM_INTERVAL", default_value = "60000", value_parser = millis)]
+    pub reclaim_interval: Duration,
+
     /// Clone URL built from a Convex repository document.
     #[arg(
         long,

@@ -12,6 +12,7 @@
 //! - [`lease`]: the lease keeper, one task per in-flight job, until its end is recorded;
 //! - [`journal`]: what a restart must not forget (assignments, undelivered results);
 //! - [`database`]: the one SQLite file the journal and the embedded store share;
+//! - [`reclaimer`]: takes back expired leases on Convex (a lost claim), after refreshing ours;
 //! - [`gateway`] and [`admin`]: the gRPC services; [`auth`]: their bearer tokens;
 //! - [`server`]: builds all of it and serves until shutdown.
 
@@ -28,6 +29,7 @@ pub mod identity;
 pub mod job_source;
 pub mod journal;
 pub mod lease;
+pub mod reclaimer;
 pub mod server;
 #[cfg(test)]
 mod testing;

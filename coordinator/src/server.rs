@@ -130,6 +130,7 @@ pub async fn run(
     // Before serving: an agent re-attaching must find its journaled run.
     recover(&ctx).await?;
     let claimer = tokio::spawn(dispatcher::run_claim_loop(ctx.clone()));
+    let reclaimer = tokio::spawn(crate::reclaimer::run(ctx.clone()));
 
     let stopping = {
         let ctx = ctx.clone();
@@ -162,6 +163,7 @@ pub async fn run(
         .add_service(AdminServer::new(Admin::new(ctx.clone())));
     listener::serve(router, listener, stopping).await?;
     let _ = claimer.await;
+    let _ = reclaimer.await;
     info!("coordinator stopped");
     Ok(())
 }

@@ -46,10 +46,7 @@ const JOBS_TIMEOUT: Duration = Duration::from_secs(300);
 /// Where jobs come from: the fake Convex over its HTTP API (the production path), or the
 /// coordinator's embedded store through Admin/SubmitJob.
 enum JobSource {
-    Convex {
-        fake: FakeConvexClient,
-        repository_id: String,
-    },
+    Convex { fake: FakeConvexClient },
     Embedded,
 }
 
@@ -66,13 +63,18 @@ impl Cluster {
 
     async fn create_job(&self, prompt: &str, n: usize) -> String {
         match &self.source {
-            JobSource::Convex {
-                fake,
-                repository_id,
-            } => fake
-                .create_job(repository_id, prompt)
-                .await
-                .unwrap_or_else(|e| panic!("creating job {n} in the fake Convex: {e:#}")),
+            // `jobs:create` allows one active job per repository: each job gets its own.
+            JobSource::Convex { fake } => {
+                let repository_id = fake
+                    .create_repository(REPO_FULL_NAME, Some("main"))
+                    .await
+                    .unwrap_or_else(|e| {
+                        panic!("creating repository {n} in the fake Convex: {e:#}")
+                    });
+                fake.create_job(&repository_id, prompt)
+                    .await
+                    .unwrap_or_else(|e| panic!("creating job {n} in the fake Convex: {e:#}"))
+            }
             JobSource::Embedded => {
                 let addr = self.coordinator_addr().expect("the coordinator's port");
                 let request = json!({ "repo_url": REPO_URL, "branch": "main", "prompt": prompt });
@@ -365,14 +367,7 @@ async fn compose_cluster_builds_offline_scales_and_survives_kills_and_restarts()
             .published("fake-convex", FAKE_CONVEX_PORT)
             .expect("the fake Convex's published port");
         let fake = FakeConvexClient::new(&format!("http://{addr}"));
-        let repository_id = fake
-            .create_repository(REPO_FULL_NAME, Some("main"))
-            .await
-            .expect("creating the repository in the fake Convex");
-        cluster.source = JobSource::Convex {
-            fake,
-            repository_id,
-        };
+        cluster.source = JobSource::Convex { fake };
     }
 
     // 3. Twelve jobs; three more agents join while they run and take work.

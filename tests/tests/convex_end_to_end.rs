@@ -267,6 +267,9 @@ async fn a_user_cancel_stops_the_cli_and_nothing_writes_over_it() {
     worker.wait_connected().await;
     let job_id = world.create_job("fixture:slow=2000").await;
     let runs = wait_runs_started(&world.sandbox, &job_id, 1, TIMEOUT).await;
+    // Cancel once the run's `analyzing` is written: a cancel between the coordinator's last read
+    // and a status write would be overwritten (Convex has no conditional write; README).
+    world.wait_status(&job_id, &["analyzing"], TIMEOUT).await;
     world.client.request_cancel(&job_id).await.unwrap();
     let canceled_at = now_ms();
     wait::until(

@@ -180,6 +180,15 @@ pub enum FailOutcome {
     Failed,
 }
 
+/// What one reclaim of expired leases did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReclaimCounts {
+    /// Jobs whose lease had expired, sent back to pending.
+    pub reclaimed: u32,
+    /// Jobs looked at.
+    pub checked: u32,
+}
+
 /// A job as an operator sees it (`Admin/GetJob`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobView {
@@ -225,8 +234,9 @@ pub enum JobSourceError {
     /// The request or the source's reply is malformed.
     #[error("invalid: {0}")]
     Invalid(String),
-    /// The result does not fit the source's limits; running again will not help.
-    #[error("result too large: {0}")]
+    /// The source cannot store the result: over its limits, or refused for a reason it may hide.
+    /// Running again will not help; the caller records the job as failed with this reason.
+    #[error("result cannot be stored: {0}")]
     TooLarge(String),
     /// The source could not be reached or was overloaded, after retries; try again later.
     #[error("job source unavailable: {0}")]
@@ -284,7 +294,9 @@ pub trait JobSource: Send + Sync + 'static {
 
     /// Stores all of the result's documents (replacing any earlier set) and marks the job
     /// completed. Safe to call again after a lost reply: a job already completed by this worker
-    /// counts as success.
+    /// counts as success. [`JobSourceError::TooLarge`] when the source cannot store this result
+    /// (over its limits, or refused): the caller then fails the job with that reason, so it never
+    /// stays leased with nobody working on it.
     async fn complete(&self, job_id: &str, worker_id: &str, result: &JobResult) -> Result<()>;
 
     /// Records a failed attempt: retried with backoff, or dead after the maximum attempts. With
@@ -314,6 +326,21 @@ pub trait JobSource: Send + Sync + 'static {
     /// cheaply; lets the claim loop wake for a retry instead of waiting a whole poll interval.
     async fn next_due_at_ms(&self) -> Result<Option<f64>> {
         Ok(None)
+    }
+
+    /// Whether [`JobSource::reclaim_expired`] works here: a source whose expired leases nobody
+    /// takes back on its own (Convex, with a deploy key).
+    fn can_reclaim(&self) -> bool {
+        false
+    }
+
+    /// Sends every job whose lease expired, of any worker, back to pending. Callers first refresh
+    /// the leases of every job they still hold.
+    async fn reclaim_expired(&self) -> Result<ReclaimCounts> {
+        Err(JobSourceError::Unsupported(format!(
+            "the {} job source reclaims expired leases itself",
+            self.kind()
+        )))
     }
 }
 

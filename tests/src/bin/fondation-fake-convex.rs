@@ -30,9 +30,12 @@ struct Args {
     /// HTTP status of function-error replies: 560 (Convex cloud) or 200 (self-hosted).
     #[arg(long, env = "FAKE_CONVEX_FUNCTION_ERROR_STATUS", default_value_t = 560)]
     function_error_status: u16,
-    /// Require `Authorization: Convex <key>` on every call.
+    /// The deploy key: calls carrying it may run internal functions and read error messages.
     #[arg(long, env = "FAKE_CONVEX_DEPLOY_KEY", hide_env_values = true)]
     deploy_key: Option<String>,
+    /// Show function error messages to callers without the deploy key (a dev deployment).
+    #[arg(long, env = "FAKE_CONVEX_EXPOSE_ERRORS")]
+    expose_errors: bool,
 }
 
 #[tokio::main]
@@ -50,6 +53,7 @@ async fn main() -> anyhow::Result<()> {
         max_attempts: args.max_attempts,
         function_error_status: args.function_error_status,
         deploy_key: args.deploy_key,
+        expose_errors: args.expose_errors,
         ..FakeOptions::default()
     };
     let listener = TcpListener::bind(&args.listen)

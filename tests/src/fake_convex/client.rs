@@ -35,18 +35,38 @@ impl fmt::Display for FunctionFailure {
 
 impl std::error::Error for FunctionFailure {}
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct FakeConvexClient {
     http: reqwest::Client,
     base_url: String,
+    /// Sent as `Authorization: Convex <key>`: an admin caller (internal functions, readable
+    /// errors).
+    deploy_key: Option<String>,
+}
+
+impl fmt::Debug for FakeConvexClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FakeConvexClient")
+            .field("base_url", &self.base_url)
+            .field("admin", &self.deploy_key.is_some())
+            .finish()
+    }
 }
 
 impl FakeConvexClient {
+    /// A caller without the deploy key, like the web app's browser clients.
     pub fn new(base_url: &str) -> Self {
         FakeConvexClient {
             http: reqwest::Client::new(),
             base_url: base_url.trim_end_matches('/').to_owned(),
+            deploy_key: None,
         }
+    }
+
+    /// The same deployment called with its deploy key.
+    pub fn with_deploy_key(mut self, key: &str) -> Self {
+        self.deploy_key = Some(key.to_owned());
+        self
     }
 
     pub fn base_url(&self) -> &str {
@@ -56,10 +76,14 @@ impl FakeConvexClient {
     /// Posts `body` as is to `/api/{endpoint}` with the usual headers; the status and JSON reply
     /// (`Value::Null` if the body is not JSON).
     pub async fn raw(&self, endpoint: &str, body: &Value) -> anyhow::Result<(u16, Value)> {
-        let response = self
+        let mut request = self
             .http
             .post(format!("{}/api/{endpoint}", self.base_url))
-            .header("Convex-Client", CLIENT_NAME)
+            .header("Convex-Client", CLIENT_NAME);
+        if let Some(key) = &self.deploy_key {
+            request = request.header("Authorization", format!("Convex {key}"));
+        }
+        let response = request
             .json(body)
             .send()
             .await
@@ -99,40 +123,101 @@ impl FakeConvexClient {
         }
     }
 
-    /// Creates a repository through the fake-only `repositories:create`; its id.
+    /// Creates a repository through the fake-only `repositories:create`; its id. Without a
+    /// branch it gets `main`, as the web app stores it when GitHub reports none.
     pub async fn create_repository(
         &self,
         full_name: &str,
         default_branch: Option<&str>,
     ) -> anyhow::Result<String> {
-        let mut args = json!({"fullName": full_name});
-        if let Some(branch) = default_branch {
-            args["defaultBranch"] = json!(branch);
-        }
+        let args =
+            json!({"fullName": full_name, "defaultBranch": default_branch.unwrap_or("main")});
         let id = self.mutation("repositories:create", args).await?;
         id.as_str()
             .map(str::to_owned)
             .with_context(|| format!("repositories:create returned {id}"))
     }
 
-    /// Enqueues a job the way the web app does (`queue:createJob`, random user and token); its id.
+    /// Creates a repository owned by `user_id` (whose token clones it when private); its id.
+    pub async fn create_owned_repository(
+        &self,
+        full_name: &str,
+        default_branch: &str,
+        user_id: &str,
+    ) -> anyhow::Result<String> {
+        let args =
+            json!({"fullName": full_name, "defaultBranch": default_branch, "userId": user_id});
+        let id = self.mutation("repositories:create", args).await?;
+        id.as_str()
+            .map(str::to_owned)
+            .with_context(|| format!("repositories:create returned {id}"))
+    }
+
+    /// Creates a user through the fake-only `users:create`, with a GitHub token stored as given
+    /// (`enc_v1_...`, `obf_...` or plain); its id.
+    pub async fn create_user(
+        &self,
+        github_id: &str,
+        token: Option<&str>,
+    ) -> anyhow::Result<String> {
+        let mut args = json!({"githubId": github_id});
+        if let Some(token) = token {
+            args["githubAccessToken"] = json!(token);
+        }
+        let id = self.mutation("users:create", args).await?;
+        id.as_str()
+            .map(str::to_owned)
+            .with_context(|| format!("users:create returned {id}"))
+    }
+
+    /// Enqueues a job the way the web app's UI does (`jobs:create`, a new user): refused while
+    /// the repository has an active job. Its id.
     pub async fn create_job(&self, repository_id: &str, prompt: &str) -> anyhow::Result<String> {
+        let user_id = self
+            .create_user(&format!("gh-{}", random_id()), None)
+            .await?;
+        self.create_job_for(&user_id, repository_id, prompt).await
+    }
+
+    /// `jobs:create` for `user_id`; the job's id.
+    pub async fn create_job_for(
+        &self,
+        user_id: &str,
+        repository_id: &str,
+        prompt: &str,
+    ) -> anyhow::Result<String> {
         let reply = self
             .mutation(
-                "queue:createJob",
-                json!({
-                    "userId": random_id(),
-                    "repositoryId": repository_id,
-                    "prompt": prompt,
-                    "callbackToken": format!("cb-{}", random_id()),
-                }),
+                "jobs:create",
+                json!({"userId": user_id, "repositoryId": repository_id, "prompt": prompt}),
             )
             .await?;
         reply
             .get("jobId")
             .and_then(Value::as_str)
             .map(str::to_owned)
-            .with_context(|| format!("queue:createJob returned {reply}"))
+            .with_context(|| format!("jobs:create returned {reply}"))
+    }
+
+    /// The UI's cancel: `jobs:updateStatus` with `status: canceled` and the job's callback token
+    /// (no `cancelRequested`, `lockedBy` kept).
+    pub async fn cancel_from_ui(&self, job_id: &str) -> anyhow::Result<()> {
+        let job = self
+            .job(job_id)
+            .await?
+            .with_context(|| format!("no job {job_id}"))?;
+        self.mutation(
+            "jobs:updateStatus",
+            json!({"jobId": job_id, "status": "canceled", "callbackToken": job.callback_token}),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// The internal `queue:reclaimExpired` (needs [`FakeConvexClient::with_deploy_key`]):
+    /// `{reclaimed, checked}`.
+    pub async fn reclaim_expired(&self) -> anyhow::Result<Value> {
+        self.mutation("queue:reclaimExpired", json!({})).await
     }
 
     /// A user cancel (`jobs:requestCancel`).

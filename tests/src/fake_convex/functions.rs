@@ -2,9 +2,12 @@
 //! argument validator, and the `repositories`, `docs` and `jobs` handlers (the `queue` ones live
 //! in `queue.rs`). Semantics follow the real functions, sharp edges included.
 //!
-//! `repositories:create` is fake-only: the real deployment creates repositories from GitHub in an
-//! action. Markdown normalization done by the real `docs:upsertFromJob` is not reproduced: the fake
-//! stores content verbatim, so tests can compare it with what was sent.
+//! `repositories:create` and `users:create` are fake-only: the real deployment creates them from
+//! GitHub in actions. `docs:upsertFromJob` normalizes Markdown like the real one (content can
+//! grow), skips empty chapters and tutorials, patches the job, deletes the documents of every
+//! other completed job of the repository, and refuses to read or write more than
+//! [`FakeOptions::transaction_bytes_limit`] in one mutation. `queue:reclaimExpired` is internal:
+//! only admin calls (the deploy key) reach it, and nothing schedules it.
 
 use std::{collections::HashSet, sync::LazyLock};
 
@@ -14,6 +17,7 @@ use serde_json::{json, Value};
 use super::{
     queue,
     store::{now_ms, JobDoc, RepositoryDoc, Store, StoredDoc},
+    users,
     validate::{convex_size, literals, optional, required, Validator, MAX_DOCUMENT_BYTES},
     FakeOptions,
 };
@@ -49,6 +53,8 @@ type Handler = fn(&mut Store, &FakeOptions, Value) -> Result<Value, FunctionErro
 pub(crate) struct Function {
     pub path: &'static str,
     pub kind: Kind,
+    /// Internal functions run only for admin callers (the deploy key), as with `npx convex run`.
+    pub internal: bool,
     pub args: Validator,
     pub handler: Handler,
 }
@@ -63,9 +69,6 @@ pub(super) const ACTIVE_STATUSES: [&str; 6] = [
     "running",
 ];
 
-/// Statuses `jobs:requestCancel` leaves alone.
-const FINAL_STATUSES: [&str; 4] = ["completed", "failed", "canceled", "dead"];
-
 static FUNCTIONS: LazyLock<Vec<Function>> = LazyLock::new(|| {
     use Validator::{Array, Boolean, Float64, Id, Null, Object, String as Str, Union};
     let job_id = || required("jobId", Id("jobs"));
@@ -74,12 +77,14 @@ static FUNCTIONS: LazyLock<Vec<Function>> = LazyLock::new(|| {
         Function {
             path: "queue:claimOne",
             kind: Kind::Mutation,
+            internal: false,
             args: Object(vec![worker_id(), optional("leaseMs", Float64)]),
             handler: queue::claim_one,
         },
         Function {
             path: "queue:heartbeat",
             kind: Kind::Mutation,
+            internal: false,
             args: Object(vec![
                 job_id(),
                 worker_id(),
@@ -97,6 +102,7 @@ static FUNCTIONS: LazyLock<Vec<Function>> = LazyLock::new(|| {
         Function {
             path: "queue:complete",
             kind: Kind::Mutation,
+            internal: false,
             args: Object(vec![
                 job_id(),
                 worker_id(),
@@ -119,12 +125,14 @@ static FUNCTIONS: LazyLock<Vec<Function>> = LazyLock::new(|| {
         Function {
             path: "queue:retryOrFail",
             kind: Kind::Mutation,
+            internal: false,
             args: Object(vec![job_id(), worker_id(), required("error", Str)]),
             handler: queue::retry_or_fail,
         },
         Function {
             path: "queue:createJob",
             kind: Kind::Mutation,
+            internal: false,
             args: Object(vec![
                 required("userId", Id("users")),
                 required("repositoryId", Id("repositories")),
@@ -137,21 +145,108 @@ static FUNCTIONS: LazyLock<Vec<Function>> = LazyLock::new(|| {
         Function {
             path: "repositories:getByRepositoryId",
             kind: Kind::Query,
+            internal: false,
             args: Object(vec![required("repositoryId", Id("repositories"))]),
             handler: get_repository,
         },
         Function {
             path: "repositories:create",
             kind: Kind::Mutation,
+            internal: false,
             args: Object(vec![
                 required("fullName", Str),
-                optional("defaultBranch", Str),
+                required("defaultBranch", Str),
+                optional("userId", Id("users")),
             ]),
             handler: create_repository,
         },
         Function {
+            path: "users:create",
+            kind: Kind::Mutation,
+            internal: false,
+            args: Object(vec![
+                required("githubId", Str),
+                optional("githubAccessToken", Str),
+            ]),
+            handler: users::create,
+        },
+        Function {
+            path: "users:getUserById",
+            kind: Kind::Query,
+            internal: false,
+            args: Object(vec![required("userId", Id("users"))]),
+            handler: users::get_by_id,
+        },
+        Function {
+            path: "users:getGitHubToken",
+            kind: Kind::Query,
+            internal: false,
+            args: Object(vec![required("githubId", Str)]),
+            handler: users::github_token,
+        },
+        Function {
+            path: "queue:reclaimExpired",
+            kind: Kind::Mutation,
+            internal: true,
+            args: Object(vec![]),
+            handler: queue::reclaim_expired,
+        },
+        Function {
+            path: "jobs:create",
+            kind: Kind::Mutation,
+            internal: false,
+            args: Object(vec![
+                required("userId", Id("users")),
+                required("repositoryId", Id("repositories")),
+                required("prompt", Str),
+            ]),
+            handler: queue::create_from_ui,
+        },
+        Function {
+            path: "jobs:updateStatus",
+            kind: Kind::Mutation,
+            internal: false,
+            args: Object(vec![
+                job_id(),
+                required(
+                    "status",
+                    literals(&[
+                        "pending",
+                        "claimed",
+                        "cloning",
+                        "analyzing",
+                        "gathering",
+                        "running",
+                        "completed",
+                        "failed",
+                        "canceled",
+                        "dead",
+                    ]),
+                ),
+                required("callbackToken", Str),
+                optional("progress", Str),
+                optional("currentStep", Float64),
+                optional("totalSteps", Float64),
+                optional(
+                    "result",
+                    Union(vec![
+                        Object(vec![
+                            required("success", Boolean),
+                            optional("message", Str),
+                            optional("data", Str),
+                        ]),
+                        Str,
+                        Null,
+                    ]),
+                ),
+                optional("error", Str),
+            ]),
+            handler: update_status,
+        },
+        Function {
             path: "docs:upsertFromJob",
             kind: Kind::Mutation,
+            internal: false,
             args: Object(vec![
                 job_id(),
                 required("repositoryId", Id("repositories")),
@@ -180,18 +275,21 @@ static FUNCTIONS: LazyLock<Vec<Function>> = LazyLock::new(|| {
         Function {
             path: "docs:listByJobId",
             kind: Kind::Query,
+            internal: false,
             args: Object(vec![job_id()]),
             handler: list_docs,
         },
         Function {
             path: "jobs:getJob",
             kind: Kind::Query,
+            internal: false,
             args: Object(vec![job_id()]),
             handler: get_job,
         },
         Function {
             path: "jobs:requestCancel",
             kind: Kind::Mutation,
+            internal: false,
             args: Object(vec![job_id()]),
             handler: request_cancel,
         },
@@ -248,7 +346,8 @@ fn get_repository(store: &mut Store, _: &FakeOptions, args: Value) -> Result<Val
 #[serde(rename_all = "camelCase")]
 struct CreateRepositoryArgs {
     full_name: String,
-    default_branch: Option<String>,
+    default_branch: String,
+    user_id: Option<String>,
 }
 
 fn create_repository(
@@ -263,6 +362,7 @@ fn create_repository(
         creation_time: store.creation_time(),
         full_name: args.full_name,
         default_branch: args.default_branch,
+        user_id: args.user_id,
     };
     store.repositories.insert(id.clone(), repository);
     Ok(Value::String(id))
@@ -294,24 +394,31 @@ struct SummaryArg {
     generated_at: f64,
 }
 
-/// Replaces the job's document set: documents are matched by a source key (repository, slug
-/// without its folder, title), updated or inserted, and the job's other documents deleted. Empty
-/// chapters and tutorials are skipped, duplicates within the call too. All or nothing: a document
-/// over the size limit fails the whole call.
+/// The web app's `docs:upsertFromJob`: replaces the job's document set (matched by a source key:
+/// repository, slug without its folder, title), skipping empty chapters and tutorials and
+/// duplicates, storing Markdown normalized; patches the job (`docsCount`, `completedAt`, `runId`,
+/// `regenerationStats`); then, when anything was inserted or updated, deletes the documents of
+/// every other completed job of the repository. No ownership or cancel check. One transaction:
+/// a document over 1 MiB, or more than the transaction limit read or written, fails all of it.
 fn upsert_from_job(
     store: &mut Store,
-    _: &FakeOptions,
+    options: &FakeOptions,
     args: Value,
 ) -> Result<Value, FunctionError> {
     let args: UpsertArgs = parse(args)?;
-    if !store.jobs.contains_key(&args.job_id) {
+    let Some(job) = store.jobs.get(&args.job_id) else {
         return Err(FunctionError::Thrown(format!(
             "Update on nonexistent document ID {}",
             args.job_id
         )));
-    }
+    };
+    let mut read = convex_size(&to_value(job)?);
+    let mut written = 0usize;
     let now = now_ms();
-    let existing = store.docs.remove(&args.job_id).unwrap_or_default();
+    let existing = store.docs.get(&args.job_id).cloned().unwrap_or_default();
+    for doc in &existing {
+        read += convex_size(&to_value(doc)?);
+    }
     let source_key = |slug: &str, title: &str| {
         let slug = slug
             .strip_prefix("chapters/")
@@ -332,16 +439,21 @@ fn upsert_from_job(
             skipped += 1;
             continue;
         }
+        let content = if file.kind == "yaml" {
+            file.content.clone()
+        } else {
+            normalize_markdown(&file.content)
+        };
         let chapter_index = file.chapter_index.unwrap_or(0.0);
         let doc = match existing.iter().find(|doc| doc.source_key == key) {
-            Some(old) if old.content == file.content && old.chapter_index == chapter_index => {
+            Some(old) if old.content == content && old.chapter_index == chapter_index => {
                 skipped += 1;
                 old.clone()
             }
             Some(old) => {
                 updated += 1;
                 StoredDoc {
-                    content: file.content.clone(),
+                    content,
                     chapter_index,
                     slug: file.slug.clone(),
                     updated_at: Some(now),
@@ -360,7 +472,7 @@ fn upsert_from_job(
                     title: file.title.clone(),
                     chapter_index,
                     kind: file.kind.clone(),
-                    content: file.content.clone(),
+                    content,
                     source_key: key,
                     run_id: args.run_id.clone(),
                     created_at: now,
@@ -370,38 +482,116 @@ fn upsert_from_job(
         };
         let size = convex_size(&to_value(&doc)?);
         if size > MAX_DOCUMENT_BYTES {
-            store.docs.insert(args.job_id.clone(), existing);
             return Err(FunctionError::Limit(format!(
                 "Value is too large ({size} bytes > maximum size {MAX_DOCUMENT_BYTES} bytes) for \
                  the document of slug {:?} in table \"docs\"",
                 doc.slug
             )));
         }
+        if !existing.iter().any(|old| old == &doc) {
+            written += size;
+        }
         kept.push(doc);
     }
-    let deleted = existing
+    let orphans: Vec<&StoredDoc> = existing
         .iter()
         .filter(|old| !kept.iter().any(|doc| doc.id == old.id))
-        .count();
+        .collect();
+    for orphan in &orphans {
+        written += convex_size(&to_value(orphan)?);
+    }
+    let deleted = orphans.len();
     let doc_ids: Vec<String> = kept.iter().map(|doc| doc.id.clone()).collect();
     let docs_count = doc_ids.len();
+    let stats = json!({
+        "inserted": inserted,
+        "updated": updated,
+        "skipped": skipped,
+        "rejected": rejected,
+        "deleted": deleted,
+    });
+
+    // The previous course: every other completed job of the repository (all of the repository's
+    // jobs are read to find them) and their documents.
+    let mut previous_jobs = Vec::new();
+    if inserted > 0 || updated > 0 {
+        for other in store
+            .jobs
+            .values()
+            .filter(|other| other.repository_id == args.repository_id)
+        {
+            read += convex_size(&to_value(other)?);
+            if other.status == "completed" && other.id != args.job_id {
+                for doc in store.docs.get(&other.id).map_or(&[][..], Vec::as_slice) {
+                    let size = convex_size(&to_value(doc)?);
+                    read += size;
+                    written += size;
+                }
+                previous_jobs.push(other.id.clone());
+            }
+        }
+    }
+    let limit = options.transaction_bytes_limit;
+    if read > limit || written > limit {
+        return Err(FunctionError::Limit(format!(
+            "Transaction exceeded resource limits: {read} bytes read, {written} bytes written \
+             (limit {limit} bytes each)"
+        )));
+    }
+
     store.docs.insert(args.job_id.clone(), kept);
+    for previous in previous_jobs {
+        store.docs.remove(&previous);
+    }
     if let Some(job) = store.jobs.get_mut(&args.job_id) {
         job.docs_count = Some(docs_count as f64);
         job.completed_at = Some(args.summary.generated_at);
         job.run_id = args.run_id;
+        job.regeneration_stats = Some(stats.clone());
     }
-    Ok(json!({
-        "docsCount": docs_count,
-        "docIds": doc_ids,
-        "stats": {
-            "inserted": inserted,
-            "updated": updated,
-            "skipped": skipped,
-            "rejected": rejected,
-            "deleted": deleted,
+    Ok(json!({"docsCount": docs_count, "docIds": doc_ids, "stats": stats}))
+}
+
+/// The deployment's `normalizeMarkdown`: `\r\n` and `\r` become `\n`, an odd number of code
+/// fences gets a closing one, a final newline, a blank line before each heading
+/// (`\n(#{1,6}\s)`), and runs of three or more newlines become two.
+pub fn normalize_markdown(content: &str) -> String {
+    if content.is_empty() {
+        return String::new();
+    }
+    let mut text = content.replace("\r\n", "\n").replace('\r', "\n");
+    if text.matches("```").count() % 2 == 1 {
+        text.push_str("\n```\n");
+    }
+    if !text.ends_with('\n') {
+        text.push('\n');
+    }
+    let lines: Vec<&str> = text.split('\n').collect();
+    let last = lines.len() - 1;
+    let mut spaced = String::with_capacity(text.len());
+    for (index, line) in lines.into_iter().enumerate() {
+        if index > 0 {
+            spaced.push('\n');
+            let hashes = line.bytes().take_while(|&byte| byte == b'#').count();
+            // `\s` also matches the newline ending an empty heading line.
+            let next = line[hashes..].chars().next();
+            let heading = (1..=6).contains(&hashes)
+                && (next.is_some_and(char::is_whitespace) || (next.is_none() && index < last));
+            if heading {
+                spaced.push('\n');
+            }
         }
-    }))
+        spaced.push_str(line);
+    }
+    let mut out = String::with_capacity(spaced.len());
+    let mut newlines = 0;
+    for c in spaced.chars() {
+        newlines = if c == '\n' { newlines + 1 } else { 0 };
+        if newlines <= 2 {
+            out.push(c);
+        }
+    }
+    out
 }
 
 #[derive(Deserialize)]
@@ -423,18 +613,71 @@ fn get_job(store: &mut Store, _: &FakeOptions, args: Value) -> Result<Value, Fun
     }
 }
 
-/// What the web app does on a user cancel: status `canceled` and `cancelRequested`, leaving
-/// `lockedBy` so the lease holder's calls still succeed.
+/// The web app's `jobs:requestCancel`: status `canceled`, `cancelRequested`, `error`,
+/// `completedAt`, leaving `lockedBy` so the lease holder's calls still succeed. Throws on a
+/// missing or finished job.
 fn request_cancel(store: &mut Store, _: &FakeOptions, args: Value) -> Result<Value, FunctionError> {
     let args: JobIdArgs = parse(args)?;
     let job = store
         .jobs
         .get_mut(&args.job_id)
         .ok_or_else(|| thrown("Job not found"))?;
-    if !FINAL_STATUSES.contains(&job.status.as_str()) {
-        job.status = "canceled".to_owned();
-        job.cancel_requested = Some(true);
-        job.updated_at = now_ms();
+    if !ACTIVE_STATUSES.contains(&job.status.as_str()) {
+        return Err(thrown("Job is not active and cannot be cancelled"));
     }
-    Ok(json!({"status": job.status}))
+    let now = now_ms();
+    job.status = "canceled".to_owned();
+    job.cancel_requested = Some(true);
+    job.error = Some("Job cancelled by user".to_owned());
+    job.completed_at = Some(now);
+    Ok(json!({"success": true}))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct UpdateStatusArgs {
+    job_id: String,
+    status: String,
+    callback_token: String,
+    progress: Option<String>,
+    current_step: Option<f64>,
+    total_steps: Option<f64>,
+    result: Option<Value>,
+    error: Option<String>,
+}
+
+/// The web app's `jobs:updateStatus`, which its UI uses to cancel (`status: canceled`, no
+/// `cancelRequested`): checks the callback token only, writes any status, keeps `lockedBy`.
+fn update_status(store: &mut Store, _: &FakeOptions, args: Value) -> Result<Value, FunctionError> {
+    let args: UpdateStatusArgs = parse(args)?;
+    let job = store
+        .jobs
+        .get_mut(&args.job_id)
+        .ok_or_else(|| thrown("Job not found"))?;
+    if job.callback_token != args.callback_token {
+        return Err(thrown("Invalid callback token"));
+    }
+    let now = now_ms();
+    if args.status == "completed" {
+        job.completed_at = Some(now);
+    }
+    job.status = args.status;
+    job.updated_at = now;
+    if let Some(progress) = args.progress.filter(|progress| !progress.is_empty()) {
+        job.progress = Some(progress);
+    }
+    if let Some(step) = args.current_step {
+        job.current_step = Some(step);
+    }
+    if let Some(total) = args.total_steps {
+        job.total_steps = Some(total);
+    }
+    if let Some(result) = args.result.filter(|result| !result.is_null()) {
+        job.result = Some(result);
+    }
+    if let Some(error) = args.error.filter(|error| !error.is_empty()) {
+        job.error = Some(error.clone());
+        job.last_error = Some(error);
+    }
+    Ok(json!({"success": true}))
 }

@@ -185,14 +185,24 @@ async fn handle(shared: Arc<Shared>, endpoint: Kind, headers: HeaderMap, body: B
                 return dropped_connection();
             }
             FaultKind::ApplyThenDrop => drop_reply = true,
+            FaultKind::Throw => {
+                let admin = call.auth == AuthSeen::Valid;
+                let reply = function_error(
+                    &shared.options,
+                    admin,
+                    "Uncaught Error: fake convex: injected function error".to_owned(),
+                    CallOutcome::FunctionError,
+                );
+                return respond(&shared, call, reply);
+            }
         }
     }
 
-    let reply = match check_request(&shared.options, &call, &headers, parsed) {
+    let reply = match check_request(&call, &headers, parsed) {
         Err(reply) => reply,
         Ok((path, args)) => {
             call.args = shorten(&args);
-            run(&shared, endpoint, &path, args)
+            run(&shared, endpoint, &path, args, call.auth == AuthSeen::Valid)
         }
     };
     if drop_reply {
@@ -223,7 +233,6 @@ fn auth_seen(options: &FakeOptions, headers: &HeaderMap) -> AuthSeen {
 
 /// The request-level checks, giving the function path and its arguments as an object.
 fn check_request(
-    options: &FakeOptions,
     call: &Call,
     headers: &HeaderMap,
     parsed: Result<Value, String>,
@@ -236,14 +245,16 @@ fn check_request(
                 "The provided admin key was invalid for this instance",
             ))
         }
-        AuthSeen::None if options.deploy_key.is_some() => {
+        AuthSeen::Unchecked => {
             return Err(Reply::request_error(
                 StatusCode::UNAUTHORIZED,
-                "Unauthenticated",
-                "This fake deployment requires `Authorization: Convex <deploy key>`",
+                "BadAdminKey",
+                "The provided admin key was invalid for this instance (this fake deployment \
+                 has no deploy key)",
             ))
         }
-        _ => {}
+        // Without a key a caller runs public functions and sees no function error message.
+        AuthSeen::None | AuthSeen::Valid => {}
     }
     if call.client.as_deref().is_none_or(str::is_empty) {
         return Err(Reply::request_error(
@@ -300,26 +311,45 @@ fn check_request(
     Ok((path.to_owned(), args))
 }
 
-/// Runs the function as one transaction and shapes its reply.
-fn run(shared: &Shared, endpoint: Kind, path: &str, args: Value) -> Reply {
+/// A function error reply. Like a production deployment, the message of an error raised while
+/// the function runs reaches only admin callers (the deploy key) unless
+/// [`FakeOptions::expose_errors`]; others get `[Request ID: <hex>] Server Error`.
+fn function_error(
+    options: &FakeOptions,
+    admin: bool,
+    message: String,
+    outcome: CallOutcome,
+) -> Reply {
     let request_id: String = {
         let mut rng = rand::rng();
         (0..16)
             .map(|_| char::from(b"0123456789abcdef"[rng.random_range(0..16)]))
             .collect()
     };
-    let error_status =
-        StatusCode::from_u16(shared.options.function_error_status).unwrap_or(StatusCode::OK);
-    let error = |message: String, outcome: CallOutcome| Reply {
-        status: error_status,
+    let hidden = outcome == CallOutcome::FunctionError && !admin && !options.expose_errors;
+    let error_message = if hidden {
+        format!("[Request ID: {request_id}] Server Error")
+    } else {
+        format!("[Request ID: {request_id}] Server Error\n{message}")
+    };
+    Reply {
+        status: StatusCode::from_u16(options.function_error_status).unwrap_or(StatusCode::OK),
         body: json!({
             "status": "error",
-            "errorMessage": format!("[Request ID: {request_id}] Server Error\n{message}"),
+            "errorMessage": error_message,
             "logLines": [],
         }),
         outcome,
+    }
+}
+
+/// Runs the function as one transaction and shapes its reply. `admin`: the call carries the
+/// deploy key (internal functions run, error messages show).
+fn run(shared: &Shared, endpoint: Kind, path: &str, args: Value, admin: bool) -> Reply {
+    let error = |message: String, outcome: CallOutcome| {
+        function_error(&shared.options, admin, message, outcome)
     };
-    let Some(function) = lookup(path) else {
+    let Some(function) = lookup(path).filter(|function| admin || !function.internal) else {
         return error(
             format!(
                 "Could not find public function for '{path}'. Did you forget to run `npx convex \
@@ -376,9 +406,11 @@ fn run(shared: &Shared, endpoint: Kind, path: &str, args: Value) -> Reply {
             format!("Uncaught Error: {message}\n    at handler (../convex/{module}.ts)"),
             CallOutcome::FunctionError,
         ),
-        Err(FunctionError::Limit(message)) => {
-            error(format!("Uncaught Error: {message}"), CallOutcome::Rejected)
-        }
+        // Raised while the function runs: hidden like a thrown error.
+        Err(FunctionError::Limit(message)) => error(
+            format!("Uncaught Error: {message}"),
+            CallOutcome::FunctionError,
+        ),
     }
 }
 

@@ -5,13 +5,22 @@
 //! Convex API (as the real deployment):
 //! - `POST /api/query`, `/api/mutation`, `/api/action` with `{"path","format","args"}` (`args` an
 //!   object or a one-element array). Requires `Convex-Client` (400 `BadRequest` without it) and
-//!   `Content-Type: application/json`; with a deploy key configured, `Authorization: Convex <key>`
-//!   (401 otherwise). Function results and errors come as `{"status":"success"|"error",..}` with
-//!   HTTP 200, or [`FakeOptions::function_error_status`] (560 by default) for errors.
+//!   `Content-Type: application/json`. `Authorization: Convex <key>` with the configured deploy
+//!   key makes an admin call (internal functions run, function errors are readable); a wrong key
+//!   is a 401; no header is a public call. Function results and errors come as
+//!   `{"status":"success"|"error",..}` with HTTP 200, or [`FakeOptions::function_error_status`]
+//!   (560 by default) for errors. As in production, the message of an error raised while a
+//!   function runs (a throw, a transaction limit) is hidden from public callers
+//!   (`[Request ID: <hex>] Server Error`) unless [`FakeOptions::expose_errors`]; request-shape
+//!   errors (argument validation, unknown function) stay readable.
 //! - Functions: `queue:claimOne`, `queue:heartbeat`, `queue:complete`, `queue:retryOrFail`,
-//!   `queue:createJob`, `repositories:getByRepositoryId`, `docs:upsertFromJob`, `docs:listByJobId`,
-//!   `jobs:getJob`, `jobs:requestCancel`, and the fake-only `repositories:create {fullName,
-//!   defaultBranch?}` returning the new repository id.
+//!   `queue:createJob`, the internal `queue:reclaimExpired` (never scheduled),
+//!   `repositories:getByRepositoryId`, `docs:upsertFromJob`, `docs:listByJobId`, `jobs:getJob`,
+//!   `jobs:create`, `jobs:requestCancel`, `jobs:updateStatus`, `users:getUserById`,
+//!   `users:getGitHubToken`, and the fake-only `repositories:create {fullName, defaultBranch,
+//!   userId?}` and `users:create {githubId, githubAccessToken?}` returning the new id.
+//! - Faults: besides transport faults, `applyThenDrop` runs a mutation and drops its reply, and
+//!   `throw` makes a call fail as a function error without applying it.
 //!
 //! Admin (JSON):
 //! - `GET /_fake/calls`: every call recorded ([`CallRecord`]).
@@ -30,6 +39,7 @@ mod functions;
 mod http;
 mod queue;
 mod store;
+mod users;
 pub mod validate;
 
 use std::{io, net::SocketAddr, sync::Arc, time::Duration};
@@ -39,9 +49,10 @@ use tokio_util::sync::CancellationToken;
 
 pub use self::{
     client::{FakeConvexClient, FunctionFailure},
+    functions::normalize_markdown,
     store::{
         now_ms, AuthSeen, CallOutcome, CallRecord, FaultKind, FaultSpec, JobDoc, LatencySpec,
-        RepositoryDoc, StoredDoc, Violations,
+        RepositoryDoc, StoredDoc, UserDoc, Violations,
     },
 };
 
@@ -53,14 +64,22 @@ pub struct FakeOptions {
     pub backoff_max: Duration,
     /// Up to this much random delay is added to each backoff.
     pub backoff_jitter: Duration,
-    /// Attempts after which `queue:retryOrFail` marks a job dead.
+    /// The `maxAttempts` `jobs:create` writes (5, as the web app), and the default of
+    /// `queue:retryOrFail` for jobs without one.
     pub max_attempts: u32,
     /// Lease when `leaseMs` is omitted.
     pub default_lease: Duration,
     /// HTTP status of function-error replies: 560 (Convex cloud) or 200 (self-hosted).
     pub function_error_status: u16,
-    /// When set, every call must carry `Authorization: Convex <key>`.
+    /// The deployment's deploy key. Calls carrying `Authorization: Convex <key>` are admin calls:
+    /// they may run internal functions (`queue:reclaimExpired`) and read function error
+    /// messages. Calls without the header run public functions; a wrong key is a 401.
     pub deploy_key: Option<String>,
+    /// Show function error messages to every caller, as a dev deployment does; production hides
+    /// them from callers without the deploy key (the default here).
+    pub expose_errors: bool,
+    /// What one mutation may read, and separately write, in bytes (Convex: 16 MiB each).
+    pub transaction_bytes_limit: usize,
 }
 
 impl Default for FakeOptions {
@@ -73,6 +92,8 @@ impl Default for FakeOptions {
             default_lease: Duration::from_secs(300),
             function_error_status: 560,
             deploy_key: None,
+            expose_errors: false,
+            transaction_bytes_limit: validate::MAX_ARGS_BYTES,
         }
     }
 }

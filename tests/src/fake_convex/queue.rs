@@ -7,10 +7,14 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{
-    functions::{owned_job, parse, FunctionError, ACTIVE_STATUSES},
+    functions::{owned_job, parse, thrown, to_value, FunctionError, ACTIVE_STATUSES},
     store::{iso_string, now_ms, JobDoc, Store},
+    validate::convex_size,
     FakeOptions,
 };
+
+/// Statuses of a job some worker holds (what `queue:reclaimExpired` takes back).
+const PROCESSING_STATUSES: [&str; 5] = ["claimed", "cloning", "analyzing", "gathering", "running"];
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -237,7 +241,119 @@ pub(super) fn create_job(
         created_at: now,
         updated_at: now,
         completed_at: None,
+        regeneration_stats: None,
     };
     store.jobs.insert(id.clone(), job);
     Ok(json!({"jobId": id, "duplicate": false, "status": "pending"}))
+}
+
+/// The internal `queue:reclaimExpired`: every job whose `leaseUntil` is not in the future (the
+/// index range also holds jobs without a lease) is read; those still in a processing status go
+/// back to `pending` with `attempts + 1`, never `dead`. Fails on the transaction read limit like
+/// the real one on a large jobs table.
+pub(super) fn reclaim_expired(
+    store: &mut Store,
+    options: &FakeOptions,
+    _: Value,
+) -> Result<Value, FunctionError> {
+    let now = now_ms();
+    let expired: Vec<String> = store
+        .jobs
+        .values()
+        .filter(|job| job.lease_until.is_none_or(|until| until <= now))
+        .map(|job| job.id.clone())
+        .collect();
+    let mut read = 0usize;
+    for id in &expired {
+        if let Some(job) = store.jobs.get(id) {
+            read += convex_size(&to_value(job)?);
+        }
+    }
+    if read > options.transaction_bytes_limit {
+        return Err(FunctionError::Limit(format!(
+            "Transaction exceeded resource limits: {read} bytes read (limit {} bytes)",
+            options.transaction_bytes_limit
+        )));
+    }
+    let mut reclaimed = 0;
+    for id in &expired {
+        let Some(job) = store.jobs.get_mut(id) else {
+            continue;
+        };
+        if PROCESSING_STATUSES.contains(&job.status.as_str()) {
+            job.status = "pending".to_owned();
+            job.attempts = Some(job.attempts.unwrap_or(0.0) + 1.0);
+            job.run_at = now;
+            job.last_error = Some("Lease expired - worker likely crashed".to_owned());
+            job.updated_at = now;
+            job.locked_by = None;
+            job.lease_until = None;
+            reclaimed += 1;
+        }
+    }
+    Ok(json!({"reclaimed": reclaimed, "checked": expired.len()}))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CreateFromUiArgs {
+    user_id: String,
+    repository_id: String,
+    prompt: String,
+}
+
+/// The web app's `jobs:create`, how its UI enqueues: refuses a second active job of the same
+/// repository, writes `maxAttempts` ([`FakeOptions::max_attempts`], 5 as the web app), a fresh
+/// callback token.
+pub(super) fn create_from_ui(
+    store: &mut Store,
+    options: &FakeOptions,
+    args: Value,
+) -> Result<Value, FunctionError> {
+    let args: CreateFromUiArgs = parse(args)?;
+    if !store.repositories.contains_key(&args.repository_id) {
+        return Err(thrown("Repository not found"));
+    }
+    let active = store.jobs.values().any(|job| {
+        job.repository_id == args.repository_id && ACTIVE_STATUSES.contains(&job.status.as_str())
+    });
+    if active {
+        return Err(thrown(
+            "A job is already running for this repository. Please wait for it to complete or \
+             cancel it first.",
+        ));
+    }
+    let now = now_ms();
+    let id = store.new_id("jobs");
+    let callback_token = uuid::Uuid::new_v4().to_string();
+    let job = JobDoc {
+        id: id.clone(),
+        creation_time: store.creation_time(),
+        user_id: args.user_id,
+        repository_id: args.repository_id.clone(),
+        prompt: args.prompt,
+        callback_token: callback_token.clone(),
+        dedupe_key: Some(format!("{}_{now}", args.repository_id)),
+        status: "pending".to_owned(),
+        run_at: now,
+        attempts: Some(0.0),
+        max_attempts: Some(f64::from(options.max_attempts)),
+        lease_until: None,
+        locked_by: None,
+        progress: Some("Initializing...".to_owned()),
+        current_step: Some(0.0),
+        total_steps: Some(6.0),
+        cancel_requested: None,
+        last_error: None,
+        error: None,
+        result: None,
+        docs_count: None,
+        run_id: None,
+        created_at: now,
+        updated_at: now,
+        completed_at: None,
+        regeneration_stats: None,
+    };
+    store.jobs.insert(id.clone(), job);
+    Ok(json!({"jobId": id, "callbackToken": callback_token}))
 }

@@ -59,6 +59,10 @@ pub struct JobDoc {
     pub updated_at: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completed_at: Option<f64>,
+    /// What the last `docs:upsertFromJob` did (`inserted`, `updated`, `skipped`, `rejected`,
+    /// `deleted`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regeneration_stats: Option<Value>,
 }
 
 impl JobDoc {
@@ -77,8 +81,25 @@ pub struct RepositoryDoc {
     #[serde(rename = "_creationTime")]
     pub creation_time: f64,
     pub full_name: String,
+    /// Required, as the web app always writes it (GitHub's default branch, else `main`).
+    pub default_branch: String,
+    /// The owner, whose GitHub token clones a private repository.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub default_branch: Option<String>,
+    pub user_id: Option<String>,
+}
+
+/// A `users` document (the fields the worker reads).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UserDoc {
+    #[serde(rename = "_id")]
+    pub id: String,
+    #[serde(rename = "_creationTime")]
+    pub creation_time: f64,
+    pub github_id: String,
+    /// Stored as the web app stores it: `enc_v1_...`, `obf_...` or plain text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub github_access_token: Option<String>,
 }
 
 /// A `docs` document written by `docs:upsertFromJob`.
@@ -193,6 +214,8 @@ pub enum FaultKind {
     Hang,
     /// Run the function, then close the connection instead of replying.
     ApplyThenDrop,
+    /// Reply as if the function threw (e.g. over a transaction limit); nothing is applied.
+    Throw,
 }
 
 /// A fault to inject, as posted to `/_fake/faults`.
@@ -268,6 +291,7 @@ struct ActiveFault {
 pub(crate) struct Store {
     pub jobs: BTreeMap<String, JobDoc>,
     pub repositories: BTreeMap<String, RepositoryDoc>,
+    pub users: BTreeMap<String, UserDoc>,
     pub docs: BTreeMap<String, Vec<StoredDoc>>,
     /// Table of every id issued, so `v.id("jobs")` refuses a repository id.
     pub tables: HashMap<String, &'static str>,
@@ -373,36 +397,13 @@ pub fn now_ms() -> f64 {
         .map_or(0.0, |elapsed| elapsed.as_millis() as f64)
 }
 
-/// `Date.prototype.toISOString` of a time in ms since the epoch.
+/// `Date.prototype.toISOString` of a time in ms since the epoch (always three fraction digits).
 pub fn iso_string(ms: f64) -> String {
-    let total_ms = ms.max(0.0).round() as i64;
-    let (days, ms_of_day) = (
-        total_ms.div_euclid(86_400_000),
-        total_ms.rem_euclid(86_400_000),
-    );
-    let (year, month, day) = civil_from_days(days);
-    let (hour, minute) = (ms_of_day / 3_600_000, ms_of_day / 60_000 % 60);
-    let (second, millis) = (ms_of_day / 1000 % 60, ms_of_day % 1000);
-    format!("{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}.{millis:03}Z")
-}
-
-/// Proleptic Gregorian date of a day count since 1970-01-01 (Howard Hinnant's algorithm).
-fn civil_from_days(days: i64) -> (i64, i64, i64) {
-    let shifted = days + 719_468;
-    let era = shifted.div_euclid(146_097);
-    let day_of_era = shifted - era * 146_097;
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let shifted_month = (5 * day_of_year + 2) / 153;
-    let day = day_of_year - (153 * shifted_month + 2) / 5 + 1;
-    let month = if shifted_month < 10 {
-        shifted_month + 3
-    } else {
-        shifted_month - 9
-    };
-    let year = year_of_era + era * 400 + i64::from(month <= 2);
-    (year, month, day)
+    let millis = ms.max(0.0).round() as i64;
+    jiff::Timestamp::from_millisecond(millis)
+        .unwrap_or(jiff::Timestamp::UNIX_EPOCH)
+        .strftime("%Y-%m-%dT%H:%M:%S%.3fZ")
+        .to_string()
 }
 
 #[cfg(test)]
@@ -413,6 +414,7 @@ mod tests {
     fn iso_strings_match_javascript() {
         assert_eq!(iso_string(0.0), "1970-01-01T00:00:00.000Z");
         assert_eq!(iso_string(1_709_210_096_789.0), "2024-02-29T12:34:56.789Z");
+        assert_eq!(iso_string(1_709_210_096_000.0), "2024-02-29T12:34:56.000Z");
     }
 
     #[test]

@@ -52,11 +52,23 @@ impl ConvexWorld {
         CoordinatorProc::start(&self.sandbox, port.unwrap_or(ANY_PORT), &env).await
     }
 
+    /// Enqueues a job through `jobs:create` on a repository of its own (the web app allows one
+    /// active job per repository).
     pub async fn create_job(&self, prompt: &str) -> String {
-        self.client
-            .create_job(&self.repository_id, prompt)
+        let repository_id = self
+            .client
+            .create_repository(GitFixture::FULL_NAME, Some("main"))
             .await
-            .expect("queue:createJob")
+            .expect("repositories:create");
+        self.create_job_in(&repository_id, prompt).await
+    }
+
+    /// Enqueues a job through `jobs:create` on `repository_id`.
+    pub async fn create_job_in(&self, repository_id: &str, prompt: &str) -> String {
+        self.client
+            .create_job(repository_id, prompt)
+            .await
+            .expect("jobs:create")
     }
 
     pub async fn job(&self, job_id: &str) -> JobDoc {

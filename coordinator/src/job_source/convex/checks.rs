@@ -61,7 +61,9 @@ pub(super) fn validate_branch(branch: &str) -> std::result::Result<(), String> {
     check_branch(branch).map_err(|error| format!("repository defaultBranch: {error}"))
 }
 
-/// The documents as `docs:upsertFromJob` files, refusing any that cannot be stored.
+/// The documents as `docs:upsertFromJob` files, refusing any that cannot be stored: each stored
+/// document (after the deployment's Markdown normalization, which can make it grow) within 1 MiB,
+/// and all of them within what one mutation may write (16 MiB, the same as its arguments).
 pub(super) fn file_args<'a>(job_id: &str, result: &'a JobResult) -> Result<Vec<FileArg<'a>>> {
     // The caps every job source applies (the embedded store too); the checks below are Convex's.
     fondation_proto::limits::check_result(
@@ -77,21 +79,26 @@ pub(super) fn file_args<'a>(job_id: &str, result: &'a JobResult) -> Result<Vec<F
             result.documents.len()
         )));
     }
-    result
+    let mut written = 0usize;
+    let files = result
         .documents
         .iter()
         .map(|document| {
-            let size = document.content.len();
+            let size = match document.kind {
+                DocumentKind::Yaml => document.content.len(),
+                _ => normalized_markdown(&document.content).len(),
+            };
             // The stored document repeats slug and title in its source key.
             let stored =
                 size + 2 * (document.slug.len() + document.title.len()) + DOCUMENT_OVERHEAD;
             if stored > MAX_DOCUMENT_BYTES {
                 return Err(JobSourceError::TooLarge(format!(
-                    "document {:?} of job {job_id} has {size} bytes of content, over Convex's \
-                     {MAX_DOCUMENT_BYTES}-byte (1 MiB) limit per stored document",
+                    "document {:?} of job {job_id} has {size} bytes of content once normalized, \
+                     over Convex's {MAX_DOCUMENT_BYTES}-byte (1 MiB) limit per stored document",
                     document.slug
                 )));
             }
+            written += stored;
             Ok(FileArg {
                 slug: &document.slug,
                 title: &document.title,
@@ -100,7 +107,63 @@ pub(super) fn file_args<'a>(job_id: &str, result: &'a JobResult) -> Result<Vec<F
                 kind: document.kind.as_str(),
             })
         })
-        .collect()
+        .collect::<Result<Vec<_>>>()?;
+    if written > MAX_ARGS_BYTES {
+        return Err(JobSourceError::TooLarge(format!(
+            "the documents of job {job_id} would store {written} bytes, over Convex's \
+             {MAX_ARGS_BYTES}-byte (16 MiB) limit on what one mutation writes"
+        )));
+    }
+    Ok(files)
+}
+
+/// The content `docs:upsertFromJob` stores for a Markdown document: line endings made `\n`, an
+/// unclosed code fence closed, a final newline, a blank line before every heading, runs of
+/// blank lines cut to one. Mirrors the deployment's `normalizeMarkdown`, to check sizes.
+pub(super) fn normalized_markdown(content: &str) -> String {
+    if content.is_empty() {
+        return String::new();
+    }
+    let mut text = content.replace("\r\n", "\n").replace('\r', "\n");
+    if text.matches("```").count() % 2 == 1 {
+        text.push_str("\n```\n");
+    }
+    if !text.ends_with('\n') {
+        text.push('\n');
+    }
+    // `\n(#{1,6}\s)` -> `\n\n$1`.
+    let mut spaced = String::with_capacity(text.len() + text.len() / 16);
+    let mut rest = text.as_str();
+    while let Some(at) = rest.find('\n') {
+        let after = &rest[at + 1..];
+        let hashes = after.bytes().take_while(|&b| b == b'#').count();
+        let heading = (1..=6).contains(&hashes)
+            && after[hashes..]
+                .chars()
+                .next()
+                .is_some_and(char::is_whitespace);
+        spaced.push_str(&rest[..=at]);
+        if heading {
+            spaced.push('\n');
+        }
+        rest = after;
+    }
+    spaced.push_str(rest);
+    // `\n{3,}` -> `\n\n`.
+    let mut out = String::with_capacity(spaced.len());
+    let mut newlines = 0;
+    for c in spaced.chars() {
+        if c == '\n' {
+            newlines += 1;
+            if newlines > 2 {
+                continue;
+            }
+        } else {
+            newlines = 0;
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// Chapters are counted once: the `chapters/` documents, not their `reviewed-chapters/` versions.
@@ -156,4 +219,38 @@ mod tests {
             assert!(validate_branch(bad).is_err(), "{bad}");
         }
     }
+
+    #[test]
+    fn markdown_is_normalized_like_the_deployment() {
+        assert_eq!(normalized_markdown(""), "");
+        assert_eq!(
+            normalized_markdown("# A\ntext\n## B"),
+            "# A\ntext\n\n## B\n"
+        );
+        assert_eq!(normalized_markdown("a\r\n\n\n\nb"), "a\n\nb\n");
+        assert_eq!(normalized_markdown("```sh\nx"), "```sh\nx\n```\n");
+        assert_eq!(normalized_markdown("#tag\n#######x"), "#tag\n#######x\n");
+    }
+
+    #[test]
+    fn content_that_grows_over_the_limit_is_refused() {
+        // Under 1 MiB as sent, over it once a blank line goes before each heading.
+        let content = "\n# h".repeat(MAX_DOCUMENT_BYTES / 4 - 100);
+        let result = JobResult {
+            run_id: String::new(),
+            message: String::new(),
+            documents: vec![crate::job_source::Document {
+                slug: "chapters/a.md".to_owned(),
+                title: "A".to_owned(),
+                kind: DocumentKind::Chapter,
+                chapter_index: Some(0),
+                content,
+            }],
+        };
+        assert!(matches!(
+            file_args("j", &result),
+            Err(JobSourceError::TooLarge(_))
+        ));
+    }
+
 }

@@ -4,9 +4,15 @@
 //! Classification follows `DESIGN.md` section 2: a `{"status":"error"}` reply (HTTP 200 from a
 //! self-hosted backend, 560 from the cloud) is the function's own error and is never retried;
 //! 408, 429, other 5xx and transport failures (connection refused or reset, timeouts, truncated
-//! bodies) are retried with exponential backoff and jitter until the call's retry budget is spent;
-//! any other status is a request error (bad request, bad key, unknown deployment) that no retry
-//! fixes.
+//! bodies) are transient; any other status is a request error (bad request, bad key, unknown
+//! deployment) that no retry fixes. A function error's message is kept for logs only: production
+//! hides it from callers without the deploy key, so no caller decides anything from it.
+//!
+//! The HTTP API has no mutation idempotency: a transient failure after the request was sent may
+//! hide an applied mutation. Functions that are safe to repeat ([`ConvexFunction::REPEATABLE`]:
+//! queries, `queue:heartbeat`, `docs:upsertFromJob`) are retried within the call's budget; the
+//! others are retried only while the request provably never left (the connection was refused),
+//! and otherwise end in [`CallError::Ambiguous`] for the caller to resolve by reading the job.
 
 use std::{
     sync::atomic::{AtomicU32, Ordering},
@@ -14,6 +20,7 @@ use std::{
 };
 
 use backon::{ExponentialBuilder, Retryable};
+use base64::Engine;
 use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use serde::Deserialize;
 use serde_json::Value;
@@ -34,15 +41,15 @@ const MIN_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum CallError {
-    /// The function ran and threw (or rejected its arguments).
+    /// The function ran and threw (or rejected its arguments). `message` is for logs only: a
+    /// production deployment replaces it with `[Request ID: ...] Server Error` for callers
+    /// without the deploy key.
     #[error("{path}: {message}")]
-    Function {
-        path: &'static str,
-        message: String,
-        /// Whether an earlier attempt of this call was sent: its effect may have been applied
-        /// even though its reply was lost.
-        retried: bool,
-    },
+    Function { path: &'static str, message: String },
+    /// A mutation that is not safe to repeat failed after its request was sent: it may have been
+    /// applied. Not retried; the caller reads the job back to know.
+    #[error("{path}: reply lost, the call may have been applied: {detail}")]
+    Ambiguous { path: &'static str, detail: String },
     /// The request was refused for a reason retrying does not change.
     #[error("{path}: HTTP {status}: {detail}")]
     Request {
@@ -70,9 +77,6 @@ pub(crate) enum CallError {
 impl From<CallError> for JobSourceError {
     fn from(error: CallError) -> Self {
         match &error {
-            CallError::Function { message, .. } if message.contains("ArgumentValidationError") => {
-                JobSourceError::Invalid(error.to_string())
-            }
             CallError::Function { .. } | CallError::Setup { .. } => {
                 JobSourceError::Failed(error.to_string())
             }
@@ -81,7 +85,9 @@ impl From<CallError> for JobSourceError {
             }
             CallError::Request { status: 413, .. } => JobSourceError::TooLarge(error.to_string()),
             CallError::Request { .. } => JobSourceError::Failed(error.to_string()),
-            CallError::Unavailable { .. } => JobSourceError::Unavailable(error.to_string()),
+            CallError::Unavailable { .. } | CallError::Ambiguous { .. } => {
+                JobSourceError::Unavailable(error.to_string())
+            }
         }
     }
 }
@@ -89,14 +95,28 @@ impl From<CallError> for JobSourceError {
 /// What one attempt produced, before the retry policy looks at it.
 #[derive(Debug)]
 enum AttemptError {
-    Retryable(String),
+    /// May succeed later. `sent` is false only when the request provably never reached the
+    /// deployment (connection refused), so even a mutation unsafe to repeat may be sent again.
+    Retryable {
+        message: String,
+        sent: bool,
+    },
     Fatal(CallError),
+}
+
+impl AttemptError {
+    fn retryable(message: String) -> Self {
+        AttemptError::Retryable {
+            message,
+            sent: true,
+        }
+    }
 }
 
 impl std::fmt::Display for AttemptError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            AttemptError::Retryable(message) => f.write_str(message),
+            AttemptError::Retryable { message, .. } => f.write_str(message),
             AttemptError::Fatal(error) => error.fmt(f),
         }
     }
@@ -189,7 +209,10 @@ impl ConvexClient {
             self.attempt(&url, path, &body, deadline, attempt).await
         })
         .retry(backoff)
-        .when(|error| matches!(error, AttemptError::Retryable(_)))
+        .when(|error| match error {
+            AttemptError::Retryable { sent, .. } => F::REPEATABLE || !sent,
+            AttemptError::Fatal(_) => false,
+        })
         // Sleep no further than the deadline; once it has passed, stop.
         .adjust(|_, wait| {
             let remaining = deadline.saturating_duration_since(Instant::now());
@@ -210,7 +233,16 @@ impl ConvexClient {
         let value = match outcome {
             Ok(value) => value,
             Err(AttemptError::Fatal(error)) => return Err(error),
-            Err(AttemptError::Retryable(last)) => {
+            Err(AttemptError::Retryable {
+                message,
+                sent: true,
+            }) if !F::REPEATABLE => {
+                return Err(CallError::Ambiguous {
+                    path,
+                    detail: message,
+                })
+            }
+            Err(AttemptError::Retryable { message: last, .. }) => {
                 return Err(CallError::Unavailable {
                     path,
                     attempts: attempts.load(Ordering::Relaxed),
@@ -259,7 +291,7 @@ impl ConvexClient {
             .bytes()
             .await
             .map_err(|error| transport_error(path, &error))?;
-        classify(path, status, &bytes, attempt > 1)
+        classify(path, status, &bytes)
     }
 }
 
@@ -300,17 +332,19 @@ fn transport_error(path: &'static str, error: &reqwest::Error) -> AttemptError {
         });
     }
     if error.is_timeout() {
-        return AttemptError::Retryable(format!("timed out: {message}"));
+        return AttemptError::retryable(format!("timed out: {message}"));
     }
-    AttemptError::Retryable(format!("transport error: {message}"))
+    if error.is_connect() {
+        // No connection, no request: nothing can have been applied.
+        return AttemptError::Retryable {
+            message: format!("cannot connect: {message}"),
+            sent: false,
+        };
+    }
+    AttemptError::retryable(format!("transport error: {message}"))
 }
 
-fn classify(
-    path: &'static str,
-    status: u16,
-    body: &[u8],
-    retried: bool,
-) -> Result<Value, AttemptError> {
+fn classify(path: &'static str, status: u16, body: &[u8]) -> Result<Value, AttemptError> {
     match status {
         200..=299 | 560 => match serde_json::from_slice::<Envelope>(body) {
             Ok(Envelope::Success { value }) => Ok(value),
@@ -327,11 +361,7 @@ fn classify(
                     }
                     _ => error_message,
                 };
-                Err(AttemptError::Fatal(CallError::Function {
-                    path,
-                    message,
-                    retried,
-                }))
+                Err(AttemptError::Fatal(CallError::Function { path, message }))
             }
             Err(error) => Err(AttemptError::Fatal(CallError::InvalidReply {
                 path,
@@ -341,7 +371,7 @@ fn classify(
                 ),
             })),
         },
-        408 | 429 | 500..=599 => Err(AttemptError::Retryable(format!(
+        408 | 429 | 500..=599 => Err(AttemptError::retryable(format!(
             "HTTP {status}: {}",
             describe_error_body(body)
         ))),
@@ -401,36 +431,12 @@ fn decode_convex_value(value: Value) -> Value {
 }
 
 fn decode_int64(encoded: &str) -> Option<i64> {
-    let bytes: [u8; 8] = decode_base64(encoded)?.try_into().ok()?;
+    let bytes: [u8; 8] = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .ok()?
+        .try_into()
+        .ok()?;
     Some(i64::from_le_bytes(bytes))
-}
-
-/// Standard base64 with padding, enough for the 12-character encoding of an int64.
-fn decode_base64(encoded: &str) -> Option<Vec<u8>> {
-    fn sextet(byte: u8) -> Option<u32> {
-        Some(match byte {
-            b'A'..=b'Z' => byte - b'A',
-            b'a'..=b'z' => byte - b'a' + 26,
-            b'0'..=b'9' => byte - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        } as u32)
-    }
-    let trimmed = encoded.trim_end_matches('=');
-    let mut out = Vec::with_capacity(trimmed.len() * 3 / 4);
-    let mut buffer = 0u32;
-    let mut bits = 0;
-    for byte in trimmed.bytes() {
-        buffer = (buffer << 6) | sextet(byte)?;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((buffer >> bits) as u8);
-            buffer &= (1 << bits) - 1;
-        }
-    }
-    Some(out)
 }
 
 #[cfg(test)]
@@ -463,31 +469,21 @@ mod tests {
 
     #[test]
     fn replies_are_classified() {
-        let ok = classify(
-            "f",
-            200,
-            br#"{"status":"success","value":1,"logLines":[]}"#,
-            false,
-        );
+        let ok = classify("f", 200, br#"{"status":"success","value":1,"logLines":[]}"#);
         assert_eq!(ok.ok(), Some(Value::from(1)));
         for status in [200, 560] {
-            let error = classify(
-                "f",
-                status,
-                br#"{"status":"error","errorMessage":"boom"}"#,
-                true,
-            );
+            let error = classify("f", status, br#"{"status":"error","errorMessage":"boom"}"#);
             assert!(matches!(
                 error,
-                Err(AttemptError::Fatal(CallError::Function { ref message, retried: true, .. })) if message == "boom"
+                Err(AttemptError::Fatal(CallError::Function { ref message, .. })) if message == "boom"
             ));
         }
         assert!(matches!(
-            classify("f", 503, b"overloaded", false),
-            Err(AttemptError::Retryable(_))
+            classify("f", 503, b"overloaded"),
+            Err(AttemptError::Retryable { sent: true, .. })
         ));
         assert!(matches!(
-            classify("f", 401, br#"{"code":"BadAdminKey","message":"nope"}"#, false),
+            classify("f", 401, br#"{"code":"BadAdminKey","message":"nope"}"#),
             Err(AttemptError::Fatal(CallError::Request { status: 401, ref detail, .. })) if detail == "BadAdminKey: nope"
         ));
     }

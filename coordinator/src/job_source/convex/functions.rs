@@ -26,20 +26,27 @@ impl FunctionKind {
     }
 }
 
-/// One public Convex function: its path, kind, argument and reply types.
+/// One Convex function: its path, kind, argument and reply types.
 pub(crate) trait ConvexFunction {
     const PATH: &'static str;
     const KIND: FunctionKind;
+    /// Whether calling it twice does no more than calling it once, so a call whose reply was
+    /// lost may simply be sent again (`DESIGN.md` section 2: the HTTP API has no idempotency).
+    const REPEATABLE: bool;
     type Args<'a>: Serialize + Sync;
     type Reply: DeserializeOwned;
 }
 
 macro_rules! convex_function {
     ($name:ident, $path:literal, $kind:ident, $args:ident, $reply:ty) => {
+        convex_function!($name, $path, $kind, $args, $reply, repeatable = true);
+    };
+    ($name:ident, $path:literal, $kind:ident, $args:ident, $reply:ty, repeatable = $repeatable:literal) => {
         pub(crate) enum $name {}
         impl ConvexFunction for $name {
             const PATH: &'static str = $path;
             const KIND: FunctionKind = FunctionKind::$kind;
+            const REPEATABLE: bool = $repeatable;
             type Args<'a> = $args<'a>;
             type Reply = $reply;
         }
@@ -47,13 +54,15 @@ macro_rules! convex_function {
 }
 
 // The claim reply is kept as raw JSON first: once a job is claimed it must not be lost, so the
-// caller extracts the id before parsing the rest strictly (see `ClaimedJobReply`).
+// caller extracts the id before parsing the rest strictly (see `ClaimedJobReply`). A repeated
+// claim after a lost reply would claim a second job: never repeated.
 convex_function!(
     ClaimOne,
     "queue:claimOne",
     Mutation,
     ClaimOneArgs,
-    Option<serde_json::Value>
+    Option<serde_json::Value>,
+    repeatable = false
 );
 convex_function!(
     Heartbeat,
@@ -67,14 +76,16 @@ convex_function!(
     "queue:complete",
     Mutation,
     CompleteArgs,
-    IgnoredAny
+    IgnoredAny,
+    repeatable = false
 );
 convex_function!(
     RetryOrFail,
     "queue:retryOrFail",
     Mutation,
     RetryOrFailArgs,
-    RetryOrFailReply
+    RetryOrFailReply,
+    repeatable = false
 );
 convex_function!(
     GetByRepositoryId,
@@ -96,8 +107,33 @@ convex_function!(
     "jobs:requestCancel",
     Mutation,
     JobIdArgs,
-    IgnoredAny
+    IgnoredAny,
+    repeatable = false
 );
+// Internal: runs only with the deploy key. Not repeated within a call: the reclaimer calls it
+// again at its next interval.
+convex_function!(
+    ReclaimExpired,
+    "queue:reclaimExpired",
+    Mutation,
+    NoArgs,
+    ReclaimReply,
+    repeatable = false
+);
+
+/// `{}`: a function without arguments.
+#[derive(Debug, Serialize)]
+pub(crate) struct NoArgs<'a> {
+    #[serde(skip)]
+    pub _unused: std::marker::PhantomData<&'a ()>,
+}
+
+/// What `queue:reclaimExpired` did: jobs sent back to pending, and expired leases looked at.
+#[derive(Debug, Deserialize)]
+pub(crate) struct ReclaimReply {
+    pub reclaimed: f64,
+    pub checked: f64,
+}
 
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -338,47 +374,10 @@ pub(crate) fn to_count(value: f64) -> Option<u32> {
         .then_some(value as u32)
 }
 
-/// Parses the fixed format of JavaScript's `Date.prototype.toISOString`.
+/// Parses JavaScript's `Date.prototype.toISOString` (`2024-02-29T12:34:56.789Z`).
 fn parse_iso_millis(text: &str) -> Option<f64> {
-    let text = text.strip_suffix('Z')?;
-    let (date, time) = text.split_once('T')?;
-    let mut date_parts = date.splitn(3, '-');
-    let year: i64 = date_parts.next()?.parse().ok()?;
-    let month: i64 = date_parts.next()?.parse().ok()?;
-    let day: i64 = date_parts.next()?.parse().ok()?;
-    let (hms, fraction) = match time.split_once('.') {
-        Some((hms, fraction)) => (hms, fraction),
-        None => (time, "0"),
-    };
-    let mut time_parts = hms.splitn(3, ':');
-    let hour: i64 = time_parts.next()?.parse().ok()?;
-    let minute: i64 = time_parts.next()?.parse().ok()?;
-    let second: i64 = time_parts.next()?.parse().ok()?;
-    let valid = (1..=12).contains(&month)
-        && (1..=31).contains(&day)
-        && (0..24).contains(&hour)
-        && (0..60).contains(&minute)
-        && (0..=60).contains(&second)
-        && !fraction.is_empty()
-        && fraction.bytes().all(|b| b.is_ascii_digit());
-    if !valid {
-        return None;
-    }
-    let millis: f64 = format!("0.{fraction}").parse::<f64>().ok()? * 1000.0;
-    let days = days_from_civil(year, month, day);
-    let seconds = days * 86_400 + hour * 3_600 + minute * 60 + second;
-    Some(seconds as f64 * 1000.0 + millis.round())
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    let year = if month <= 2 { year - 1 } else { year };
-    let era = year.div_euclid(400);
-    let year_of_era = year - era * 400;
-    let shifted_month = (month + 9) % 12;
-    let day_of_year = (153 * shifted_month + 2) / 5 + day - 1;
-    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
-    era * 146_097 + day_of_era - 719_468
+    let timestamp: jiff::Timestamp = text.parse().ok()?;
+    Some(timestamp.as_millisecond() as f64)
 }
 
 #[cfg(test)]

@@ -7,14 +7,23 @@
 //!
 //! The deployment's functions were written for a single Node worker and have sharp edges that this
 //! module guards against:
+//! - Production hides the message of a function's error from callers without the deploy key, so
+//!   no decision is taken from error text: after a refused call or a lost reply the job is read
+//!   back with `jobs:getJob` and `status` and `lockedBy` decide.
+//! - There is no mutation idempotency. After an ambiguous failure (the request may have been
+//!   applied): `queue:heartbeat` and `docs:upsertFromJob` are repeated (harmless);
+//!   `queue:complete` and `queue:retryOrFail` are decided by reading the job back;
+//!   `queue:claimOne` is never repeated (it would claim a second job): the possible orphan is
+//!   logged and counted, and `queue:reclaimExpired` (deploy key only, see `reclaimer`) takes it
+//!   back when its lease expires.
 //! - `queue:heartbeat`, `queue:complete` and `queue:retryOrFail` only check `lockedBy`, so on a
 //!   job the user canceled (status `canceled`, `lockedBy` kept) they would silently overwrite the
 //!   cancel. Every call that writes a status is preceded by a `jobs:getJob` check and refused with
 //!   [`JobSourceError::Canceled`] instead. A narrow race remains (a cancel between the check and the
 //!   write); the deployment offers no conditional write to close it.
-//! - `queue:complete` and `queue:retryOrFail` clear `lockedBy`, so repeating one after a lost reply
-//!   throws "not owned". The job is then read back to tell "done by the lost attempt" from "lost
-//!   the lease".
+//! - A final write the deployment refuses while the job is still ours ends as
+//!   [`JobSourceError::TooLarge`] with the reason (or "message hidden"), so the job goes through
+//!   `queue:retryOrFail` instead of staying `gathering` under our lock.
 //! - There is no permanent-fail function: a non-retryable failure also goes through
 //!   `queue:retryOrFail`, which retries the job until its attempts are used up.
 
@@ -25,7 +34,10 @@ mod functions;
 use std::{
     collections::HashMap,
     fmt,
-    sync::{Mutex, PoisonError},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Mutex, PoisonError,
+    },
     time::Duration,
 };
 
@@ -44,14 +56,21 @@ use self::{
     functions::{
         to_count, ClaimOne, ClaimOneArgs, ClaimedJobReply, Complete, CompleteArgs, CompleteResult,
         GetByRepositoryId, GetByRepositoryIdArgs, GetJob, Heartbeat, HeartbeatArgs, JobDoc,
-        JobIdArgs, RepositoryDoc, RequestCancel, RetryOrFail, RetryOrFailArgs, RetryOrFailReply,
-        UpsertFromJob, UpsertFromJobArgs,
+        JobIdArgs, NoArgs, ReclaimExpired, RepositoryDoc, RequestCancel, RetryOrFail,
+        RetryOrFailArgs, RetryOrFailReply, UpsertFromJob, UpsertFromJobArgs,
     },
 };
 use super::{
     is_cancel_signal, now_ms, ClaimedJob, FailOutcome, JobId, JobResult, JobSource, JobSourceError,
-    JobStatus, JobView, NewJob, ProgressUpdate, RepoTarget, Result,
+    JobStatus, JobView, NewJob, ProgressUpdate, ReclaimCounts, RepoTarget, Result,
 };
+
+/// The environment variable naming a test-only crash point (`after-claim`: exit right after a
+/// `queue:claimOne` reply, before anything is journaled).
+pub const FAILPOINT_ENV: &str = "FONDATION_FAILPOINT";
+
+/// Exit status of a process stopped at a failpoint.
+pub const FAILPOINT_EXIT_CODE: i32 = 86;
 
 /// Where a repository is cloned from, `{fullName}` being the repository document's `owner/name`.
 pub const DEFAULT_CLONE_URL_TEMPLATE: &str = "https://github.com/{fullName}.git";
@@ -108,6 +127,12 @@ pub struct ConvexSource {
     /// reading it back. Jobs adopted after a restart are not in it; their id comes from
     /// `jobs:getJob`. Entries go when the job is completed, failed, canceled or lost.
     repository_ids: Mutex<HashMap<JobId, String>>,
+    /// Whether calls carry the deploy key: admin callers read function errors and may run the
+    /// internal `queue:reclaimExpired`.
+    admin: bool,
+    /// `queue:claimOne` calls whose reply was lost: each may have left a job claimed by us that
+    /// nobody runs.
+    possible_orphans: AtomicU64,
 }
 
 impl ConvexSource {
@@ -141,10 +166,19 @@ impl ConvexSource {
         let client =
             ConvexClient::new(url, deploy_key, config.request_timeout, config.retry_budget)
                 .map_err(JobSourceError::Invalid)?;
+        if deploy_key.is_none() {
+            warn!(
+                "no CONVEX_DEPLOY_KEY: a job whose queue:claimOne reply is lost (or claimed just \
+                 before a crash) stays claimed and cannot be recovered, and the deployment's \
+                 error messages are hidden"
+            );
+        }
         Ok(ConvexSource {
             client,
             clone_url_template: config.clone_url_template,
             repository_ids: Mutex::new(HashMap::new()),
+            admin: deploy_key.is_some(),
+            possible_orphans: AtomicU64::new(0),
         })
     }
 
@@ -179,10 +213,12 @@ impl ConvexSource {
 
     /// Refuses to write over a job that is canceled or no longer this worker's.
     async fn check_writable(&self, job_id: &str, worker_id: &str) -> Result<()> {
-        match self.fetch_job(job_id).await? {
-            Some(doc) => writable(&doc, worker_id),
-            None => Err(not_owned(job_id, worker_id)),
-        }
+        self.read_back(job_id, worker_id).await.map(drop)
+    }
+
+    /// How many `queue:claimOne` replies were lost since start (each a possible orphan).
+    pub fn possible_orphans(&self) -> u64 {
+        self.possible_orphans.load(Ordering::Relaxed)
     }
 
     /// Turns a claim reply into a job; once the id is known every problem goes into `target`, so
@@ -267,41 +303,92 @@ impl ConvexSource {
         })
     }
 
-    /// After `queue:complete` threw "not owned": done by an attempt whose reply was lost, or lost.
-    async fn resolve_lost_complete(&self, job_id: &str, worker_id: &str) -> Result<()> {
-        let doc = self.fetch_job(job_id).await?;
-        let view = doc.as_ref().map(JobDoc::view).transpose()?;
-        match view {
-            Some(view) if view.status == JobStatus::Completed => {
-                info!(
-                    job_id,
-                    "job found completed after a lost queue:complete reply"
-                );
-                Ok(())
-            }
-            Some(view) if is_cancel_signal(&view) => {
-                Err(JobSourceError::Canceled(job_id.to_owned()))
-            }
-            _ => Err(not_owned(job_id, worker_id)),
+    /// The job as it is now, after a call was refused or its reply was lost: the only way to
+    /// know what happened, since the deployment's error messages are hidden from callers
+    /// without the deploy key (`DESIGN.md` section 2). `Ok(doc)` while the job is still this
+    /// worker's and not canceled; else why it is not.
+    async fn read_back(&self, job_id: &str, worker_id: &str) -> Result<JobDoc> {
+        match self.fetch_job(job_id).await? {
+            Some(doc) => writable(&doc, worker_id).map(|()| doc),
+            None => Err(not_owned(job_id, worker_id)),
         }
     }
 
-    /// After a repeated `queue:retryOrFail` threw "not owned": what the lost attempt did.
-    async fn resolve_lost_retry(&self, job_id: &str, worker_id: &str) -> Result<FailOutcome> {
+    /// Why the deployment refused a call on a job that is still ours: its message when the deploy
+    /// key lets us read it, else only that it refused.
+    fn refusal(&self, error: &CallError) -> String {
+        match error {
+            CallError::Function { path, message } if self.admin => {
+                format!("refused by the deployment ({path}: {message})")
+            }
+            CallError::Function { path, .. } => {
+                format!("refused by the deployment (message hidden; {path})")
+            }
+            other => other.to_string(),
+        }
+    }
+
+    /// After a `queue:complete` whose reply was lost or that was refused: done, or why not.
+    async fn resolve_complete(
+        &self,
+        job_id: &str,
+        worker_id: &str,
+        error: CallError,
+    ) -> Result<()> {
+        let Some(doc) = self.fetch_job(job_id).await? else {
+            return Err(not_owned(job_id, worker_id));
+        };
+        let view = doc.view()?;
+        if view.status == JobStatus::Completed && view.locked_by.is_none() {
+            info!(
+                job_id,
+                "job found completed after a lost or refused queue:complete"
+            );
+            return Ok(());
+        }
+        writable(&doc, worker_id)?;
+        match error {
+            // Not applied: the final write is retried later (the upload is safe to repeat).
+            CallError::Ambiguous { .. } | CallError::Unavailable { .. } => {
+                Err(JobSourceError::from(error))
+            }
+            error => Err(JobSourceError::TooLarge(self.refusal(&error))),
+        }
+    }
+
+    /// After a `queue:retryOrFail` whose reply was lost or that was refused: what became of the
+    /// job.
+    async fn resolve_retry(
+        &self,
+        job_id: &str,
+        worker_id: &str,
+        error: CallError,
+    ) -> Result<FailOutcome> {
         let Some(doc) = self.fetch_job(job_id).await? else {
             return Err(not_owned(job_id, worker_id));
         };
         let view = doc.view()?;
         match (view.status, &view.locked_by) {
-            (JobStatus::Pending, None) => Ok(FailOutcome::Retrying {
-                attempts: view.attempts,
-                next_run_at_ms: doc.run_at.unwrap_or(view.updated_at_ms),
-            }),
+            (JobStatus::Pending, None) => {
+                return Ok(FailOutcome::Retrying {
+                    attempts: view.attempts,
+                    next_run_at_ms: doc.run_at.unwrap_or(view.updated_at_ms),
+                })
+            }
             // The deployment does not write `attempts` when it marks a job dead.
-            (JobStatus::Dead, None) => Ok(FailOutcome::Dead {
-                attempts: view.attempts.saturating_add(1),
-            }),
-            _ => Err(not_owned(job_id, worker_id)),
+            (JobStatus::Dead, None) => {
+                return Ok(FailOutcome::Dead {
+                    attempts: view.attempts.saturating_add(1),
+                })
+            }
+            _ => {}
+        }
+        writable(&doc, worker_id)?;
+        match error {
+            CallError::Ambiguous { .. } | CallError::Unavailable { .. } => {
+                Err(JobSourceError::from(error))
+            }
+            error => Err(JobSourceError::Failed(self.refusal(&error))),
         }
     }
 }
@@ -312,6 +399,9 @@ impl JobSource for ConvexSource {
         "convex"
     }
 
+    /// Never repeats `queue:claimOne` after a lost reply: a repeat would claim a second job. The
+    /// lost claim may have left a job claimed by us that nobody runs; it is counted, and
+    /// `queue:reclaimExpired` takes it back once its lease expires (with a deploy key).
     async fn claim(&self, worker_id: &str, lease: Duration) -> Result<Option<ClaimedJob>> {
         let args = ClaimOneArgs {
             worker_id,
@@ -319,7 +409,21 @@ impl JobSource for ConvexSource {
         };
         match self.client.call::<ClaimOne>(&args).await {
             Ok(None) => Ok(None),
-            Ok(Some(raw)) => self.claimed_job(raw).await.map(Some),
+            Ok(Some(raw)) => {
+                failpoint("after-claim");
+                self.claimed_job(raw).await.map(Some)
+            }
+            Err(error @ CallError::Ambiguous { .. }) => {
+                let count = self.possible_orphans.fetch_add(1, Ordering::Relaxed) + 1;
+                warn!(
+                    %error,
+                    possible_orphans = count,
+                    reclaims = self.admin,
+                    "queue:claimOne reply lost: a job may now be claimed by this worker with \
+                     nobody running it until queue:reclaimExpired takes it back"
+                );
+                Err(JobSourceError::from(error))
+            }
             Err(error) => Err(JobSourceError::from(error)),
         }
     }
@@ -346,8 +450,9 @@ impl JobSource for ConvexSource {
         };
         match self.client.call::<Heartbeat>(&args).await {
             Ok(_) => Ok(()),
-            Err(CallError::Function { message, .. }) if is_not_owned(&message) => {
-                Err(not_owned(job_id, worker_id))
+            Err(error @ CallError::Function { .. }) => {
+                self.read_back(job_id, worker_id).await?;
+                Err(JobSourceError::Failed(self.refusal(&error)))
             }
             Err(error) => Err(JobSourceError::from(error)),
         }
@@ -396,11 +501,16 @@ impl JobSource for ConvexSource {
                 encoded.len()
             )));
         }
-        let upserted = self
-            .client
-            .call_encoded::<UpsertFromJob>(&encoded)
-            .await
-            .map_err(JobSourceError::from)?;
+        // The upload deletes the repository's previous course and checks nothing: the last look
+        // at the job before it is the check above (a cancel after it cannot be caught).
+        let upserted = match self.client.call_encoded::<UpsertFromJob>(&encoded).await {
+            Ok(upserted) => upserted,
+            Err(error @ CallError::Function { .. }) => {
+                self.read_back(job_id, worker_id).await?;
+                return Err(JobSourceError::TooLarge(self.refusal(&error)));
+            }
+            Err(error) => return Err(JobSourceError::from(error)),
+        };
         drop(encoded);
         // The deployment skips empty chapters and tutorials: its count is the one to record.
         let docs_count = upserted
@@ -429,10 +539,7 @@ impl JobSource for ConvexSource {
         };
         let outcome = match self.client.call::<Complete>(&args).await {
             Ok(_) => Ok(()),
-            Err(CallError::Function { message, .. }) if is_not_owned(&message) => {
-                self.resolve_lost_complete(job_id, worker_id).await
-            }
-            Err(error) => Err(JobSourceError::from(error)),
+            Err(error) => self.resolve_complete(job_id, worker_id, error).await,
         };
         if !matches!(&outcome, Err(error) if error.is_transient()) {
             self.forget(job_id);
@@ -489,16 +596,7 @@ impl JobSource for ConvexSource {
                         "queue:retryOrFail returned attempts {attempts}"
                     ))
                 }),
-            Err(CallError::Function {
-                message, retried, ..
-            }) if is_not_owned(&message) => {
-                if retried {
-                    self.resolve_lost_retry(job_id, worker_id).await
-                } else {
-                    Err(not_owned(job_id, worker_id))
-                }
-            }
-            Err(error) => Err(JobSourceError::from(error)),
+            Err(error) => self.resolve_retry(job_id, worker_id, error).await,
         };
         if !matches!(&outcome, Err(error) if error.is_transient()) {
             self.forget(job_id);
@@ -516,7 +614,7 @@ impl JobSource for ConvexSource {
 
     async fn submit(&self, _job: NewJob) -> Result<JobId> {
         Err(JobSourceError::Unsupported(
-            "jobs are created by the Fondation web app through queue:createJob; SubmitJob works \
+            "jobs are created by the Fondation web app through jobs:create; SubmitJob works \
              with the embedded store only"
                 .to_owned(),
         ))
@@ -530,6 +628,8 @@ impl JobSource for ConvexSource {
         ))
     }
 
+    /// `jobs:requestCancel` throws on a finished or missing job; whatever it did, the job read
+    /// back says what is true now.
     async fn request_cancel(&self, job_id: &str) -> Result<JobStatus> {
         check_id(job_id)?;
         match self
@@ -537,15 +637,37 @@ impl JobSource for ConvexSource {
             .call::<RequestCancel>(&JobIdArgs { job_id })
             .await
         {
-            Ok(_) => {}
-            Err(CallError::Function { message, .. }) if message.contains("not found") => {
-                return Err(JobSourceError::NotFound(job_id.to_owned()))
-            }
+            Ok(_) | Err(CallError::Function { .. } | CallError::Ambiguous { .. }) => {}
             Err(error) => return Err(JobSourceError::from(error)),
         }
         match self.fetch_job(job_id).await? {
             Some(doc) => Ok(doc.view()?.status),
             None => Err(JobSourceError::NotFound(job_id.to_owned())),
+        }
+    }
+
+    fn can_reclaim(&self) -> bool {
+        self.admin
+    }
+
+    async fn reclaim_expired(&self) -> Result<ReclaimCounts> {
+        if !self.admin {
+            return Err(JobSourceError::Unsupported(
+                "queue:reclaimExpired is internal: it needs CONVEX_DEPLOY_KEY".to_owned(),
+            ));
+        }
+        let reply = self
+            .client
+            .call::<ReclaimExpired>(&NoArgs {
+                _unused: std::marker::PhantomData,
+            })
+            .await
+            .map_err(JobSourceError::from)?;
+        match (to_count(reply.reclaimed), to_count(reply.checked)) {
+            (Some(reclaimed), Some(checked)) => Ok(ReclaimCounts { reclaimed, checked }),
+            _ => Err(JobSourceError::Invalid(format!(
+                "queue:reclaimExpired returned {reply:?}"
+            ))),
         }
     }
 }
@@ -560,9 +682,13 @@ fn writable(doc: &JobDoc, worker_id: &str) -> Result<()> {
     Ok(())
 }
 
-/// The deployment throws `Job not found or not owned by worker` when `lockedBy` is not the caller.
-fn is_not_owned(message: &str) -> bool {
-    message.contains("not owned") || message.contains("Job not found")
+/// Test-only crash points: when `FONDATION_FAILPOINT` names this point, the process exits at
+/// once, as a crash would (no clean-up, no journal entry). Unset in production.
+fn failpoint(name: &str) {
+    if std::env::var(FAILPOINT_ENV).is_ok_and(|value| value == name) {
+        eprintln!("failpoint {name}: exiting");
+        std::process::exit(FAILPOINT_EXIT_CODE);
+    }
 }
 
 fn not_owned(job_id: &str, worker_id: &str) -> JobSourceError {
