@@ -300,12 +300,6 @@ impl Agent {
         };
         info!(coordinator = %welcome.coordinator_id, url = %url, "connected to the coordinator");
         let heartbeat = welcome.heartbeat_interval.max(MIN_HEARTBEAT_INTERVAL);
-
-        // Results that ended while we were away go out again.
-        for report in self.held_results() {
-            debug!(assignment_id = %report.assignment_id, "re-sending a held result");
-            let _ = outbound.send(report.into()).await;
-        }
         Ok((outbound, inbound, heartbeat))
     }
 
@@ -344,6 +338,13 @@ impl Agent {
         heartbeat_every: Duration,
         shutdown: &Shutdown,
     ) -> SessionEnd {
+        // Results that ended while we were away go out again.
+        for report in self.held_results() {
+            debug!(assignment_id = %report.assignment_id, "re-sending a held result");
+            if outbound.send(report.into()).await.is_err() {
+                return SessionEnd::Lost("the outbound stream closed".into());
+            }
+        }
         let mut heartbeat = tokio::time::interval(heartbeat_every);
         loop {
             self.on_shutdown_signal(shutdown).await;
@@ -482,3 +483,6 @@ fn error_chain(error: &dyn std::error::Error) -> String {
     }
     message
 }
+
+#[cfg(test)]
+mod tests;
