@@ -303,12 +303,6 @@ impl Agent {
         };
         info!(coordinator = %welcome.coordinator_id, url = %url, "connected to the coordinator");
         let heartbeat = welcome.heartbeat_interval.max(MIN_HEARTBEAT_INTERVAL);
-
-        // Results that ended while we were away go out again.
-        for report in self.held_results() {
-            debug!(assignment_id = %report.assignment_id, "re-sending a held result");
-            let _ = outbound.send(report.into()).await;
-        }
         Ok((outbound, inbound, heartbeat))
     }
 
@@ -347,6 +341,13 @@ impl Agent {
         heartbeat_every: Duration,
         shutdown: &Shutdown,
     ) -> SessionEnd {
+        // Results that ended while we were away go out again.
+        for report in self.held_results() {
+            debug!(assignment_id = %report.assignment_id, "re-sending a held result");
+            if outbound.send(report.into()).await.is_err() {
+                return SessionEnd::Lost("the outbound stream closed".into());
+            }
+        }
         let mut heartbeat = tokio::time::interval(heartbeat_every);
         loop {
             self.on_shutdown_signal(shutdown).await;
@@ -474,3 +475,6 @@ impl Agent {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -127,13 +127,14 @@ impl pb::agent_gateway_server::AgentGateway for Gateway {
         let (violation_tx, violation_rx) = oneshot::channel::<Status>();
         let ctx = ctx.clone();
         tokio::spawn(async move {
-            let reason = match read_reports(&ctx, &agent_id, &mut inbound, &tx).await {
-                Ok(reason) => reason,
+            let (reason, violation) = match read_reports(&ctx, &agent_id, &mut inbound, &tx).await {
+                Ok(reason) => (reason, None),
                 Err(status) => {
                     warn!(agent_id = %agent_id, error = %status.message(), "invalid message from agent; closing its session");
-                    let reason = format!("invalid message: {}", status.message());
-                    let _ = violation_tx.send(status);
-                    reason
+                    (
+                        format!("invalid message: {}", status.message()),
+                        Some(status),
+                    )
                 }
             };
             if let Some(running) = ctx.agents.disconnect(&agent_id, session_id) {
@@ -141,6 +142,10 @@ impl pb::agent_gateway_server::AgentGateway for Gateway {
                 for assignment_id in running {
                     ctx.assignments.notify(&assignment_id, JobEvent::AgentGone);
                 }
+            }
+            // Told only once its session is gone, so the agent's reconnect finds a clean slate.
+            if let Some(status) = violation {
+                let _ = violation_tx.send(status);
             }
         });
         let messages = ReceiverStream::new(rx).map(|message| Ok(message.into()));
@@ -310,3 +315,6 @@ impl EventKind {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

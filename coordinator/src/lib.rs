@@ -3,7 +3,8 @@
 //! turns agent progress into job-source updates and completes or retries jobs.
 //!
 //! Layout:
-//! - [`config`]: flags and environment variables;
+//! - [`config`]: flags and environment variables; [`identity`]: the stable `WORKER_ID`;
+//! - [`context`]: the state the tasks and services share;
 //! - [`job_source`]: the queue contract, with the [`job_source::embedded_store`] and
 //!   [`job_source::convex`] implementations;
 //! - [`dispatcher`]: the claim loop and the hand-out of jobs to agents;
@@ -14,7 +15,9 @@
 //! - [`database`]: the one SQLite file the journal and the embedded store share;
 //! - [`reclaimer`]: takes back expired leases on Convex (a lost claim), after refreshing ours;
 //! - [`gateway`] and [`admin`]: the gRPC services; [`auth`]: their bearer tokens;
-//! - [`server`]: builds all of it and serves until shutdown.
+//! - [`server`]: builds all of it and serves until shutdown;
+//! - `testing` (tests only): a scripted job source and a context around it, for the in-process
+//!   tests of the keeper and the dispatcher.
 
 pub mod admin;
 pub mod agents;

@@ -1,0 +1,206 @@
+//! The session in virtual time, over in-process channels standing in for the gRPC stream.
+
+use std::time::Duration;
+
+use clap::Parser;
+use fondation_proto::{
+    model::{Assignment, Drain, FromAgent, ResultAck, RunEvent, RunOutcome, RunReport, ToAgent},
+    pb,
+};
+use tokio::{sync::mpsc, task::JoinHandle, time::Instant};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+use super::{Agent, SessionEnd, Shutdown};
+use crate::{analyzer::CommandTemplate, config::Cli, runner::RunnerContext};
+
+const PATIENCE: Duration = Duration::from_secs(24 * 3600);
+const HEARTBEAT: Duration = Duration::from_secs(10);
+
+async fn agent(workspace: &std::path::Path) -> Agent {
+    let config = Cli::try_parse_from(["fondation-agent"])
+        .expect("default flags parse")
+        .config;
+    let ctx = RunnerContext {
+        template: CommandTemplate::parse(&config.analyzer_command).expect("default template"),
+        allowlist: Default::default(),
+        workspace_root: workspace.to_path_buf(),
+        config,
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("a health port");
+    let (health, _task) = crate::health::serve(listener, CancellationToken::new())
+        .await
+        .expect("the health server starts");
+    Agent::new(std::sync::Arc::new(ctx), "agent-1".into(), None, health)
+}
+
+/// One session over channels: what the coordinator sends in, what the agent sends out.
+struct Session {
+    down: mpsc::Sender<Result<pb::CoordinatorMessage, Status>>,
+    up: mpsc::Receiver<pb::AgentMessage>,
+    task: JoinHandle<(Agent, SessionEnd)>,
+}
+
+fn serve(mut agent: Agent, shutdown: Shutdown) -> Session {
+    let (up_tx, up) = mpsc::channel(64);
+    let (down, down_rx) = mpsc::channel(64);
+    let task = tokio::spawn(async move {
+        let end = agent
+            .serve(up_tx, ReceiverStream::new(down_rx), HEARTBEAT, &shutdown)
+            .await;
+        (agent, end)
+    });
+    Session { down, up, task }
+}
+
+impl Session {
+    async fn send(&self, message: ToAgent) {
+        self.down
+            .send(Ok(message.into()))
+            .await
+            .expect("the session reads its stream");
+    }
+
+    /// The next message up, heartbeats included.
+    async fn next(&mut self, waiting_for: &str) -> FromAgent {
+        let message = tokio::time::timeout(PATIENCE, self.up.recv())
+            .await
+            .unwrap_or_else(|_| panic!("nothing from the agent while waiting for {waiting_for}"))
+            .expect("the session is open");
+        FromAgent::try_from(message).expect("the agent sends valid messages")
+    }
+
+    /// The next run report, skipping heartbeats.
+    async fn next_report(&mut self, waiting_for: &str) -> RunReport {
+        loop {
+            match self.next(waiting_for).await {
+                FromAgent::Report(report) => return report,
+                FromAgent::Heartbeat { .. } => {}
+                other => panic!("unexpected {other:?} while waiting for {waiting_for}"),
+            }
+        }
+    }
+
+    /// Closes the coordinator's side of the stream; returns the agent once the session ended.
+    async fn lose(self) -> Agent {
+        drop(self.down);
+        let (agent, end) = tokio::time::timeout(PATIENCE, self.task)
+            .await
+            .expect("the session ends when its stream closes")
+            .expect("the session does not panic");
+        assert!(matches!(end, SessionEnd::Lost(_)));
+        agent
+    }
+}
+
+/// An assignment the runner refuses at once (its repository is not allow-listed): a run that
+/// ends without cloning anything.
+fn doomed_assignment(id: &str) -> ToAgent {
+    ToAgent::Assignment(Assignment {
+        assignment_id: id.into(),
+        job_id: "job-1".into(),
+        repo_url: "https://evil.example/owner/repo.git".into(),
+        branch: "main".into(),
+        prompt: "explain".into(),
+        attempt: 1,
+        epoch: 42,
+    })
+}
+
+fn is_failed(report: &RunReport, retryable: bool) -> bool {
+    matches!(&report.event, RunEvent::Finished(RunOutcome::Failed { retryable: r, .. }) if *r == retryable)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_result_is_held_across_a_lost_session_until_acknowledged() {
+    let workspace = tempfile::tempdir().unwrap();
+    let mut session = serve(agent(workspace.path()).await, Shutdown::default());
+    session.send(doomed_assignment("as-1")).await;
+    let accepted = session.next_report("the acceptance").await;
+    assert_eq!(accepted.event, RunEvent::Accepted);
+    assert_eq!(
+        (accepted.assignment_id.as_str(), accepted.epoch),
+        ("as-1", 42)
+    );
+    let finished = session.next_report("the end of the run").await;
+    assert!(is_failed(&finished, false), "{finished:?}");
+
+    // The coordinator went away before acknowledging: the result is held and announced.
+    let agent = session.lose().await;
+    let hello = agent.hello();
+    assert_eq!(hello.running.len(), 1);
+    assert!(hello.running[0].result_pending);
+    assert_eq!(hello.running[0].epoch, 42);
+
+    // The next session re-sends it first, and forgets it once acknowledged.
+    let mut session = serve(agent, Shutdown::default());
+    let resent = session.next_report("the held result").await;
+    assert_eq!(resent, finished);
+    session
+        .send(ToAgent::ResultAck(ResultAck {
+            assignment_id: "as-1".into(),
+            accepted: true,
+            message: String::new(),
+        }))
+        .await;
+    // A heartbeat after the acknowledgement shows the slot free again.
+    loop {
+        if let FromAgent::Heartbeat { free_slots } = session.next("a heartbeat").await {
+            if free_slots == 1 {
+                break;
+            }
+        }
+    }
+    let agent = session.lose().await;
+    assert!(agent.hello().running.is_empty());
+    assert!(agent.held_results().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn heartbeats_go_out_at_the_interval_the_coordinator_asked_for() {
+    let workspace = tempfile::tempdir().unwrap();
+    let mut session = serve(agent(workspace.path()).await, Shutdown::default());
+    let start = Instant::now();
+    for beat in 0..3u32 {
+        let message = session.next("a heartbeat").await;
+        assert_eq!(message, FromAgent::Heartbeat { free_slots: 1 });
+        assert_eq!(start.elapsed(), HEARTBEAT * beat);
+    }
+    session.lose().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_draining_agent_refuses_new_assignments_for_retry() {
+    let workspace = tempfile::tempdir().unwrap();
+    let mut session = serve(agent(workspace.path()).await, Shutdown::default());
+    session
+        .send(ToAgent::Drain(Drain {
+            reason: "test".into(),
+        }))
+        .await;
+    session.send(doomed_assignment("as-2")).await;
+    let refused = session.next_report("the refusal").await;
+    assert_eq!(refused.assignment_id, "as-2");
+    assert!(is_failed(&refused, true), "{refused:?}");
+    let agent = session.lose().await;
+    assert!(
+        agent.hello().running.is_empty(),
+        "a refused assignment is not held"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_drained_agent_with_nothing_running_ends_its_session_cleanly() {
+    let workspace = tempfile::tempdir().unwrap();
+    let shutdown = Shutdown::default();
+    let session = serve(agent(workspace.path()).await, shutdown.clone());
+    shutdown.drain.cancel();
+    let (_agent, end) = tokio::time::timeout(PATIENCE, session.task)
+        .await
+        .expect("the session ends")
+        .expect("no panic");
+    assert!(matches!(end, SessionEnd::Done));
+}
