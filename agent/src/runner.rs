@@ -6,7 +6,7 @@
 
 use std::{path::Path, sync::Arc, time::Duration};
 
-use fondation_proto::{pb, validate};
+use fondation_proto::{logging::escaped, pb, validate};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -18,6 +18,7 @@ use crate::{
     config::AgentConfig,
     process::{self, ExitStatusKind, OutputLine, ProcessEnd, ProcessSpec},
     progress::{self, TOTAL_STEPS},
+    sandbox::Sandbox,
 };
 
 /// Folder of the CLI's output, relative to the analyzed repository (DESIGN.md section 3).
@@ -63,6 +64,8 @@ pub struct RunnerContext {
     pub workspace_root: std::path::PathBuf,
     pub allowlist: validate::RepoAllowlist,
     pub template: CommandTemplate,
+    /// The analyzer's environment, slot users and sweeps.
+    pub sandbox: Sandbox,
     /// TLS towards the coordinator, for an https:// COORDINATOR_URL.
     pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
@@ -126,7 +129,7 @@ pub async fn run_assignment(
             })
         }
         Err(failure) => {
-            warn!(job_id = %assignment.job_id, error = %failure.message, retryable = failure.retryable, "run failed");
+            warn!(job_id = %assignment.job_id, error = %escaped(&failure.message), retryable = failure.retryable, "run failed");
             pb::assignment_finished::Outcome::Failed(pb::RunFailed {
                 message: failure.message,
                 retryable: failure.retryable,
@@ -189,6 +192,11 @@ async fn execute(
     validate::check_job_id(&assignment.job_id).map_err(|e| RunFailure::permanent(e.to_string()))?;
 
     let config = &ctx.config;
+    // Held until the end of the run, after the slot user's processes were swept.
+    let slot = tokio::select! {
+        slot = ctx.sandbox.acquire_slot() => slot.index(),
+        _ = cancel.cancelled() => return Err(RunFailure::transient(STOPPED)),
+    };
     let workspace = tempfile::Builder::new()
         .prefix(WORKSPACE_PREFIX)
         .tempdir_in(&ctx.workspace_root)
@@ -198,6 +206,9 @@ async fn execute(
                 ctx.workspace_root.display()
             ))
         })?;
+    ctx.sandbox
+        .prepare_workspace(workspace.path(), slot)
+        .map_err(|e| RunFailure::transient(e.to_string()))?;
     let repo = workspace.path().join("repo");
 
     reporter.phase(pb::Phase::Cloning);
@@ -220,7 +231,16 @@ async fn execute(
 
     reporter.phase(pb::Phase::Analyzing);
     let output_dir = repo.join(OUTPUT_FOLDER);
-    analyze(ctx, assignment, &repo, &output_dir, reporter, cancel).await?;
+    ctx.sandbox
+        .prepare_output(&output_dir, slot)
+        .map_err(|e| RunFailure::transient(e.to_string()))?;
+    let run = AnalyzerRun {
+        repo: &repo,
+        output_dir: &output_dir,
+        workspace: workspace.path(),
+        slot,
+    };
+    analyze(ctx, assignment, &run, reporter, cancel).await?;
 
     reporter.phase(pb::Phase::Gathering);
     let limits = CollectLimits::default();
@@ -235,16 +255,24 @@ async fn execute(
     Ok(documents)
 }
 
+/// Where one analyzer run happens.
+struct AnalyzerRun<'a> {
+    repo: &'a Path,
+    output_dir: &'a Path,
+    workspace: &'a Path,
+    slot: u32,
+}
+
 /// Runs the analyzer CLI, reporting its progress, until it ends.
 async fn analyze(
     ctx: &RunnerContext,
     assignment: &pb::Assignment,
-    repo: &Path,
-    output_dir: &Path,
+    run: &AnalyzerRun<'_>,
     reporter: &Reporter,
     cancel: &CancellationToken,
 ) -> Result<(), RunFailure> {
-    let repo_arg = repo.to_string_lossy();
+    let output_dir = run.output_dir;
+    let repo_arg = run.repo.to_string_lossy();
     let argv = ctx.template.render(TemplateValues {
         repo: &repo_arg,
         prompt: &assignment.prompt,
@@ -253,7 +281,8 @@ async fn analyze(
     let spec = ProcessSpec {
         argv,
         workdir: ctx.config.analyzer_workdir.clone(),
-        env: Vec::new(),
+        env: ctx.sandbox.analyzer_env(run.workspace, run.slot),
+        user: ctx.sandbox.user(run.slot),
         timeout: ctx.config.analyzer_timeout,
         kill_grace: ctx.config.kill_grace,
         max_line_bytes: MAX_LINE_BYTES,

@@ -5,6 +5,7 @@
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
+use fondation_proto::logging::escaped;
 use fondation_proto::pb::{
     self, agent_gateway_client::AgentGatewayClient, agent_message::Kind as Up,
     coordinator_message::Kind as Down,
@@ -126,7 +127,7 @@ impl Agent {
                     match end {
                         SessionEnd::Done => break,
                         SessionEnd::Lost(reason) => {
-                            warn!(%reason, "lost the coordinator; reconnecting")
+                            warn!(reason = %escaped(&reason), "lost the coordinator; reconnecting")
                         }
                     }
                 }
@@ -379,7 +380,7 @@ impl Agent {
                     self.runs.remove(&cancel.assignment_id);
                 }
                 Some(run) => {
-                    info!(job_id = %run.job_id, reason = %cancel.reason, "stopping a run at the coordinator's request");
+                    info!(job_id = %run.job_id, reason = %escaped(&cancel.reason), "stopping a run at the coordinator's request");
                     run.cancel.cancel();
                 }
                 None => debug!(assignment_id = %cancel.assignment_id, "cancel for an unknown run"),
@@ -390,12 +391,12 @@ impl Agent {
                     if ack.accepted {
                         info!(job_id = %run.job_id, "result acknowledged");
                     } else {
-                        warn!(job_id = %run.job_id, reason = %ack.message, "result refused by the coordinator; dropped");
+                        warn!(job_id = %run.job_id, reason = %escaped(&ack.message), "result refused by the coordinator; dropped");
                     }
                 }
             }
             Down::Drain(drain) => {
-                info!(reason = %drain.reason, "draining: no new jobs");
+                info!(reason = %escaped(&drain.reason), "draining: no new jobs");
                 self.draining = true;
                 self.health.set_draining().await;
             }

@@ -6,7 +6,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use fondation_proto::{pb, validate};
+use fondation_proto::{logging::escaped, pb, validate};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
@@ -71,7 +71,7 @@ async fn dispatch(ctx: &Arc<Context>, job: ClaimedJob) {
     let target = match check_job(ctx, &job) {
         Ok(target) => target,
         Err(message) => {
-            warn!(job_id = %job.id, error = %message, "job refused before assignment");
+            warn!(job_id = %job.id, error = %escaped(&message), "job refused before assignment");
             if let Err(error) = ctx
                 .source
                 .fail(&job.id, &ctx.worker_id, &message, false)

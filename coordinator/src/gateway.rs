@@ -9,7 +9,7 @@ use std::{
     sync::Arc,
 };
 
-use fondation_proto::{limits, pb, settings::Secret, validate};
+use fondation_proto::{limits, logging::escaped, pb, settings::Secret, validate};
 use futures::Stream;
 use tokio::sync::mpsc;
 use tokio_stream::{wrappers::ReceiverStream, StreamExt};
@@ -118,7 +118,7 @@ impl pb::agent_gateway_server::AgentGateway for Gateway {
         tokio::spawn(async move {
             let reason = read_reports(&ctx, &agent_id, &mut inbound, &tx).await;
             if let Some(running) = ctx.agents.disconnect(&agent_id, session_id) {
-                warn!(agent_id = %agent_id, reason = %reason, "agent disconnected");
+                warn!(agent_id = %agent_id, reason = %escaped(&reason), "agent disconnected");
                 for assignment_id in running {
                     ctx.assignments.notify(&assignment_id, JobEvent::AgentGone);
                 }

@@ -9,7 +9,8 @@ fn sh(script: &str) -> ProcessSpec {
     ProcessSpec {
         argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
         workdir: std::env::temp_dir(),
-        env: Vec::new(),
+        env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+        user: None,
         timeout: Duration::from_secs(30),
         kill_grace: Duration::from_secs(5),
         max_line_bytes: 4096,

@@ -37,6 +37,14 @@ impl Sandbox {
     pub fn new() -> Self {
         let root = tempfile::tempdir().expect("a temp dir for the test");
         let run_log = root.path().join("runs.log");
+        // Agents running as root start each analyzer as a slot user of its own: it must pass
+        // through the root to reach its workspace and working folder, and append to the run log.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o711))
+            .expect("opening the test's temp dir to slot users");
+        std::fs::write(&run_log, "").expect("creating the run log");
+        std::fs::set_permissions(&run_log, std::fs::Permissions::from_mode(0o666))
+            .expect("opening the run log to slot users");
         Self {
             root,
             repo: GitFixture::new(),
@@ -198,7 +206,12 @@ impl AgentProc {
         let temp = temp_dir.to_string_lossy().into_owned();
         let work = workdir.to_string_lossy().into_owned();
         let run_log = sandbox.run_log.to_string_lossy().into_owned();
+        let analyzer_env = format!(
+            "{},FIXTURE_*",
+            fondation_agent::sandbox::DEFAULT_ANALYZER_ENV
+        );
         let base: Vec<(&str, &str)> = vec![
+            ("ANALYZER_ENV", &analyzer_env),
             ("COORDINATOR_URL", &options.coordinator_url),
             ("AGENT_ID", options.id),
             ("HEALTH_ADDR", &health),
