@@ -193,10 +193,11 @@ async fn execute(
 
     let config = &ctx.config;
     // Held until the end of the run, after the slot user's processes were swept.
-    let slot = tokio::select! {
-        slot = ctx.sandbox.acquire_slot() => slot.index(),
+    let lease = tokio::select! {
+        lease = ctx.sandbox.acquire_slot() => lease,
         _ = cancel.cancelled() => return Err(RunFailure::transient(STOPPED)),
     };
+    let slot = lease.index();
     let workspace = tempfile::Builder::new()
         .prefix(WORKSPACE_PREFIX)
         .tempdir_in(&ctx.workspace_root)

@@ -472,15 +472,15 @@ impl Keeper {
                 attempts,
                 next_run_at_ms,
             }) => {
-                warn!(job_id = %self.record.job_id, attempts, next_run_at_ms, error = %escaped(&message), "job failed; will be retried");
+                warn!(job_id = %self.record.job_id, attempts, next_run_at_ms, error = %escaped(message), "job failed; will be retried");
                 End::Done
             }
             Ok(FailOutcome::Dead { attempts }) => {
-                warn!(job_id = %self.record.job_id, attempts, error = %escaped(&message), "job failed for the last time; it is dead");
+                warn!(job_id = %self.record.job_id, attempts, error = %escaped(message), "job failed for the last time; it is dead");
                 End::Done
             }
             Ok(FailOutcome::Failed) => {
-                warn!(job_id = %self.record.job_id, error = %escaped(&message), "job failed; retrying cannot help");
+                warn!(job_id = %self.record.job_id, error = %escaped(message), "job failed; retrying cannot help");
                 End::Done
             }
             Err(error) => self.final_error(error),

@@ -179,6 +179,48 @@ pub struct AgentProc {
     pub proc: Proc,
     pub id: String,
     pub health_port: u16,
+    /// ANALYZER_UID_BASE of this agent: slot N's analyzer runs as this + N.
+    pub uid_base: u32,
+    /// Keeps the uid range this agent's slot users use to itself while the agent lives.
+    _uid_range: UidRange,
+}
+
+/// Slot counts per agent never exceed this (the agent's MAX_CONCURRENT_JOBS cap).
+const UIDS_PER_AGENT: u32 = 64;
+/// First uid handed to test agents, above the agent's default so no test collides with an agent
+/// started by hand.
+const FIRST_TEST_UID: u32 = 100_000;
+
+/// A range of slot uids held by one agent of one test. Agents started as root sweep every process
+/// of their slot users, so agents of tests running at once (nextest runs test binaries in
+/// parallel) must never share a range: each takes one by locking a file shared by all tests.
+struct UidRange {
+    base: u32,
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+impl UidRange {
+    fn take() -> Self {
+        let dir = std::env::temp_dir().join("fondation-test-uid-ranges");
+        std::fs::create_dir_all(&dir).expect("creating the uid range lock folder");
+        for index in 0..1000u32 {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(dir.join(format!("{index}.lock")))
+                .expect("opening a uid range lock");
+            if let Ok(lock) =
+                nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            {
+                return Self {
+                    base: FIRST_TEST_UID + index * UIDS_PER_AGENT,
+                    _lock: lock,
+                };
+            }
+        }
+        panic!("no free uid range for a test agent: 1000 agents at once?");
+    }
 }
 
 /// How to start an agent.
@@ -210,8 +252,11 @@ impl AgentProc {
             "{},FIXTURE_*",
             fondation_agent::sandbox::DEFAULT_ANALYZER_ENV
         );
+        let uid_range = UidRange::take();
+        let uid_base = uid_range.base.to_string();
         let base: Vec<(&str, &str)> = vec![
             ("ANALYZER_ENV", &analyzer_env),
+            ("ANALYZER_UID_BASE", &uid_base),
             ("COORDINATOR_URL", &options.coordinator_url),
             ("AGENT_ID", options.id),
             ("HEALTH_ADDR", &health),
@@ -237,6 +282,8 @@ impl AgentProc {
             proc,
             id: options.id.to_string(),
             health_port,
+            uid_base: uid_range.base,
+            _uid_range: uid_range,
         }
     }
 
