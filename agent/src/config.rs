@@ -13,7 +13,7 @@ use fondation_proto::{
 use tonic::transport::ClientTlsConfig;
 
 use crate::analyzer::CommandTemplate;
-use crate::sandbox::{EnvAllowlist, IsolationMode, DEFAULT_ANALYZER_ENV};
+use crate::sandbox::{privileges::AgentUser, EnvAllowlist, IsolationMode, DEFAULT_ANALYZER_ENV};
 
 /// The bundled Fondation CLI inside the agent image.
 pub const DEFAULT_ANALYZER_COMMAND: &str =
@@ -88,6 +88,11 @@ pub struct AgentConfig {
     /// namespace on one host need ranges that do not overlap.
     #[arg(long, env = "ANALYZER_UID_BASE", default_value = "64000")]
     pub analyzer_uid_base: u32,
+
+    /// The agent's own user (a name, or uid[:gid]): started as root, the agent switches to it at
+    /// once, keeping only the capabilities that run analyzers under slot users.
+    #[arg(long, env = "AGENT_USER")]
+    pub agent_user: Option<AgentUser>,
 
     /// Comma-separated URL prefixes that may be cloned.
     #[arg(long, env = "REPO_ALLOWLIST", default_value = RepoAllowlist::DEFAULT)]

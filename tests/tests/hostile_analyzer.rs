@@ -53,8 +53,35 @@ fn processes_with_marker(marker: &str) -> Vec<(u32, u32)> {
     found
 }
 
+/// Gives a folder tree to `uid`, without following symlinks.
+fn chown_tree(root: &std::path::Path, uid: u32) {
+    let mut pending = vec![root.to_path_buf()];
+    while let Some(path) = pending.pop() {
+        std::os::unix::fs::lchown(&path, Some(uid), Some(uid)).expect("chown");
+        if path.is_dir() && !path.is_symlink() {
+            for entry in std::fs::read_dir(&path)
+                .expect("reading a folder")
+                .flatten()
+            {
+                pending.push(entry.path());
+            }
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn hostile_analyzer_finds_no_secret_and_leaves_no_process() {
+async fn hostile_analyzer_under_an_agent_running_as_root() {
+    hostile_analyzer_finds_no_secret_and_leaves_no_process(false).await;
+}
+
+/// The production shape: started as root, the agent becomes AGENT_USER at once and keeps only
+/// the capabilities slot users need.
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_analyzer_under_an_agent_running_as_its_own_user() {
+    hostile_analyzer_finds_no_secret_and_leaves_no_process(true).await;
+}
+
+async fn hostile_analyzer_finds_no_secret_and_leaves_no_process(own_user: bool) {
     assert_eq!(
         nix::unistd::geteuid().as_raw(),
         0,
@@ -69,17 +96,45 @@ async fn hostile_analyzer_finds_no_secret_and_leaves_no_process() {
         .expect("closing the secret file");
     let coordinator =
         CoordinatorProc::start(&sandbox, free_port(), &[("AGENT_TOKEN", &token)]).await;
-    let mut agent = AgentProc::spawn(
-        &sandbox,
-        AgentOptions {
-            id: "agent-1",
-            coordinator_url: coordinator.url(),
-            slots: 2,
-            extra: &[("AGENT_TOKEN", &token)],
-        },
-    );
+    let options = AgentOptions {
+        id: "agent-1",
+        coordinator_url: coordinator.url(),
+        slots: 2,
+        extra: &[("AGENT_TOKEN", &token)],
+    };
+    let mut agent = if own_user {
+        AgentProc::spawn_as_own_user(&sandbox, options)
+    } else {
+        AgentProc::spawn(&sandbox, options)
+    };
     agent.wait_connected().await;
     let uid_base = agent.uid_base;
+    if own_user {
+        let pid = agent.proc.pid().expect("the agent runs");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("its status");
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.split_whitespace().collect::<Vec<_>>())
+                .unwrap_or_default()
+        };
+        let agent_uid = agent.agent_uid().to_string();
+        assert_eq!(field("Uid:"), [agent_uid.as_str(); 4], "{status}");
+        // CHOWN, DAC_OVERRIDE, KILL, SETGID, SETUID: bits 0, 1, 5, 6, 7.
+        assert_eq!(field("CapEff:"), ["00000000000000e3"], "{status}");
+        assert_eq!(field("CapPrm:"), ["00000000000000e3"], "{status}");
+        assert_eq!(field("CapInh:"), ["0000000000000000"], "{status}");
+        assert!(agent.proc.log_contains("running as AGENT_USER"));
+        // git runs as the agent's user and serves a local repository only to its owner (git's
+        // safe.directory); a real one is fetched over https, where ownership plays no part.
+        let bare = sandbox
+            .repo
+            .url
+            .strip_prefix("file://")
+            .expect("a file:// URL");
+        chown_tree(std::path::Path::new(bare), agent.agent_uid());
+    }
     let mut admin = coordinator.admin().await;
 
     let markers = [

@@ -5,6 +5,7 @@
 //! - [`users`]: one user per slot (`ANALYZER_UID_BASE + slot`), and the workspace permissions
 //!   that go with it;
 //! - [`sweep`]: `kill(-1)` as the slot's user after each run and at start-up;
+//! - [`privileges`]: the agent's own switch from root to `AGENT_USER`, keeping a few capabilities;
 //! - [`SlotPool`]: which slot (hence which user) a run holds, until its sweep is done.
 //!
 //! Slot users need the rights to switch users (root, or `CAP_SETUID`, `CAP_SETGID`, `CAP_KILL`,
@@ -18,6 +19,7 @@
 //! in their own containers each have their own process namespace and can share the default.
 
 pub mod env;
+pub mod privileges;
 pub mod sweep;
 pub mod users;
 

@@ -51,7 +51,8 @@ pub fn sweep(user: SlotUser) -> Result<usize, SweepError> {
     }
 }
 
-/// Forks a helper that becomes `user` and SIGKILLs every process it may signal.
+/// Forks a helper that becomes `user`, drops every capability, and SIGKILLs every process it
+/// may signal.
 fn kill_all_as(user: SlotUser) -> Result<(), SweepError> {
     // SAFETY: the child only makes async-signal-safe system calls (setgroups, setgid, setuid,
     // kill, _exit) and never returns into Rust code of the parent's state.
@@ -64,7 +65,11 @@ fn kill_all_as(user: SlotUser) -> Result<(), SweepError> {
                     && libc::setgid(gid) == 0
                     && libc::setuid(user.uid as libc::uid_t) == 0
                     // Never kill as anyone else: if setuid silently failed, stop here.
-                    && libc::getuid() == user.uid as libc::uid_t;
+                    && libc::getuid() == user.uid as libc::uid_t
+                    && libc::geteuid() == user.uid as libc::uid_t
+                    // With CAP_KILL left (an agent that is not root keeps its capabilities
+                    // across setuid), kill(-1) would reach every process: none may remain.
+                    && super::users::drop_all_caps().is_ok();
                 if ok {
                     libc::kill(-1, libc::SIGKILL);
                     libc::_exit(0);

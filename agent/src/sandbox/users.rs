@@ -16,7 +16,8 @@
 //!   first chmod-ing a tree a hostile process shaped (`CAP_FOWNER` would need exactly that).
 //!
 //! The switch happens in the child between fork and exec: supplementary groups, gid, then uid,
-//! and the ambient capability set is cleared, so the exec'd analyzer holds no capability at all.
+//! `no_new_privs` (no set-user-id program gives privileges back) and the ambient capability set
+//! is cleared, so the exec'd analyzer holds no capability at all.
 
 use std::io;
 use std::os::unix::fs::PermissionsExt;
@@ -86,6 +87,11 @@ pub fn become_user(user: SlotUser) -> io::Result<()> {
         if libc::getuid() != user.uid as libc::uid_t || libc::geteuid() != user.uid as libc::uid_t {
             return Err(io::Error::from_raw_os_error(libc::EPERM));
         }
+        drop_all_caps()?;
+        // No set-user-id program or file capability can give the analyzer privileges back.
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0, 0, 0) != 0 {
+            return Err(io::Error::last_os_error());
+        }
         // Ambient capabilities would survive exec; an older kernel without them says EINVAL.
         libc::prctl(
             libc::PR_CAP_AMBIENT,
@@ -94,6 +100,53 @@ pub fn become_user(user: SlotUser) -> io::Result<()> {
             0,
             0,
         );
+    }
+    Ok(())
+}
+
+/// Empties this thread's capability sets and checks they are empty. An agent that is not root
+/// (`AGENT_USER`) keeps its capabilities across `setuid` to a slot user, and a slot-user process
+/// with `CAP_KILL` would make `kill(-1)` reach every process, the agent's included.
+///
+/// Raw `capget`/`capset`: async-signal-safe, no allocation (it runs between fork and exec).
+pub fn drop_all_caps() -> io::Result<()> {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: libc::c_int,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    /// `_LINUX_CAPABILITY_VERSION_3`: two `Data` entries, 64 capability bits.
+    const VERSION_3: u32 = 0x2008_0522;
+    let mut header = Header {
+        version: VERSION_3,
+        pid: 0,
+    };
+    let mut data = [Data {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
+    // SAFETY: the kernel reads a header and two data entries, as declared for version 3.
+    unsafe {
+        if libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    if data
+        .iter()
+        .any(|d| d.effective != 0 || d.permitted != 0 || d.inheritable != 0)
+    {
+        return Err(io::Error::from_raw_os_error(libc::EPERM));
     }
     Ok(())
 }
@@ -120,4 +173,27 @@ pub fn unreachable_ancestor(path: &Path) -> Option<std::path::PathBuf> {
         .filter_map(|dir| std::fs::metadata(dir).ok().map(|m| (dir, m)))
         .find(|(_, meta)| meta.permissions().mode() & 0o001 == 0)
         .map(|(dir, _)| dir.to_path_buf())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Capabilities are per thread: a thread of its own drops them, the test process keeps its.
+    #[test]
+    fn drop_all_caps_leaves_the_thread_with_none() {
+        let status = std::thread::spawn(|| {
+            drop_all_caps().expect("dropping capabilities");
+            std::fs::read_to_string("/proc/thread-self/status").expect("reading the status")
+        })
+        .join()
+        .expect("the thread");
+        for set in ["CapPrm:", "CapEff:", "CapInh:"] {
+            let line = status
+                .lines()
+                .find(|l| l.starts_with(set))
+                .expect("a capability line");
+            assert!(line.ends_with("0000000000000000"), "{line}");
+        }
+    }
 }

@@ -234,6 +234,21 @@ pub struct AgentOptions<'a> {
 impl AgentProc {
     /// Starts an agent running the fixture CLI; does not wait for it to connect.
     pub fn spawn(sandbox: &Sandbox, options: AgentOptions<'_>) -> Self {
+        Self::spawn_with(sandbox, options, false)
+    }
+
+    /// Like `spawn`, with AGENT_USER set to the last uid of the agent's range (its slots use the
+    /// first ones), so an agent started as root runs as a user of its own: see `agent_uid`.
+    pub fn spawn_as_own_user(sandbox: &Sandbox, options: AgentOptions<'_>) -> Self {
+        Self::spawn_with(sandbox, options, true)
+    }
+
+    /// The uid `spawn_as_own_user` gives the agent.
+    pub fn agent_uid(&self) -> u32 {
+        self.uid_base + UIDS_PER_AGENT - 1
+    }
+
+    fn spawn_with(sandbox: &Sandbox, options: AgentOptions<'_>, own_user: bool) -> Self {
         let health_port = free_port();
         let health = format!("127.0.0.1:{health_port}");
         let temp_dir = sandbox.path("agents-tmp");
@@ -271,7 +286,11 @@ impl AgentProc {
             ("FIXTURE_AGENT_ID", options.id),
             ("RUST_LOG", "info"),
         ];
-        let env = env_with(&base, options.extra);
+        let mut env = env_with(&base, options.extra);
+        if own_user {
+            let agent_uid = uid_range.base + UIDS_PER_AGENT - 1;
+            env.push(("AGENT_USER".into(), agent_uid.to_string()));
+        }
         let proc = Proc::spawn(
             &format!("agent-{}", options.id),
             &bin_path("fondation-agent"),
