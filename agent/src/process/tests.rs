@@ -416,3 +416,37 @@ fn tail_keeps_last_lines_only() {
     none.push(&line("a"));
     assert!(none.lines.is_empty());
 }
+
+/// Run as a slot user, a child's `setsid` and double-forked descendants are gone when `run`
+/// returns. Needs root (or the capabilities slot users need), like the agent's own isolation.
+#[tokio::test]
+async fn a_slot_user_run_leaves_no_process_of_that_user_behind() {
+    let missing = crate::sandbox::users::missing_caps();
+    if !missing.is_empty() {
+        eprintln!("skipped: slot users need {missing:?}");
+        return;
+    }
+    let user = SlotUser {
+        uid: 64990,
+        gid: 64990,
+    };
+    let mut spec = sh("id -u; setsid sleep 300 & echo $!; (sleep 301 & echo $!)");
+    spec.user = Some(user);
+    let (end, lines) = run_collect(spec).await;
+    assert!(
+        matches!(end, ProcessEnd::Exited { ref status, .. } if status.success()),
+        "{end:?}"
+    );
+    let out = texts(&lines, OutputStream::Stdout);
+    assert_eq!(
+        out.first(),
+        Some(&"64990"),
+        "the child ran as the slot user: {out:?}"
+    );
+    let pids: Vec<i32> = out[1..].iter().map(|p| p.parse().expect("a pid")).collect();
+    assert_eq!(pids.len(), 2, "{out:?}");
+    for pid in pids {
+        assert!(is_gone(pid), "descendant {pid} outlived the run");
+    }
+    assert!(crate::sandbox::sweep::live_processes(user.uid).is_empty());
+}
