@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::process::{self, OutputStream, ProcessEnd, ProcessError, ProcessSpec};
+use crate::sandbox::EnvAllowlist;
 
 /// How often the watchdog measures the destination while git runs.
 const SIZE_POLL: Duration = Duration::from_millis(500);
@@ -169,13 +170,20 @@ async fn clone_with_poll(
         .map(str::to_owned)
         .to_vec(),
         workdir: parent,
-        env: vec![
-            // Never wait for a password nobody will type.
-            ("GIT_TERMINAL_PROMPT".into(), "0".into()),
-            ("GCM_INTERACTIVE".into(), "never".into()),
-            ("GIT_ALLOW_PROTOCOL".into(), allowlist.git_protocols()),
-            ("GIT_CONFIG_NOSYSTEM".into(), "1".into()),
-        ],
+        // git gets what it needs of the agent's environment, never the agent's settings.
+        env: EnvAllowlist::for_git()
+            .from_current()
+            .into_iter()
+            .chain([
+                // Never wait for a password nobody will type.
+                ("GIT_TERMINAL_PROMPT".into(), "0".into()),
+                ("GCM_INTERACTIVE".into(), "never".into()),
+                ("GIT_ALLOW_PROTOCOL".into(), allowlist.git_protocols()),
+                ("GIT_CONFIG_NOSYSTEM".into(), "1".into()),
+            ])
+            .collect(),
+        // git runs as the agent: the clone is the agent's, the analyzer only reads it.
+        user: None,
         timeout: spec.timeout,
         kill_grace: GIT_KILL_GRACE,
         max_line_bytes: 4096,

@@ -40,7 +40,6 @@ const OUTPUT_DIR_KINDS: [(DocumentKind, &str); 3] = [
     (DocumentKind::Tutorial, "Tutorial: "),
 ];
 
-
 /// One document read from the output folder.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CollectedDocument {

@@ -14,6 +14,7 @@ use fondation_runtime::{
 use tonic::transport::ClientTlsConfig;
 
 use crate::analyzer::CommandTemplate;
+use crate::sandbox::{privileges::AgentUser, EnvAllowlist, IsolationMode, DEFAULT_ANALYZER_ENV};
 
 /// The bundled Fondation CLI inside the agent image.
 pub const DEFAULT_ANALYZER_COMMAND: &str =
@@ -77,6 +78,26 @@ pub struct AgentConfig {
     /// Working directory of the analyzer (the real CLI reads its prompts from there).
     #[arg(long, env = "ANALYZER_WORKDIR", default_value = "/app/cli")]
     pub analyzer_workdir: PathBuf,
+
+    /// The analyzer's environment: comma-separated variable names and prefixes (`LC_*`); nothing
+    /// else of the agent's environment reaches it, and never one of the agent's own settings.
+    #[arg(long, env = "ANALYZER_ENV", default_value = DEFAULT_ANALYZER_ENV)]
+    pub analyzer_env: String,
+
+    /// Whether each slot's analyzer runs under a user of its own: `auto` (when the agent has the
+    /// rights: root, or CAP_SETUID, CAP_SETGID, CAP_KILL, CAP_DAC_OVERRIDE), `required`, `off`.
+    #[arg(long, env = "ANALYZER_ISOLATION", default_value = "auto")]
+    pub analyzer_isolation: IsolationMode,
+
+    /// uid (and gid) of slot 0's analyzer; slot N runs as base + N. Agents sharing a process
+    /// namespace on one host need ranges that do not overlap.
+    #[arg(long, env = "ANALYZER_UID_BASE", default_value = "64000")]
+    pub analyzer_uid_base: u32,
+
+    /// The agent's own user (a name, or uid[:gid]): started as root, the agent switches to it at
+    /// once, keeping only the capabilities that run analyzers under slot users.
+    #[arg(long, env = "AGENT_USER")]
+    pub agent_user: Option<AgentUser>,
 
     /// Comma-separated URL prefixes that may be cloned.
     #[arg(long, env = "REPO_ALLOWLIST", default_value = RepoAllowlist::DEFAULT)]
@@ -164,6 +185,8 @@ pub struct CheckedConfig {
     pub agent_id: String,
     pub allowlist: RepoAllowlist,
     pub template: CommandTemplate,
+    /// What of the agent's environment the analyzer gets.
+    pub analyzer_env: EnvAllowlist,
     /// TLS towards the coordinator, for an https:// COORDINATOR_URL.
     pub tls: Option<ClientTlsConfig>,
 }
@@ -218,11 +241,14 @@ impl AgentConfig {
                 ),
             ));
         }
+        let analyzer_env = EnvAllowlist::parse(&self.analyzer_env)
+            .map_err(|e| invalid("ANALYZER_ENV", e.to_string()))?;
         let tls = self.tls()?;
         Ok(CheckedConfig {
             agent_id,
             allowlist,
             template,
+            analyzer_env,
             tls,
         })
     }

@@ -8,6 +8,7 @@
 //! - [`clone`]: the checked `git clone`; [`process`]: child processes in their own group;
 //! - [`analyzer`]: the `ANALYZER_COMMAND` template; [`progress`]: reading the CLI's progress;
 //! - [`collector`]: the output folder turned into documents;
+//! - [`sandbox`]: the analyzer's environment allow-list, per-slot users and process sweep;
 //! - [`health`]: the agent's own gRPC health service.
 
 pub mod analyzer;
@@ -18,6 +19,7 @@ pub mod health;
 pub mod process;
 pub mod progress;
 pub mod runner;
+pub mod sandbox;
 pub mod session;
 
 use std::sync::Arc;
@@ -37,6 +39,8 @@ pub enum AgentError {
         source: std::io::Error,
     },
     #[error(transparent)]
+    Sandbox(#[from] sandbox::SandboxError),
+    #[error(transparent)]
     Serving(#[from] fondation_runtime::serving::ServingError),
 }
 
@@ -54,6 +58,15 @@ pub async fn run(
         path: workspace_root.display().to_string(),
         source,
     })?;
+    let sandbox = sandbox::Sandbox::new(
+        config.analyzer_isolation,
+        config.analyzer_uid_base,
+        config.max_concurrent_jobs,
+        checked.analyzer_env,
+        &workspace_root,
+    )?;
+    // A previous instance may have been killed with its analyzers running: none may go on.
+    sandbox.sweep_all().await;
     let stop_health = CancellationToken::new();
     let (health, health_task) = health::serve(health_listener, stop_health.clone()).await?;
     tracing::info!(agent_id = %checked.agent_id, coordinator = %config.coordinator_url, slots = config.max_concurrent_jobs, "agent starting");
@@ -62,6 +75,7 @@ pub async fn run(
         workspace_root,
         allowlist: checked.allowlist,
         template: checked.template,
+        sandbox,
     });
     let grace = ctx.config.shutdown_grace;
     let grace_timer = {

@@ -10,6 +10,11 @@
 //! - **termination**: cancel or timeout sends SIGTERM to the group, then SIGKILL after a grace
 //!   period; when the direct child has exited the group is SIGKILLed too, because lingering
 //!   grandchildren would keep our pipes open forever.
+//! - **nothing inherited**: the child's environment is exactly [`ProcessSpec::env`] (the caller
+//!   builds it from an allow-list), so the agent's token and settings never reach it.
+//! - **its own user**: with [`ProcessSpec::user`] the child becomes that user before exec, and
+//!   once the run is over every process of that user is swept ([`crate::sandbox::sweep`]), so
+//!   `setsid` and double-forked descendants die with the run, before its output is collected.
 
 use std::collections::VecDeque;
 use std::io;
@@ -29,6 +34,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use crate::sandbox::SlotUser;
+
 /// After the child has exited, how long the output readers may keep delivering lines at the
 /// receiver's pace before they switch to "deliver what fits, keep the rest for the tail only".
 const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
@@ -47,8 +54,11 @@ pub struct ProcessSpec {
     pub argv: Vec<String>,
     /// Working directory of the child; must exist.
     pub workdir: PathBuf,
-    /// Variables added to (or overriding) the inherited environment.
+    /// The child's whole environment: nothing of the agent's is inherited.
     pub env: Vec<(String, String)>,
+    /// The slot user to run as (every process of that user is swept after the run); `None`
+    /// runs as the agent's own user.
+    pub user: Option<SlotUser>,
     /// Wall-clock limit for the whole run.
     pub timeout: Duration,
     /// Time between SIGTERM and SIGKILL when stopping the group.
@@ -178,6 +188,7 @@ pub async fn run(
     command
         .args(&spec.argv[1..])
         .current_dir(&spec.workdir)
+        .env_clear()
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -188,9 +199,15 @@ pub async fn run(
         .kill_on_drop(true);
     // If the agent itself dies (SIGKILL, OOM), no destructor runs: the kernel then kills the
     // child, so no orphaned analyzer keeps working on a job that is already being retried.
-    // SAFETY: the closure only makes one async-signal-safe system call (prctl).
+    // Set after the user switch, which clears it.
+    let user = spec.user;
+    // SAFETY: the closure only makes async-signal-safe system calls (setgroups, setgid,
+    // setuid, prctl) and does not allocate.
     unsafe {
-        command.pre_exec(|| {
+        command.pre_exec(move || {
+            if let Some(user) = user {
+                crate::sandbox::users::become_user(user)?;
+            }
             nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
                 .map_err(io::Error::from)
         });
@@ -206,7 +223,7 @@ pub async fn run(
             source: io::Error::other("child has no pid right after spawn"),
         });
     };
-    let mut group = GroupGuard::new(pid);
+    let mut group = GroupGuard::new(pid, spec.user);
     debug!(program = %program, pid, "process started");
 
     let tail = Arc::new(Mutex::new(Tail::new(spec.tail_lines)));
@@ -245,8 +262,12 @@ pub async fn run(
     if matches!(outcome, Outcome::TimedOut | Outcome::Canceled) {
         terminate(&mut child, &group, spec.kill_grace).await;
     }
-    // The direct child is gone; whatever is left in its group only keeps the pipes open.
+    // The direct child is gone; whatever is left in its group only keeps the pipes open, and
+    // whatever its user still runs elsewhere must not outlive the run either.
     group.kill_rest();
+    if let Some(user) = spec.user {
+        crate::sandbox::sweep_slot(user).await;
+    }
     drain(&mut readers, &stop_readers).await;
 
     let tail = take_tail(&tail);
@@ -316,17 +337,20 @@ async fn join_all(readers: &mut JoinSet<()>) {
 }
 
 /// The process group of the child. Dropping it before `kill_rest` (the `run` future was dropped,
-/// or returned early with an error) SIGKILLs the group, so no path leaves processes behind.
+/// or returned early with an error) SIGKILLs the group and sweeps the child's user, so no path
+/// leaves processes behind.
 struct GroupGuard {
     pgid: i32,
+    user: Option<SlotUser>,
     armed: bool,
 }
 
 impl GroupGuard {
-    fn new(pid: u32) -> Self {
+    fn new(pid: u32, user: Option<SlotUser>) -> Self {
         Self {
             // Linux pids fit in i32 (pid_max <= 2^22).
             pgid: i32::try_from(pid).unwrap_or(i32::MAX),
+            user,
             armed: true,
         }
     }
@@ -354,6 +378,14 @@ impl Drop for GroupGuard {
     fn drop(&mut self) {
         if self.armed {
             self.signal(Signal::SIGKILL);
+            if let Some(user) = self.user {
+                // No await in a destructor: sweep on a thread of its own.
+                std::thread::spawn(move || {
+                    if let Err(error) = crate::sandbox::sweep::sweep(user) {
+                        warn!(uid = user.uid, %error, "sweeping the analyzer's processes failed");
+                    }
+                });
+            }
         }
     }
 }

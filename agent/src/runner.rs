@@ -10,6 +10,7 @@ use fondation_proto::{
     model::{Assignment, Document, Phase, RunEvent, RunOutcome, RunReport},
     validate,
 };
+use fondation_runtime::logging::escaped;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -21,6 +22,7 @@ use crate::{
     config::AgentConfig,
     process::{self, ExitStatusKind, OutputLine, ProcessEnd, ProcessSpec},
     progress::{self, TOTAL_STEPS},
+    sandbox::Sandbox,
 };
 
 /// Folder of the CLI's output, relative to the analyzed repository (DESIGN.md section 3).
@@ -52,6 +54,8 @@ pub struct RunnerContext {
     pub workspace_root: std::path::PathBuf,
     pub allowlist: validate::RepoAllowlist,
     pub template: CommandTemplate,
+    /// The analyzer's environment, slot users and sweeps.
+    pub sandbox: Sandbox,
 }
 
 /// Why a run failed.
@@ -108,7 +112,7 @@ pub async fn run_assignment(
             }
         }
         Err(failure) => {
-            warn!(job_id = %assignment.job_id, error = %failure.message, retryable = failure.retryable, "run failed");
+            warn!(job_id = %assignment.job_id, error = %escaped(&failure.message), retryable = failure.retryable, "run failed");
             RunOutcome::Failed {
                 message: failure.message,
                 retryable: failure.retryable,
@@ -162,6 +166,12 @@ async fn execute(
     validate::check_job_id(&assignment.job_id).map_err(|e| RunFailure::permanent(e.to_string()))?;
 
     let config = &ctx.config;
+    // Held until the end of the run, after the slot user's processes were swept.
+    let lease = tokio::select! {
+        lease = ctx.sandbox.acquire_slot() => lease,
+        _ = cancel.cancelled() => return Err(RunFailure::transient(STOPPED)),
+    };
+    let slot = lease.index();
     let workspace = tempfile::Builder::new()
         .prefix(WORKSPACE_PREFIX)
         .tempdir_in(&ctx.workspace_root)
@@ -171,6 +181,9 @@ async fn execute(
                 ctx.workspace_root.display()
             ))
         })?;
+    ctx.sandbox
+        .prepare_workspace(workspace.path(), slot)
+        .map_err(|e| RunFailure::transient(e.to_string()))?;
     let repo = workspace.path().join("repo");
 
     reporter.phase(Phase::Cloning);
@@ -193,7 +206,16 @@ async fn execute(
 
     reporter.phase(Phase::Analyzing);
     let output_dir = repo.join(OUTPUT_FOLDER);
-    analyze(ctx, assignment, &repo, &output_dir, reporter, cancel).await?;
+    ctx.sandbox
+        .prepare_output(&output_dir, slot)
+        .map_err(|e| RunFailure::transient(e.to_string()))?;
+    let run = AnalyzerRun {
+        repo: &repo,
+        output_dir: &output_dir,
+        workspace: workspace.path(),
+        slot,
+    };
+    analyze(ctx, assignment, &run, reporter, cancel).await?;
 
     reporter.phase(Phase::Gathering);
     let limits = CollectLimits::default();
@@ -208,16 +230,24 @@ async fn execute(
     Ok(documents)
 }
 
+/// Where one analyzer run happens.
+struct AnalyzerRun<'a> {
+    repo: &'a Path,
+    output_dir: &'a Path,
+    workspace: &'a Path,
+    slot: u32,
+}
+
 /// Runs the analyzer CLI, reporting its progress, until it ends.
 async fn analyze(
     ctx: &RunnerContext,
     assignment: &Assignment,
-    repo: &Path,
-    output_dir: &Path,
+    run: &AnalyzerRun<'_>,
     reporter: &Reporter,
     cancel: &CancellationToken,
 ) -> Result<(), RunFailure> {
-    let repo_arg = repo.to_string_lossy();
+    let output_dir = run.output_dir;
+    let repo_arg = run.repo.to_string_lossy();
     let argv = ctx.template.render(TemplateValues {
         repo: &repo_arg,
         prompt: &assignment.prompt,
@@ -226,7 +256,8 @@ async fn analyze(
     let spec = ProcessSpec {
         argv,
         workdir: ctx.config.analyzer_workdir.clone(),
-        env: Vec::new(),
+        env: ctx.sandbox.analyzer_env(run.workspace, run.slot),
+        user: ctx.sandbox.user(run.slot),
         timeout: ctx.config.analyzer_timeout,
         kill_grace: ctx.config.kill_grace,
         max_line_bytes: MAX_LINE_BYTES,

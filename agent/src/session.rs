@@ -12,6 +12,7 @@ use fondation_proto::{
     model::{Assignment, FromAgent, HeldRun, Hello, RunEvent, RunOutcome, RunReport, ToAgent},
     pb::{self, agent_gateway_client::AgentGatewayClient},
 };
+use fondation_runtime::logging::escaped;
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -140,7 +141,7 @@ impl Agent {
                     match end {
                         SessionEnd::Done => break,
                         SessionEnd::Lost(reason) => {
-                            warn!(%reason, "lost the coordinator; reconnecting")
+                            warn!(reason = %escaped(&reason), "lost the coordinator; reconnecting")
                         }
                     }
                 }
@@ -393,7 +394,7 @@ impl Agent {
                     self.runs.remove(&cancel.assignment_id);
                 }
                 Some(run) => {
-                    info!(job_id = %run.job_id, reason = %cancel.reason, "stopping a run at the coordinator's request");
+                    info!(job_id = %run.job_id, reason = %escaped(&cancel.reason), "stopping a run at the coordinator's request");
                     run.cancel.cancel();
                 }
                 None => debug!(assignment_id = %cancel.assignment_id, "cancel for an unknown run"),
@@ -404,12 +405,12 @@ impl Agent {
                     if ack.accepted {
                         info!(job_id = %run.job_id, "result acknowledged");
                     } else {
-                        warn!(job_id = %run.job_id, reason = %ack.message, "result refused by the coordinator; dropped");
+                        warn!(job_id = %run.job_id, reason = %escaped(&ack.message), "result refused by the coordinator; dropped");
                     }
                 }
             }
             ToAgent::Drain(drain) => {
-                info!(reason = %drain.reason, "draining: no new jobs");
+                info!(reason = %escaped(&drain.reason), "draining: no new jobs");
                 self.draining = true;
                 self.health.set_draining().await;
             }

@@ -10,6 +10,7 @@ use fondation_proto::{
     model::{Assignment, ToAgent},
     validate,
 };
+use fondation_runtime::logging::escaped;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
@@ -78,7 +79,7 @@ async fn dispatch(ctx: &Arc<Context>, job: ClaimedJob) {
     let target = match check_job(ctx, &job) {
         Ok(target) => target,
         Err(message) => {
-            warn!(job_id = %job.id, error = %message, "job refused before assignment");
+            warn!(job_id = %job.id, error = %escaped(&message), "job refused before assignment");
             if let Err(error) = ctx
                 .source
                 .fail(&job.id, &ctx.worker_id, &message, false)

@@ -19,7 +19,7 @@ use fondation_proto::{
     },
     pb,
 };
-use fondation_runtime::settings::Secret;
+use fondation_runtime::{logging::escaped, settings::Secret};
 use futures::Stream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::{wrappers::ReceiverStream, StreamExt};
@@ -138,7 +138,7 @@ impl pb::agent_gateway_server::AgentGateway for Gateway {
                 }
             };
             if let Some(running) = ctx.agents.disconnect(&agent_id, session_id) {
-                warn!(agent_id = %agent_id, reason = %reason, "agent disconnected");
+                warn!(agent_id = %agent_id, reason = %escaped(&reason), "agent disconnected");
                 for assignment_id in running {
                     ctx.assignments.notify(&assignment_id, JobEvent::AgentGone);
                 }

@@ -14,6 +14,7 @@ use fondation_proto::{
     limits,
     model::{CancelRun, Phase, ResultAck, RunEvent, RunOutcome, ToAgent},
 };
+use fondation_runtime::logging::escaped;
 use tokio::{
     sync::mpsc,
     time::{interval_at, sleep_until, Instant, MissedTickBehavior},
@@ -449,15 +450,15 @@ impl Keeper {
                 attempts,
                 next_run_at_ms,
             }) => {
-                warn!(job_id = %self.record.job_id, attempts, next_run_at_ms, error = %message, "job failed; will be retried");
+                warn!(job_id = %self.record.job_id, attempts, next_run_at_ms, error = %escaped(&message), "job failed; will be retried");
                 End::Done
             }
             Ok(FailOutcome::Dead { attempts }) => {
-                warn!(job_id = %self.record.job_id, attempts, error = %message, "job failed for the last time; it is dead");
+                warn!(job_id = %self.record.job_id, attempts, error = %escaped(&message), "job failed for the last time; it is dead");
                 End::Done
             }
             Ok(FailOutcome::Failed) => {
-                warn!(job_id = %self.record.job_id, error = %message, "job failed; retrying cannot help");
+                warn!(job_id = %self.record.job_id, error = %escaped(&message), "job failed; retrying cannot help");
                 End::Done
             }
             Err(error) => self.final_error(error),

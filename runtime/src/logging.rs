@@ -31,3 +31,28 @@ pub fn init(format: LogFormat) {
         LogFormat::Json => builder.json().init(),
     }
 }
+
+/// A value from outside (the analyzer's output, an error text from a peer, a job's fields) made
+/// safe to log: control characters and backslashes are escaped (`\n`, `\r`, `\u{1b}`, `\\`), so
+/// the value stays on its log line and cannot forge another one or drive a terminal, in plain
+/// and JSON logs alike. Log such values as `field = %escaped(&value)`.
+pub fn escaped(value: &str) -> std::str::EscapeDebug<'_> {
+    value.escape_debug()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::escaped;
+
+    #[test]
+    fn control_characters_cannot_forge_a_line() {
+        let forged = "ok\r\x1b[2K2026-01-01T00:00:00Z INFO job completed\nnext\\n";
+        let shown = escaped(forged).to_string();
+        assert!(!shown.chars().any(char::is_control), "{shown}");
+        assert_eq!(
+            shown,
+            "ok\\r\\u{1b}[2K2026-01-01T00:00:00Z INFO job completed\\nnext\\\\n"
+        );
+        assert_eq!(escaped("plain text é").to_string(), "plain text é");
+    }
+}

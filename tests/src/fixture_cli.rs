@@ -8,10 +8,12 @@
 //! start and end to a log that tests read back with [`read_run_log`].
 //!
 //! Layout: `directives` (what to do), `console` (how progress is printed), `run_log` (accounting),
-//! and here the command line, the run itself and SIGTERM handling.
+//! `hostile` (what a malicious analyzer tries), and here the command line, the run itself and
+//! SIGTERM handling.
 
 mod console;
 mod directives;
+mod hostile;
 mod run_log;
 
 use std::fs;
@@ -30,6 +32,7 @@ use console::Console;
 use directives::{Directives, Format};
 use run_log::RunLogWriter;
 
+pub use hostile::{FORGED_LINE, PROBE_PATH, PROBE_READ_OK};
 pub use run_log::{max_concurrency_per_agent, read_run_log, runs_per_job, RunEventKind, RunRecord};
 
 /// The step start messages of the real CLI, steps 1 to 6.
@@ -137,6 +140,14 @@ struct Cli {
 enum Command {
     /// Analyze a cloned repository and write the tutorial output tree.
     Analyze(AnalyzeArgs),
+    /// Stay alive until killed (the processes of the `escape` directive).
+    #[command(hide = true)]
+    Linger {
+        marker: String,
+        /// Start a lingering child in a new session and exit at once (a double fork).
+        #[arg(long)]
+        detach: bool,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -180,7 +191,18 @@ pub fn main_from_env() -> ExitCode {
             return ExitCode::from(u8::try_from(err.exit_code()).unwrap_or(USAGE_EXIT));
         }
     };
-    let Command::Analyze(args) = cli.command;
+    let args = match cli.command {
+        Command::Analyze(args) => args,
+        Command::Linger { marker, detach } => {
+            return match hostile::linger(&marker, detach) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    eprintln!("Error: linger: {err}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    };
     watch_sigterm();
     let env = |name| std::env::var(name).ok();
     let run_log = match env(ENV_RUN_LOG) {
@@ -279,6 +301,15 @@ fn analyze(args: &AnalyzeArgs, config: &RunConfig<'_>) -> u8 {
             .as_deref()
             .unwrap_or(Path::new(DEFAULT_OUTPUT_DIR)),
     );
+    if let Some(marker) = &directives.escape {
+        if let Err(err) = hostile::escape(marker) {
+            return failed(&format!("escape: {err}"));
+        }
+    }
+    if directives.forge_log {
+        hostile::forge_log();
+        return 1;
+    }
 
     let mut flood_line = 0;
     for step in 1..=STEP_MESSAGES.len() {
@@ -305,6 +336,11 @@ fn analyze(args: &AnalyzeArgs, config: &RunConfig<'_>) -> u8 {
         }
         if step == 2 && fail {
             return failed(FAILURE_MESSAGE);
+        }
+    }
+    if let Some(secret) = &directives.probe {
+        if let Err(err) = hostile::probe(&output_dir, &args.repo, secret.as_deref()) {
+            return failed(&format!("probe: {err}"));
         }
     }
     console.info(COMPLETE_MESSAGE);

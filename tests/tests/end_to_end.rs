@@ -305,7 +305,10 @@ async fn disallowed_urls_and_hostile_branches_fail_clearly_and_run_nothing() {
         assert_eq!(job.attempts, 1, "a rule violation is not retried");
     }
     assert!(!pwned.exists(), "no option was injected into git");
-    assert!(!sandbox.run_log.exists(), "the analyzer never ran");
+    assert!(
+        read_run_log(&sandbox.run_log).unwrap().is_empty(),
+        "the analyzer never ran"
+    );
     assert!(
         !agent.proc.log_contains("run started"),
         "no assignment reached the agent"

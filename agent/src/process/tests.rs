@@ -9,7 +9,8 @@ fn sh(script: &str) -> ProcessSpec {
     ProcessSpec {
         argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
         workdir: std::env::temp_dir(),
-        env: Vec::new(),
+        env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+        user: None,
         timeout: Duration::from_secs(30),
         kill_grace: Duration::from_secs(5),
         max_line_bytes: 4096,
@@ -414,4 +415,38 @@ fn tail_keeps_last_lines_only() {
     let mut none = Tail::new(0);
     none.push(&line("a"));
     assert!(none.lines.is_empty());
+}
+
+/// Run as a slot user, a child's `setsid` and double-forked descendants are gone when `run`
+/// returns. Needs root (or the capabilities slot users need), like the agent's own isolation.
+#[tokio::test]
+async fn a_slot_user_run_leaves_no_process_of_that_user_behind() {
+    let missing = crate::sandbox::users::missing_caps();
+    if !missing.is_empty() {
+        eprintln!("skipped: slot users need {missing:?}");
+        return;
+    }
+    let user = SlotUser {
+        uid: 64990,
+        gid: 64990,
+    };
+    let mut spec = sh("id -u; setsid sleep 300 & echo $!; (sleep 301 & echo $!)");
+    spec.user = Some(user);
+    let (end, lines) = run_collect(spec).await;
+    assert!(
+        matches!(end, ProcessEnd::Exited { ref status, .. } if status.success()),
+        "{end:?}"
+    );
+    let out = texts(&lines, OutputStream::Stdout);
+    assert_eq!(
+        out.first(),
+        Some(&"64990"),
+        "the child ran as the slot user: {out:?}"
+    );
+    let pids: Vec<i32> = out[1..].iter().map(|p| p.parse().expect("a pid")).collect();
+    assert_eq!(pids.len(), 2, "{out:?}");
+    for pid in pids {
+        assert!(is_gone(pid), "descendant {pid} outlived the run");
+    }
+    assert!(crate::sandbox::sweep::live_processes(user.uid).is_empty());
 }

@@ -13,7 +13,12 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
 use super::{Agent, SessionEnd, Shutdown};
-use crate::{analyzer::CommandTemplate, config::Cli, runner::RunnerContext};
+use crate::{
+    analyzer::CommandTemplate,
+    config::Cli,
+    runner::RunnerContext,
+    sandbox::{EnvAllowlist, IsolationMode, Sandbox},
+};
 
 const PATIENCE: Duration = Duration::from_secs(24 * 3600);
 const HEARTBEAT: Duration = Duration::from_secs(10);
@@ -22,7 +27,16 @@ async fn agent(workspace: &std::path::Path) -> Agent {
     let config = Cli::try_parse_from(["fondation-agent"])
         .expect("default flags parse")
         .config;
+    let sandbox = Sandbox::new(
+        IsolationMode::Off,
+        config.analyzer_uid_base,
+        config.max_concurrent_jobs,
+        EnvAllowlist::parse(&config.analyzer_env).expect("default ANALYZER_ENV"),
+        workspace,
+    )
+    .expect("a sandbox without isolation");
     let ctx = RunnerContext {
+        sandbox,
         template: CommandTemplate::parse(&config.analyzer_command).expect("default template"),
         allowlist: Default::default(),
         workspace_root: workspace.to_path_buf(),

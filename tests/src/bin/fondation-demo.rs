@@ -27,6 +27,12 @@ fn main() -> anyhow::Result<ExitCode> {
 async fn demo() -> anyhow::Result<ExitCode> {
     fondation_runtime::logging::init(fondation_runtime::logging::LogFormat::Plain);
     let root = tempfile::tempdir().context("creating a temp folder for the demo")?;
+    // Analyzers run as slot users when the demo runs as root: they pass through this folder.
+    std::fs::set_permissions(
+        root.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o711),
+    )
+    .context("opening the demo's temp folder to the analyzers' users")?;
     let repo = GitFixture::new();
     let allowlist = format!("https://github.com/,{}", repo.allow_prefix);
     let exe = std::env::current_exe().context("locating this binary")?;
@@ -78,6 +84,9 @@ async fn demo() -> anyhow::Result<ExitCode> {
             &root.path().to_string_lossy(),
             "--repo-allowlist",
             &allowlist,
+            // Run as root, the agents start analyzers as slot users: one uid range each.
+            "--analyzer-uid-base",
+            &(64_000 + 64 * n as u32).to_string(),
         ])?
         .config;
         agents.push(tokio::spawn(fondation_agent::run(

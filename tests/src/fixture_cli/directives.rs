@@ -58,6 +58,12 @@ pub struct Directives {
     pub exit_code: Option<u8>,
     /// Fail like the real CLI when `prompts/` is missing from the working directory.
     pub need_prompts: bool,
+    /// Report what the run can see of the agent (`probe`, or `probe=<secret file to try>`).
+    pub probe: Option<Option<String>>,
+    /// Leave processes carrying this marker behind (`setsid` and double-forked).
+    pub escape: Option<String>,
+    /// Print error lines that would forge a log line if logged raw, then fail.
+    pub forge_log: bool,
 }
 
 /// A directive that could not be understood.
@@ -116,6 +122,9 @@ impl Directives {
                 })?)
             }
             ("need-prompts", None) => self.need_prompts = true,
+            ("probe", secret) => self.probe = Some(secret.map(str::to_owned)),
+            ("escape", Some(marker)) if !marker.is_empty() => self.escape = Some(marker.to_owned()),
+            ("forge-log", None) => self.forge_log = true,
             _ => {
                 return Err(DirectiveError(format!(
                     "unknown fixture directive {token:?}"

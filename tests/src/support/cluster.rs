@@ -41,6 +41,14 @@ impl Sandbox {
     pub fn new() -> Self {
         let root = tempfile::tempdir().expect("a temp dir for the test");
         let run_log = root.path().join("runs.log");
+        // Agents running as root start each analyzer as a slot user of its own: it must pass
+        // through the root to reach its workspace and working folder, and append to the run log.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o711))
+            .expect("opening the test's temp dir to slot users");
+        std::fs::write(&run_log, "").expect("creating the run log");
+        std::fs::set_permissions(&run_log, std::fs::Permissions::from_mode(0o666))
+            .expect("opening the run log to slot users");
         Self {
             root,
             repo: GitFixture::new(),
@@ -209,6 +217,48 @@ pub struct AgentProc {
     pub id: String,
     /// Where the agent writes the address its health server bound (HEALTH_ADDR on port 0).
     address_file: PathBuf,
+    /// ANALYZER_UID_BASE of this agent: slot N's analyzer runs as this + N.
+    pub uid_base: u32,
+    /// Keeps the uid range this agent's slot users use to itself while the agent lives.
+    _uid_range: UidRange,
+}
+
+/// Slot counts per agent never exceed this (the agent's MAX_CONCURRENT_JOBS cap).
+const UIDS_PER_AGENT: u32 = 64;
+/// First uid handed to test agents, above the agent's default so no test collides with an agent
+/// started by hand.
+const FIRST_TEST_UID: u32 = 100_000;
+
+/// A range of slot uids held by one agent of one test. Agents started as root sweep every process
+/// of their slot users, so agents of tests running at once (nextest runs test binaries in
+/// parallel) must never share a range: each takes one by locking a file shared by all tests.
+struct UidRange {
+    base: u32,
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+impl UidRange {
+    fn take() -> Self {
+        let dir = std::env::temp_dir().join("fondation-test-uid-ranges");
+        std::fs::create_dir_all(&dir).expect("creating the uid range lock folder");
+        for index in 0..1000u32 {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(dir.join(format!("{index}.lock")))
+                .expect("opening a uid range lock");
+            if let Ok(lock) =
+                nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            {
+                return Self {
+                    base: FIRST_TEST_UID + index * UIDS_PER_AGENT,
+                    _lock: lock,
+                };
+            }
+        }
+        panic!("no free uid range for a test agent: 1000 agents at once?");
+    }
 }
 
 /// How to start an agent.
@@ -222,6 +272,21 @@ pub struct AgentOptions<'a> {
 impl AgentProc {
     /// Starts an agent running the fixture CLI; does not wait for it to connect.
     pub fn spawn(sandbox: &Sandbox, options: AgentOptions<'_>) -> Self {
+        Self::spawn_with(sandbox, options, false)
+    }
+
+    /// Like `spawn`, with AGENT_USER set to the last uid of the agent's range (its slots use the
+    /// first ones), so an agent started as root runs as a user of its own: see `agent_uid`.
+    pub fn spawn_as_own_user(sandbox: &Sandbox, options: AgentOptions<'_>) -> Self {
+        Self::spawn_with(sandbox, options, true)
+    }
+
+    /// The uid `spawn_as_own_user` gives the agent.
+    pub fn agent_uid(&self) -> u32 {
+        self.uid_base + UIDS_PER_AGENT - 1
+    }
+
+    fn spawn_with(sandbox: &Sandbox, options: AgentOptions<'_>, own_user: bool) -> Self {
         let address_file = address_file(sandbox, &format!("agent-{}", options.id));
         let address = address_file.to_string_lossy().into_owned();
         let temp_dir = sandbox.path("agents-tmp");
@@ -236,7 +301,15 @@ impl AgentProc {
         let temp = temp_dir.to_string_lossy().into_owned();
         let work = workdir.to_string_lossy().into_owned();
         let run_log = sandbox.run_log.to_string_lossy().into_owned();
+        let analyzer_env = format!(
+            "{},FIXTURE_*",
+            fondation_agent::sandbox::DEFAULT_ANALYZER_ENV
+        );
+        let uid_range = UidRange::take();
+        let uid_base = uid_range.base.to_string();
         let base: Vec<(&str, &str)> = vec![
+            ("ANALYZER_ENV", &analyzer_env),
+            ("ANALYZER_UID_BASE", &uid_base),
             ("COORDINATOR_URL", &options.coordinator_url),
             ("AGENT_ID", options.id),
             ("HEALTH_ADDR", "127.0.0.1:0"),
@@ -252,7 +325,11 @@ impl AgentProc {
             ("FIXTURE_AGENT_ID", options.id),
             ("RUST_LOG", "info"),
         ];
-        let env = env_with(&base, options.extra);
+        let mut env = env_with(&base, options.extra);
+        if own_user {
+            let agent_uid = uid_range.base + UIDS_PER_AGENT - 1;
+            env.push(("AGENT_USER".into(), agent_uid.to_string()));
+        }
         let proc = Proc::spawn(
             &format!("agent-{}", options.id),
             &bin_path("fondation-agent"),
@@ -263,6 +340,8 @@ impl AgentProc {
             proc,
             id: options.id.to_string(),
             address_file,
+            uid_base: uid_range.base,
+            _uid_range: uid_range,
         }
     }
 

@@ -40,6 +40,11 @@ impl GitFixture {
 
     pub fn new() -> Self {
         let dir = tempfile::tempdir().expect("temp dir for a git fixture");
+        // An agent started as root may switch to a user of its own (AGENT_USER) and run git as
+        // that user: the repository must be readable by others.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("opening the git fixture to other users");
         let work = dir.path().join("work");
         std::fs::create_dir_all(work.join("src")).expect("creating the work tree");
         std::fs::write(
