@@ -210,16 +210,16 @@ fn malformed_reports_are_errors_mapped_to_grpc_codes() {
 #[test]
 fn long_texts_are_cut_on_a_character_boundary() {
     let message = "é".repeat(limits::MAX_MESSAGE_BYTES);
-    let wire = pb::AgentMessage::from(report(RunEvent::Finished(RunOutcome::Failed {
+    let wire = pb::AgentMessage::from(report(RunEvent::Finished(RunOutcome::Succeeded {
+        document_count: 0,
         message,
-        retryable: true,
     })));
     let Ok(FromAgent::Report(RunReport {
-        event: RunEvent::Finished(RunOutcome::Failed { message, .. }),
+        event: RunEvent::Finished(RunOutcome::Succeeded { message, .. }),
         ..
     })) = FromAgent::try_from(wire)
     else {
-        panic!("a failed outcome");
+        panic!("a succeeded outcome");
     };
     assert_eq!(message.len(), limits::MAX_MESSAGE_BYTES);
     assert!(message.chars().all(|c| c == 'é'));
