@@ -272,8 +272,8 @@ impl Agent {
                 url: url.clone(),
                 message: format!("{:#}", anyhow::Error::new(e)),
             })?;
-        let mut client =
-            AgentGatewayClient::new(channel).max_decoding_message_size(8 * 1024 * 1024);
+        let mut client = AgentGatewayClient::new(channel)
+            .max_decoding_message_size(fondation_proto::limits::MAX_AGENT_INBOUND_MESSAGE_BYTES);
 
         let (outbound, outbound_rx) = mpsc::channel(OUTBOUND_QUEUE);
         outbound

@@ -167,6 +167,21 @@ pub const MAX_VERSION_BYTES: usize = 64;
 /// Jobs in one `ListJobs` reply: keeps the reply far below gRPC's 4 MiB default message size.
 pub const MAX_LIST_JOBS: usize = 1000;
 
+/// One gRPC message the agent accepts from the coordinator: an assignment carries at most a
+/// prompt ([`MAX_PROMPT_BYTES`]), a URL and a branch, so twice gRPC's 4 MiB default leaves room
+/// for any later field while still bounding what a misbehaving peer can make the agent buffer.
+pub const MAX_AGENT_INBOUND_MESSAGE_BYTES: usize = 8 * MIB;
+
+// ---- Operator-facing texts and settings ----
+
+/// A secret setting read from a file (`<NAME>_FILE`): a token or a key is far smaller, so a larger
+/// file is the wrong file, refused before it is read into memory.
+pub const MAX_SECRET_FILE_BYTES: u64 = 64 * KIB as u64;
+
+/// Characters of a Convex error body quoted in an error message: enough for the `{code, message}`
+/// of a request error, while a proxy's HTML page does not flood the log.
+pub const MAX_QUOTED_BODY_CHARS: usize = 300;
+
 // Our caps fit Convex's limits.
 const _: () = assert!(
     MAX_DOCUMENT_BYTES as usize + 4 * MAX_NAME_BYTES + DOCUMENT_FIELDS_BYTES

@@ -7,8 +7,7 @@
 
 use std::{fmt, io::Read as _, path::Path, str::FromStr, time::Duration};
 
-/// A secret file larger than this is not a token or a key but the wrong file.
-const MAX_SECRET_FILE_BYTES: u64 = 64 * 1024;
+use fondation_proto::limits::MAX_SECRET_FILE_BYTES;
 
 /// A credential from the environment (deploy key, tokens). Its `Debug` and `Display` print a
 /// placeholder, so no log line or error message can carry it by accident.

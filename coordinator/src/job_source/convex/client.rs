@@ -28,12 +28,10 @@ use tracing::{debug, warn};
 
 use super::functions::ConvexFunction;
 use crate::job_source::JobSourceError;
+use fondation_proto::limits::MAX_QUOTED_BODY_CHARS;
 
 /// Name and version sent in `Convex-Client`, which the API expects as `<name>-<semver>`.
 const CLIENT_NAME: &str = concat!("fondation-coordinator-", env!("CARGO_PKG_VERSION"));
-
-/// Error bodies quoted in messages are cut to this many characters.
-const MAX_QUOTED_BODY: usize = 300;
 
 /// An attempt never gets less than this (or the request timeout, if smaller), so the last attempt
 /// before the budget runs out still has a chance.
@@ -400,7 +398,7 @@ fn describe_error_body(body: &[u8]) -> String {
 fn quote(body: &[u8]) -> String {
     let text = String::from_utf8_lossy(body);
     let text = text.trim();
-    match text.char_indices().nth(MAX_QUOTED_BODY) {
+    match text.char_indices().nth(MAX_QUOTED_BODY_CHARS) {
         Some((cut, _)) => format!("{}...", &text[..cut]),
         None => text.to_owned(),
     }
