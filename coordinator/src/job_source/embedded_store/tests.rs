@@ -11,7 +11,7 @@ use crate::job_source::ActiveStatus;
 const LEASE: Duration = Duration::from_secs(300);
 
 fn open(dir: &Path, options: EmbeddedOptions) -> EmbeddedStore {
-    EmbeddedStore::open(dir, options).expect("open store")
+    EmbeddedStore::new(Database::open(dir).expect("open database"), options)
 }
 
 /// Retries without waiting, so tests can run attempt after attempt.
