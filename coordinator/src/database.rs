@@ -69,10 +69,12 @@ pub enum DatabaseError {
 /// whether it succeeded (kept) or not (rolled back), with the answer to send after the commit.
 type Request = Box<dyn FnOnce(&Connection) -> Ran + Send>;
 
+/// Sends a caller its answer, given the batch commit's error if the commit failed.
+type Answer = Box<dyn FnOnce(Option<&rusqlite::Error>) + Send>;
+
 struct Ran {
     ok: bool,
-    /// Sends the caller its answer, given the commit's error if the commit failed.
-    answer: Box<dyn FnOnce(Option<&rusqlite::Error>) + Send>,
+    answer: Answer,
 }
 
 /// Handle to the database thread; cheap to clone. The thread ends, and the connection closes,
@@ -297,10 +299,7 @@ fn run_batch(conn: &Connection, batch: impl Iterator<Item = Request>, commits: &
 }
 
 /// Runs one request in its savepoint; `None` when it panicked (its caller hears `Closed`).
-fn run_one(
-    conn: &Connection,
-    request: Request,
-) -> Option<Box<dyn FnOnce(Option<&rusqlite::Error>) + Send>> {
+fn run_one(conn: &Connection, request: Request) -> Option<Answer> {
     if let Err(error) = conn.execute_batch("SAVEPOINT request") {
         warn!(%error, "the database could not open a savepoint; the request is refused");
         return None;

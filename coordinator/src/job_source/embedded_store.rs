@@ -248,7 +248,7 @@ impl JobSource for EmbeddedStore {
         let (job_id, worker_id, update) = (job_id.to_owned(), worker_id.to_owned(), update.clone());
         self.run("recording a heartbeat", move |conn| {
             let tx = conn;
-            check_owned(&tx, &job_id, &worker_id)?;
+            check_owned(tx, &job_id, &worker_id)?;
             let now = now_ms();
             // COALESCE keeps the fields the update leaves out.
             exec(
@@ -278,7 +278,7 @@ impl JobSource for EmbeddedStore {
         let (job_id, worker_id, result) = (job_id.to_owned(), worker_id.to_owned(), result.clone());
         self.run("completing a job", move |conn| {
             let tx = conn;
-            let state = load_state(&tx, &job_id)?;
+            let state = load_state(tx, &job_id)?;
             // A repeated call after a lost reply: store the documents again (they replace the
             // set, like `docs:upsertFromJob`) and report success.
             let repeated = state.as_ref().is_some_and(|state| {
@@ -286,7 +286,7 @@ impl JobSource for EmbeddedStore {
                     && state.completed_by.as_deref() == Some(worker_id.as_str())
             });
             if !repeated {
-                check_owned(&tx, &job_id, &worker_id)?;
+                check_owned(tx, &job_id, &worker_id)?;
             }
             let now = now_ms();
             exec(tx, "DELETE FROM documents WHERE job_id = ?1", [&job_id])?;
@@ -341,12 +341,12 @@ impl JobSource for EmbeddedStore {
         let options = self.options.clone();
         self.run("failing a job", move |conn| {
             let tx = conn;
-            let state = check_owned(&tx, &job_id, &worker_id)?;
+            let state = check_owned(tx, &job_id, &worker_id)?;
             let now = now_ms();
             let outcome = if retryable {
-                retry_or_die(&tx, &job_id, state.attempts, &error, now, &options)?
+                retry_or_die(tx, &job_id, state.attempts, &error, now, &options)?
             } else {
-                end_for_good(&tx, &job_id, JobStatus::Failed, &error, now)?;
+                end_for_good(tx, &job_id, JobStatus::Failed, &error, now)?;
                 FailOutcome::Failed
             };
             Ok(outcome)
@@ -365,7 +365,7 @@ impl JobSource for EmbeddedStore {
                 RawView::from_row,
             )
             .optional()?;
-            raw.map(|raw| raw.into_view(&tx, include_content))
+            raw.map(|raw| raw.into_view(tx, include_content))
                 .transpose()
         })
         .await
@@ -419,7 +419,7 @@ impl JobSource for EmbeddedStore {
                 rows
             };
             raws.into_iter()
-                .map(|raw| raw.into_view(&tx, false))
+                .map(|raw| raw.into_view(tx, false))
                 .collect()
         })
         .await
@@ -429,7 +429,7 @@ impl JobSource for EmbeddedStore {
         let job_id = job_id.to_owned();
         self.run("canceling a job", move |conn| {
             let tx = conn;
-            let Some(state) = load_state(&tx, &job_id)? else {
+            let Some(state) = load_state(tx, &job_id)? else {
                 return Err(JobSourceError::NotFound(job_id).into());
             };
             let now = now_ms();
