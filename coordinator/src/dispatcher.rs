@@ -3,6 +3,13 @@
 //! One poller per coordinator, however many agents: it claims only while some agent has a free
 //! slot, claims again at once after a successful claim, and after an empty one waits
 //! `POLL_INTERVAL` (or less when a submitted job or a due retry wakes it).
+//!
+//! The agent's slot, the assignment id and its epoch are decided before the claim, so that a source
+//! in the coordinator's own database journals the assignment in the claim's transaction
+//! ([`JobSource::claim_journaled`]): one commit, and no window in which a crash leaves a claimed
+//! job without its journal entry. With Convex the journal write follows the claim.
+//!
+//! [`JobSource::claim_journaled`]: crate::job_source::JobSource::claim_journaled
 
 use std::{sync::Arc, time::Duration};
 
@@ -15,9 +22,10 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::{
-    assignments::AssignmentRecord,
+    agents::AgentSender,
     context::Context,
     job_source::{now_ms, ClaimedJob, RepoTarget},
+    journal::PlannedAssignment,
     lease::{spawn_keeper, JobEvent, KeeperStart},
 };
 
@@ -39,19 +47,33 @@ pub async fn run_claim_loop(ctx: Arc<Context>) {
         // budget, and a stopping coordinator must not wait that out. A claim cut short may
         // already have been applied by the source; like a claim whose reply was lost, that job
         // stays under our lock until its lease is reclaimed (DESIGN.md section 2).
-        let claimed = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            claimed = ctx.source.claim(&ctx.worker_id, ctx.config.lease_time) => claimed,
-        };
-        let wait = match claimed {
-            Ok(Some(job)) => {
-                dispatch(&ctx, job).await;
-                continue;
-            }
-            Ok(None) => idle_wait(&ctx).await,
-            Err(error) => {
-                warn!(%error, source = ctx.source.kind(), "claiming a job failed; retrying after the poll interval");
-                ctx.config.poll_interval
+        let assignment_id = uuid::Uuid::new_v4().to_string();
+        let wait = match ctx.agents.reserve_slot(&assignment_id) {
+            // The free slot went away since it was counted; look again after a while.
+            None => ctx.config.poll_interval,
+            Some((agent_id, sender)) => {
+                let planned = PlannedAssignment {
+                    assignment_id,
+                    epoch: ctx.assignments.next_epoch(),
+                    agent_id,
+                };
+                let claimed = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    claimed = ctx.source.claim_journaled(&ctx.worker_id, ctx.config.lease_time, &planned) => claimed,
+                };
+                if let Ok(Some((job, journaled))) = claimed {
+                    dispatch(&ctx, job, planned, sender, journaled).await;
+                    continue;
+                }
+                ctx.agents
+                    .release(&planned.agent_id, &planned.assignment_id);
+                match claimed {
+                    Err(error) => {
+                        warn!(%error, source = ctx.source.kind(), "claiming a job failed; retrying after the poll interval");
+                        ctx.config.poll_interval
+                    }
+                    _ => idle_wait(&ctx).await,
+                }
             }
         };
         tokio::select! {
@@ -74,12 +96,28 @@ async fn idle_wait(ctx: &Context) -> Duration {
     }
 }
 
-/// Checks a claimed job and hands it to the agent with the most free slots.
-async fn dispatch(ctx: &Arc<Context>, job: ClaimedJob) {
+/// Checks a claimed job and hands it to the agent whose slot was reserved for it; `journaled`
+/// when the claim already wrote the assignment's journal entry.
+async fn dispatch(
+    ctx: &Arc<Context>,
+    job: ClaimedJob,
+    planned: PlannedAssignment,
+    sender: AgentSender,
+    journaled: bool,
+) {
+    let record = planned.record(&job);
     let target = match check_job(ctx, &job) {
         Ok(target) => target,
         Err(message) => {
             warn!(job_id = %job.id, error = %escaped(&message), "job refused before assignment");
+            // The journal entry first: a crash before the refusal leaves the job leased, and its
+            // lease runs out, rather than a journaled run that never was.
+            if journaled {
+                if let Err(error) = ctx.journal.remove(&record.assignment_id).await {
+                    warn!(job_id = %job.id, %error, "could not remove the refused job from the journal");
+                }
+            }
+            ctx.agents.release(&record.agent_id, &record.assignment_id);
             if let Err(error) = ctx
                 .source
                 .fail(&job.id, &ctx.worker_id, &message, false)
@@ -98,39 +136,20 @@ async fn dispatch(ctx: &Arc<Context>, job: ClaimedJob) {
             .notify(&stale.assignment_id, JobEvent::Superseded);
     }
 
-    let assignment_id = uuid::Uuid::new_v4().to_string();
-    let Some((agent_id, sender)) = ctx.agents.reserve_slot(&assignment_id) else {
-        // The agent whose slot made us claim went away meanwhile.
-        let message = "no agent with a free slot to run the job";
-        warn!(job_id = %job.id, "{message}; handing the job back");
-        if let Err(error) = ctx
-            .source
-            .fail(&job.id, &ctx.worker_id, message, true)
-            .await
-        {
-            warn!(job_id = %job.id, %error, "handing the job back failed");
-        }
-        return;
-    };
-    let record = AssignmentRecord {
-        assignment_id: assignment_id.clone(),
-        job_id: job.id.clone(),
-        epoch: ctx.assignments.next_epoch(),
-        attempt: job.attempt,
-        agent_id: agent_id.clone(),
-    };
     // Journaled before it is sent, so a restart cannot forget a run that may have started.
-    if let Err(error) = ctx.journal.record_assignment(&record).await {
-        warn!(job_id = %job.id, %error, "could not journal the assignment; handing the job back");
-        ctx.agents.release(&agent_id, &assignment_id);
-        if let Err(error) = ctx
-            .source
-            .fail(&job.id, &ctx.worker_id, &error.to_string(), true)
-            .await
-        {
-            warn!(job_id = %job.id, %error, "handing the job back failed");
+    if !journaled {
+        if let Err(error) = ctx.journal.record_assignment(&record).await {
+            warn!(job_id = %job.id, %error, "could not journal the assignment; handing the job back");
+            ctx.agents.release(&record.agent_id, &record.assignment_id);
+            if let Err(error) = ctx
+                .source
+                .fail(&job.id, &ctx.worker_id, &error.to_string(), true)
+                .await
+            {
+                warn!(job_id = %job.id, %error, "handing the job back failed");
+            }
+            return;
         }
-        return;
     }
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     ctx.assignments.insert(record.clone(), events_tx);
@@ -142,7 +161,7 @@ async fn dispatch(ctx: &Arc<Context>, job: ClaimedJob) {
     );
 
     let message = ToAgent::Assignment(Assignment {
-        assignment_id,
+        assignment_id: record.assignment_id.clone(),
         job_id: job.id.clone(),
         repo_url: target.url,
         branch: target.branch,
@@ -150,7 +169,7 @@ async fn dispatch(ctx: &Arc<Context>, job: ClaimedJob) {
         attempt: job.attempt,
         epoch: record.epoch,
     });
-    info!(job_id = %job.id, agent_id = %agent_id, attempt = job.attempt, "job assigned");
+    info!(job_id = %job.id, agent_id = %record.agent_id, attempt = job.attempt, "job assigned");
     if sender.send(message).await.is_err() {
         // The stream closed under us: the keeper hears about it from the gateway's clean-up or,
         // failing that, hands the job back after the re-attach grace.

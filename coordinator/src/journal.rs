@@ -9,21 +9,20 @@
 //! It lives in the coordinator's one database file ([`crate::database`]), in tables of its own,
 //! beside the embedded store's.
 
-use std::{
-    path::Path,
-    sync::{Arc, Mutex},
-};
-
 use rusqlite::{params, Connection};
 use serde::{Deserialize, Serialize};
 
-use crate::{assignments::AssignmentRecord, job_source::JobResult};
+use crate::{
+    assignments::AssignmentRecord,
+    database::{Database, DatabaseError},
+    job_source::{ClaimedJob, JobResult},
+};
 
 #[derive(Debug, thiserror::Error)]
-#[error("coordinator journal ({action}): {message}; check that DATA_DIR is writable and not full")]
+#[error("coordinator journal ({action}): {source}; check that DATA_DIR is writable and not full")]
 pub struct JournalError {
     action: &'static str,
-    message: String,
+    source: DatabaseError,
 }
 
 pub type Result<T> = std::result::Result<T, JournalError>;
@@ -42,86 +41,94 @@ pub struct JournalEntry {
     pub end: Option<RunEnd>,
 }
 
-#[derive(Clone)]
+/// An assignment decided before its job is claimed (its id, fencing epoch and agent), so that a
+/// claim can journal it in the claim's own transaction ([`JobSource::claim_journaled`]).
+///
+/// [`JobSource::claim_journaled`]: crate::job_source::JobSource::claim_journaled
+#[derive(Debug, Clone)]
+pub struct PlannedAssignment {
+    pub assignment_id: String,
+    pub epoch: u64,
+    pub agent_id: String,
+}
+
+impl PlannedAssignment {
+    /// The journal record of this assignment for `job`.
+    pub fn record(&self, job: &ClaimedJob) -> AssignmentRecord {
+        AssignmentRecord {
+            assignment_id: self.assignment_id.clone(),
+            job_id: job.id.clone(),
+            epoch: self.epoch,
+            attempt: job.attempt,
+            agent_id: self.agent_id.clone(),
+        }
+    }
+}
+
+/// The journal's table, created by [`Database::open`] with the rest of the file.
+pub(crate) fn create_tables(conn: &mut Connection) -> std::result::Result<(), DatabaseError> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS journal_assignments (
+            assignment_id TEXT PRIMARY KEY,
+            job_id        TEXT NOT NULL,
+            epoch         INTEGER NOT NULL,
+            attempt       INTEGER NOT NULL,
+            agent_id      TEXT NOT NULL,
+            -- JSON of RunEnd once the run has ended and until the job source took it
+            run_end       TEXT
+        );",
+    )?;
+    Ok(())
+}
+
+/// Writes the assignment's entry; for the dispatcher's own request and for a claim that journals
+/// in the same transaction ([`crate::job_source::embedded_store`]).
+pub(crate) fn insert_assignment(
+    conn: &Connection,
+    record: &AssignmentRecord,
+) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT OR REPLACE INTO journal_assignments
+         (assignment_id, job_id, epoch, attempt, agent_id, run_end)
+         VALUES (?1, ?2, ?3, ?4, ?5, NULL)",
+    )?
+    .execute(params![
+        record.assignment_id,
+        record.job_id,
+        record.epoch as i64,
+        record.attempt,
+        record.agent_id
+    ])?;
+    Ok(())
+}
+
+/// The journal's tables in the coordinator's [`Database`]; cheap to clone.
+#[derive(Clone, Debug)]
 pub struct Journal {
-    conn: Arc<Mutex<Connection>>,
+    db: Database,
 }
 
 impl Journal {
-    pub fn open(data_dir: &Path) -> Result<Self> {
-        let error = |action| {
-            move |e: rusqlite::Error| JournalError {
-                action,
-                message: e.to_string(),
-            }
-        };
-        let path = crate::database::path(data_dir).map_err(|e| JournalError {
-            action: "renaming the legacy database file",
-            message: e.to_string(),
-        })?;
-        let conn = Connection::open(path).map_err(error("opening"))?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))
-            .map_err(error("configuring"))?;
-        // WAL with FULL sync: a journal write has reached the disk when the call returns.
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(error("configuring"))?;
-        conn.pragma_update(None, "synchronous", "FULL")
-            .map_err(error("configuring"))?;
-        conn.execute_batch(
-            "CREATE TABLE IF NOT EXISTS journal_assignments (
-                assignment_id TEXT PRIMARY KEY,
-                job_id        TEXT NOT NULL,
-                epoch         INTEGER NOT NULL,
-                attempt       INTEGER NOT NULL,
-                agent_id      TEXT NOT NULL,
-                -- JSON of RunEnd once the run has ended and until the job source took it
-                run_end       TEXT
-            );",
-        )
-        .map_err(error("creating tables"))?;
-        Ok(Self {
-            conn: Arc::new(Mutex::new(conn)),
-        })
+    pub fn new(db: Database) -> Self {
+        Self { db }
     }
 
     async fn with<T: Send + 'static>(
         &self,
         action: &'static str,
-        work: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+        work: impl FnOnce(&Connection) -> std::result::Result<T, DatabaseError> + Send + 'static,
     ) -> Result<T> {
-        let conn = self.conn.clone();
-        tokio::task::spawn_blocking(move || {
-            let conn = conn.lock().unwrap_or_else(|e| e.into_inner());
-            work(&conn)
-        })
-        .await
-        .map_err(|e| JournalError {
-            action,
-            message: e.to_string(),
-        })?
-        .map_err(|e| JournalError {
-            action,
-            message: e.to_string(),
-        })
+        self.db
+            .run(work)
+            .await
+            .map_err(|source| JournalError { action, source })
     }
 
     /// Records an assignment before it is sent.
     pub async fn record_assignment(&self, record: &AssignmentRecord) -> Result<()> {
         let record = record.clone();
         self.with("recording an assignment", move |conn| {
-            conn.execute(
-                "INSERT OR REPLACE INTO journal_assignments
-                 (assignment_id, job_id, epoch, attempt, agent_id, run_end)
-                 VALUES (?1, ?2, ?3, ?4, ?5, NULL)",
-                params![
-                    record.assignment_id,
-                    record.job_id,
-                    record.epoch as i64,
-                    record.attempt,
-                    record.agent_id
-                ],
-            )
-            .map(|_| ())
+            Ok(insert_assignment(conn, &record)?)
         })
         .await
     }
@@ -130,15 +137,15 @@ impl Journal {
     pub async fn record_end(&self, assignment_id: &str, end: &RunEnd) -> Result<()> {
         let json = serde_json::to_string(end).map_err(|e| JournalError {
             action: "encoding a run's end",
-            message: e.to_string(),
+            source: DatabaseError::Unusable(e.to_string()),
         })?;
         let assignment_id = assignment_id.to_string();
         self.with("recording a run's end", move |conn| {
-            conn.execute(
+            conn.prepare_cached(
                 "UPDATE journal_assignments SET run_end = ?2 WHERE assignment_id = ?1",
-                params![assignment_id, json],
-            )
-            .map(|_| ())
+            )?
+            .execute(params![assignment_id, json])?;
+            Ok(())
         })
         .await
     }
@@ -147,11 +154,9 @@ impl Journal {
     pub async fn remove(&self, assignment_id: &str) -> Result<()> {
         let assignment_id = assignment_id.to_string();
         self.with("removing an assignment", move |conn| {
-            conn.execute(
-                "DELETE FROM journal_assignments WHERE assignment_id = ?1",
-                params![assignment_id],
-            )
-            .map(|_| ())
+            conn.prepare_cached("DELETE FROM journal_assignments WHERE assignment_id = ?1")?
+                .execute(params![assignment_id])?;
+            Ok(())
         })
         .await
     }
@@ -161,7 +166,7 @@ impl Journal {
     pub async fn load(&self) -> Result<Vec<JournalEntry>> {
         let rows = self
             .with("loading", |conn| {
-                let mut statement = conn.prepare(
+                let mut statement = conn.prepare_cached(
                     "SELECT assignment_id, job_id, epoch, attempt, agent_id, run_end
                      FROM journal_assignments ORDER BY epoch",
                 )?;
@@ -216,7 +221,7 @@ mod tests {
     #[tokio::test]
     async fn survives_reopening_until_removed() {
         let dir = tempfile::tempdir().unwrap();
-        let journal = Journal::open(dir.path()).unwrap();
+        let journal = Journal::new(Database::open(dir.path()).unwrap());
         journal.record_assignment(&record("a", 2)).await.unwrap();
         journal.record_assignment(&record("b", 1)).await.unwrap();
         let result = JobResult {
@@ -236,7 +241,7 @@ mod tests {
             .unwrap();
         drop(journal);
 
-        let journal = Journal::open(dir.path()).unwrap();
+        let journal = Journal::new(Database::open(dir.path()).unwrap());
         let entries = journal.load().await.unwrap();
         assert_eq!(entries.len(), 2);
         assert_eq!(entries[0].record.assignment_id, "b", "ordered by epoch");

@@ -19,6 +19,7 @@ use crate::{
     assignments::AssignmentTable,
     config::{ConfigError, CoordinatorConfig},
     context::Context,
+    database::{Database, DatabaseError},
     dispatcher,
     gateway::Gateway,
     identity,
@@ -47,6 +48,8 @@ pub enum ServeError {
     Identity(#[from] identity::IdentityError),
     #[error(transparent)]
     Journal(#[from] journal::JournalError),
+    #[error("could not open the coordinator's database: {0}")]
+    Database(#[from] DatabaseError),
     #[error("could not open the job source: {0}")]
     Source(#[from] JobSourceError),
     #[error(transparent)]
@@ -59,7 +62,10 @@ pub enum ServeError {
 
 /// Opens the job source the configuration asks for: Convex when `CONVEX_URL` is set, else the
 /// embedded store in `DATA_DIR`.
-fn open_source(config: &CoordinatorConfig) -> Result<Arc<dyn JobSource>, ServeError> {
+fn open_source(
+    config: &CoordinatorConfig,
+    db: &Database,
+) -> Result<Arc<dyn JobSource>, ServeError> {
     Ok(match &config.convex_url {
         Some(url) => Arc::new(ConvexSource::new(ConvexConfig {
             deploy_key: config
@@ -71,15 +77,15 @@ fn open_source(config: &CoordinatorConfig) -> Result<Arc<dyn JobSource>, ServeEr
             retry_budget: config.convex_retry_budget,
             ..ConvexConfig::new(url.clone())
         })?),
-        None => Arc::new(EmbeddedStore::open(
-            &config.data_dir,
+        None => Arc::new(EmbeddedStore::new(
+            db.clone(),
             EmbeddedOptions {
                 max_attempts: config.max_attempts,
                 backoff_base: config.retry_backoff,
                 backoff_jitter: config.retry_backoff,
                 ..EmbeddedOptions::default()
             },
-        )?),
+        )),
     })
 }
 
@@ -96,8 +102,10 @@ pub async fn run(
         source,
     })?;
     let worker_id = identity::resolve(config.worker_id.as_deref(), &config.data_dir)?;
-    let source = open_source(&config)?;
-    let journal = Journal::open(&config.data_dir)?;
+    // One owner of the file for the journal and the embedded store (crate::database).
+    let db = Database::open(&config.data_dir)?;
+    let source = open_source(&config, &db)?;
+    let journal = Journal::new(db);
     info!(
         listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         source = source.kind(),

@@ -199,7 +199,9 @@ impl Harness {
             .config;
         configure(&mut config);
         let data_dir = tempfile::tempdir().expect("a temporary folder");
-        let journal = Journal::open(data_dir.path()).expect("the journal opens");
+        let journal = Journal::new(
+            crate::database::Database::open(data_dir.path()).expect("the database opens"),
+        );
         let (calls_tx, calls) = mpsc::unbounded_channel();
         let source = Arc::new(FakeSource::default());
         *source.calls.lock().unwrap() = Some(calls_tx);

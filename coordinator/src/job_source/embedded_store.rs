@@ -11,20 +11,24 @@
 //! source applies before its upload, and an error text is cut by `limits::cap_error_text`, as the
 //! Convex source cuts it before `queue:retryOrFail`; tests on this store see what production would.
 //!
-//! Every change is one transaction, committed with `synchronous = FULL` before the call returns,
+//! Every call is one request to the coordinator's [`Database`]: it runs in a savepoint of the
+//! thread's current group commit and returns once that commit is on disk (`synchronous = FULL`),
 //! so an acknowledged change survives a crash. The coordinator's journal lives in the same file
-//! ([`crate::database`], its own tables): this module only touches `jobs` and `documents`.
+//! (its own tables), which lets a claim journal its assignment in the same transaction
+//! ([`EmbeddedStore::claim_journaled`]); apart from that this module only touches `jobs` and
+//! `documents`.
 
-use std::{
-    path::{Path, PathBuf},
-    sync::{Arc, Mutex, PoisonError},
-    time::Duration,
-};
+use std::{path::Path, time::Duration};
 
 use async_trait::async_trait;
 use fondation_proto::limits;
 use rand::Rng;
-use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, TransactionBehavior};
+use rusqlite::{params, Connection, OptionalExtension, Row};
+
+use crate::{
+    database::{Database, DatabaseError},
+    journal::{self, PlannedAssignment},
+};
 
 use super::{
     now_ms, ClaimedJob, Document, DocumentKind, FailOutcome, JobId, JobResult, JobSource,
@@ -33,9 +37,6 @@ use super::{
 
 /// Version of the `jobs`/`documents` schema, kept in `PRAGMA user_version`.
 const SCHEMA_VERSION: i64 = 1;
-
-/// How long a writer waits for another connection (e.g. the journal's) to release the file.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Convex id alphabet: lowercase Crockford base32 (no i, l, o, u).
 const ID_ALPHABET: &[u8; 32] = b"0123456789abcdefghjkmnpqrstvwxyz";
@@ -107,19 +108,17 @@ impl Default for EmbeddedOptions {
 }
 
 /// The job queue in the coordinator's database file in `DATA_DIR` ([`crate::database`]). Cheap
-/// to clone: clones share the connection.
+/// to clone: clones share the database thread.
 #[derive(Debug, Clone)]
 pub struct EmbeddedStore {
-    /// One connection, used from blocking tasks; the mutex serialises this process's calls and
-    /// `BEGIN IMMEDIATE` serialises writers across connections.
-    conn: Arc<Mutex<Connection>>,
-    path: PathBuf,
+    db: Database,
     options: EmbeddedOptions,
 }
 
 /// What goes wrong inside one database operation, before it gets its context.
 enum OpError {
     Db(rusqlite::Error),
+    Database(DatabaseError),
     /// The file or a stored value is not what this build can use (unknown status, newer schema).
     Unusable(String),
     Job(JobSourceError),
@@ -128,6 +127,12 @@ enum OpError {
 impl From<rusqlite::Error> for OpError {
     fn from(err: rusqlite::Error) -> Self {
         OpError::Db(err)
+    }
+}
+
+impl From<DatabaseError> for OpError {
+    fn from(err: DatabaseError) -> Self {
+        OpError::Database(err)
     }
 }
 
@@ -141,6 +146,9 @@ impl OpError {
     fn with_context(self, what: &str) -> JobSourceError {
         match self {
             OpError::Db(err) => JobSourceError::Failed(format!("embedded store: {what}: {err}")),
+            OpError::Database(err) => {
+                JobSourceError::Failed(format!("embedded store: {what}: {err}"))
+            }
             OpError::Unusable(msg) => {
                 JobSourceError::Failed(format!("embedded store: {what}: {msg}"))
             }
@@ -152,38 +160,22 @@ impl OpError {
 type OpResult<T> = std::result::Result<T, OpError>;
 
 impl EmbeddedStore {
-    /// Opens (creating if needed) the database file in `data_dir`, renaming a legacy one first.
-    pub fn open(data_dir: &Path, options: EmbeddedOptions) -> Result<Self> {
-        let failed = |what: String| JobSourceError::Failed(format!("embedded store: {what}"));
-        std::fs::create_dir_all(data_dir)
-            .map_err(|err| failed(format!("creating {}: {err}", data_dir.display())))?;
-        let path = crate::database::path(data_dir).map_err(|err| {
-            failed(format!(
-                "renaming the legacy database file in {}: {err}",
-                data_dir.display()
-            ))
-        })?;
-        let mut conn = Connection::open(&path)
-            .map_err(|err| failed(format!("opening {}: {err}", path.display())))?;
-        prepare(&mut conn)
-            .map_err(|err| err.with_context(&format!("opening {}", path.display())))?;
-        Ok(EmbeddedStore {
-            conn: Arc::new(Mutex::new(conn)),
-            path,
-            options,
-        })
+    /// The store in the coordinator's database (which created its tables when it opened).
+    pub fn new(db: Database, options: EmbeddedOptions) -> Self {
+        EmbeddedStore { db, options }
     }
 
     /// Where the database lives.
     pub fn path(&self) -> &Path {
-        &self.path
+        self.db.path()
     }
 
     /// The earliest `runAt` of a pending job, so the dispatcher can wake up exactly when a retry
     /// becomes due.
     pub async fn next_due_at_ms(&self) -> Result<Option<f64>> {
         self.run("reading the next due time", |conn| {
-            let due = conn.query_row(
+            let due = query_row(
+                conn,
                 "SELECT MIN(run_at) FROM jobs WHERE status = 'pending'",
                 [],
                 |row| row.get(0),
@@ -193,23 +185,16 @@ impl EmbeddedStore {
         .await
     }
 
-    /// Runs `op` on the connection in a blocking task; `what` names the operation in errors.
+    /// Runs `op` as one request of the database thread; `what` names the operation in errors.
     async fn run<T, F>(&self, what: &'static str, op: F) -> Result<T>
     where
         T: Send + 'static,
-        F: FnOnce(&mut Connection) -> OpResult<T> + Send + 'static,
+        F: FnOnce(&Connection) -> OpResult<T> + Send + 'static,
     {
-        let conn = Arc::clone(&self.conn);
-        tokio::task::spawn_blocking(move || {
-            // A panic while holding the lock leaves no open transaction behind (dropping a
-            // `Transaction` rolls it back), so a poisoned connection is still consistent.
-            let mut conn = conn.lock().unwrap_or_else(PoisonError::into_inner);
-            op(&mut conn).map_err(|err| err.with_context(what))
-        })
-        .await
-        .map_err(|err| {
-            JobSourceError::Failed(format!("embedded store: {what}: task failed: {err}"))
-        })?
+        self.db
+            .run(op)
+            .await
+            .map_err(|err: OpError| err.with_context(what))
     }
 }
 
@@ -227,48 +212,28 @@ impl JobSource for EmbeddedStore {
         let worker_id = worker_id.to_owned();
         let options = self.options.clone();
         self.run("claiming a job", move |conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let now = now_ms();
-            reclaim_expired(&tx, now, &options)?;
+            claim_next(conn, &worker_id, lease, &options)
+        })
+        .await
+    }
 
-            let next = tx
-                .query_row(
-                    "SELECT id, prompt, repo_url, branch, attempts FROM jobs
-                     WHERE status = 'pending' AND run_at <= ?1
-                     ORDER BY run_at, created_at, rowid
-                     LIMIT 1",
-                    [now],
-                    |row| {
-                        Ok((
-                            row.get::<_, String>(0)?,
-                            row.get::<_, String>(1)?,
-                            row.get::<_, String>(2)?,
-                            row.get::<_, String>(3)?,
-                            row.get::<_, u32>(4)?,
-                        ))
-                    },
-                )
-                .optional()?;
-            let Some((id, prompt, url, branch, attempts)) = next else {
-                // Keep what reclaiming did even though there is nothing to take.
-                tx.commit()?;
+    /// The claim and the journal entry of its assignment in one request, so one commit: a crash
+    /// leaves both or neither.
+    async fn claim_journaled(
+        &self,
+        worker_id: &str,
+        lease: Duration,
+        planned: &PlannedAssignment,
+    ) -> Result<Option<(ClaimedJob, bool)>> {
+        let worker_id = worker_id.to_owned();
+        let options = self.options.clone();
+        let planned = planned.clone();
+        self.run("claiming and journaling a job", move |conn| {
+            let Some(job) = claim_next(conn, &worker_id, lease, &options)? else {
                 return Ok(None);
             };
-            let attempt = attempts.saturating_add(1);
-            // Progress of an earlier attempt would be misleading for this one.
-            tx.execute(
-                "UPDATE jobs SET status = 'claimed', locked_by = ?2, lease_until = ?3,
-                     attempts = ?4, progress = NULL, current_step = NULL, updated_at = ?5
-                 WHERE id = ?1",
-                params![id, worker_id, now + duration_ms(lease), attempt, now],
-            )?;
-            tx.commit()?;
-            Ok(Some(ClaimedJob {
-                id,
-                attempt,
-                prompt,
-                target: Ok(RepoTarget { url, branch }),
-            }))
+            journal::insert_assignment(conn, &planned.record(&job))?;
+            Ok(Some((job, true)))
         })
         .await
     }
@@ -282,11 +247,12 @@ impl JobSource for EmbeddedStore {
     ) -> Result<()> {
         let (job_id, worker_id, update) = (job_id.to_owned(), worker_id.to_owned(), update.clone());
         self.run("recording a heartbeat", move |conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            check_owned(&tx, &job_id, &worker_id)?;
+            let tx = conn;
+            check_owned(tx, &job_id, &worker_id)?;
             let now = now_ms();
             // COALESCE keeps the fields the update leaves out.
-            tx.execute(
+            exec(
+                tx,
                 "UPDATE jobs SET lease_until = ?2,
                      status = COALESCE(?3, status),
                      progress = COALESCE(?4, progress),
@@ -302,7 +268,6 @@ impl JobSource for EmbeddedStore {
                     now,
                 ],
             )?;
-            tx.commit()?;
             Ok(())
         })
         .await
@@ -312,8 +277,8 @@ impl JobSource for EmbeddedStore {
         check_result_size(job_id, result)?;
         let (job_id, worker_id, result) = (job_id.to_owned(), worker_id.to_owned(), result.clone());
         self.run("completing a job", move |conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let state = load_state(&tx, &job_id)?;
+            let tx = conn;
+            let state = load_state(tx, &job_id)?;
             // A repeated call after a lost reply: store the documents again (they replace the
             // set, like `docs:upsertFromJob`) and report success.
             let repeated = state.as_ref().is_some_and(|state| {
@@ -321,12 +286,12 @@ impl JobSource for EmbeddedStore {
                     && state.completed_by.as_deref() == Some(worker_id.as_str())
             });
             if !repeated {
-                check_owned(&tx, &job_id, &worker_id)?;
+                check_owned(tx, &job_id, &worker_id)?;
             }
             let now = now_ms();
-            tx.execute("DELETE FROM documents WHERE job_id = ?1", [&job_id])?;
+            exec(tx, "DELETE FROM documents WHERE job_id = ?1", [&job_id])?;
             {
-                let mut insert = tx.prepare(
+                let mut insert = tx.prepare_cached(
                     "INSERT INTO documents
                          (job_id, position, slug, title, kind, chapter_index, content, size_bytes)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -344,7 +309,8 @@ impl JobSource for EmbeddedStore {
                     ])?;
                 }
             }
-            tx.execute(
+            exec(
+                tx,
                 "UPDATE jobs SET status = 'completed', locked_by = NULL, lease_until = NULL,
                      completed_by = ?2, run_id = ?3, result_message = ?4, docs_count = ?5,
                      updated_at = ?6
@@ -358,7 +324,6 @@ impl JobSource for EmbeddedStore {
                     now,
                 ],
             )?;
-            tx.commit()?;
             Ok(())
         })
         .await
@@ -375,16 +340,15 @@ impl JobSource for EmbeddedStore {
         let error = limits::cap_error_text(error).into_owned();
         let options = self.options.clone();
         self.run("failing a job", move |conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let state = check_owned(&tx, &job_id, &worker_id)?;
+            let tx = conn;
+            let state = check_owned(tx, &job_id, &worker_id)?;
             let now = now_ms();
             let outcome = if retryable {
-                retry_or_die(&tx, &job_id, state.attempts, &error, now, &options)?
+                retry_or_die(tx, &job_id, state.attempts, &error, now, &options)?
             } else {
-                end_for_good(&tx, &job_id, JobStatus::Failed, &error, now)?;
+                end_for_good(tx, &job_id, JobStatus::Failed, &error, now)?;
                 FailOutcome::Failed
             };
-            tx.commit()?;
             Ok(outcome)
         })
         .await
@@ -393,15 +357,15 @@ impl JobSource for EmbeddedStore {
     async fn get_job(&self, job_id: &str, include_content: bool) -> Result<Option<JobView>> {
         let job_id = job_id.to_owned();
         self.run("reading a job", move |conn| {
-            let tx = conn.transaction()?;
-            let raw = tx
-                .query_row(
-                    &format!("SELECT {VIEW_COLUMNS} FROM jobs WHERE id = ?1"),
-                    [&job_id],
-                    RawView::from_row,
-                )
-                .optional()?;
-            raw.map(|raw| raw.into_view(&tx, include_content))
+            let tx = conn;
+            let raw = query_row(
+                tx,
+                &format!("SELECT {VIEW_COLUMNS} FROM jobs WHERE id = ?1"),
+                [&job_id],
+                RawView::from_row,
+            )
+            .optional()?;
+            raw.map(|raw| raw.into_view(tx, include_content))
                 .transpose()
         })
         .await
@@ -422,7 +386,8 @@ impl JobSource for EmbeddedStore {
         let job_id = id.clone();
         self.run("submitting a job", move |conn| {
             let now = now_ms();
-            conn.execute(
+            exec(
+                conn,
                 "INSERT INTO jobs (id, status, repo_url, branch, prompt, attempts, run_at,
                      created_at, updated_at)
                  VALUES (?1, 'pending', ?2, ?3, ?4, 0, ?5, ?5, ?5)",
@@ -436,9 +401,9 @@ impl JobSource for EmbeddedStore {
 
     async fn list_jobs(&self, status: Option<JobStatus>, limit: usize) -> Result<Vec<JobView>> {
         self.run("listing jobs", move |conn| {
-            let tx = conn.transaction()?;
+            let tx = conn;
             let raws = {
-                let mut stmt = tx.prepare(&format!(
+                let mut stmt = tx.prepare_cached(&format!(
                     "SELECT {VIEW_COLUMNS} FROM jobs
                      WHERE ?1 IS NULL OR status = ?1
                      ORDER BY created_at DESC, rowid DESC
@@ -454,7 +419,7 @@ impl JobSource for EmbeddedStore {
                 rows
             };
             raws.into_iter()
-                .map(|raw| raw.into_view(&tx, false))
+                .map(|raw| raw.into_view(tx, false))
                 .collect()
         })
         .await
@@ -463,14 +428,15 @@ impl JobSource for EmbeddedStore {
     async fn request_cancel(&self, job_id: &str) -> Result<JobStatus> {
         let job_id = job_id.to_owned();
         self.run("canceling a job", move |conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let Some(state) = load_state(&tx, &job_id)? else {
+            let tx = conn;
+            let Some(state) = load_state(tx, &job_id)? else {
                 return Err(JobSourceError::NotFound(job_id).into());
             };
             let now = now_ms();
             let after = match state.status {
                 JobStatus::Pending => {
-                    tx.execute(
+                    exec(
+                        tx,
                         "UPDATE jobs SET status = 'canceled', cancel_requested = 1,
                              locked_by = NULL, lease_until = NULL, updated_at = ?2
                          WHERE id = ?1",
@@ -481,7 +447,8 @@ impl JobSource for EmbeddedStore {
                 // Like Convex: the lease holder stays, so its coordinator sees the cancel and
                 // stops the agent.
                 status if !status.is_terminal() => {
-                    tx.execute(
+                    exec(
+                        tx,
                         "UPDATE jobs SET status = 'canceled', cancel_requested = 1,
                              updated_at = ?2
                          WHERE id = ?1",
@@ -491,33 +458,21 @@ impl JobSource for EmbeddedStore {
                 }
                 terminal => terminal,
             };
-            tx.commit()?;
             Ok(after)
         })
         .await
     }
 }
 
-/// Pragmas and schema, run once per connection.
-fn prepare(conn: &mut Connection) -> OpResult<()> {
-    conn.busy_timeout(BUSY_TIMEOUT)?;
-    // WAL lets readers (admin calls) proceed during a write; FULL syncs the WAL on every commit,
-    // which is what makes an acknowledged change durable.
-    let mode: String =
-        conn.pragma_update_and_check(None, "journal_mode", "wal", |row| row.get(0))?;
-    if !mode.eq_ignore_ascii_case("wal") {
-        return Err(OpError::Unusable(format!(
-            "journal_mode is {mode}, not wal"
-        )));
-    }
-    conn.pragma_update(None, "synchronous", "FULL")?;
-
+/// The store's schema, created (or checked) by [`Database::open`] with the rest of the file.
+pub(crate) fn create_tables(conn: &mut Connection) -> std::result::Result<(), DatabaseError> {
     // IMMEDIATE so that two processes opening a new file do not race on the schema.
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let version: i64 = tx.query_row("PRAGMA user_version", [], |row| row.get(0))?;
     if version > SCHEMA_VERSION {
-        return Err(OpError::Unusable(format!(
-            "schema version {version} is newer than this build's {SCHEMA_VERSION}"
+        return Err(DatabaseError::Unusable(format!(
+            "schema version {version} of the job store is newer than this build's \
+             {SCHEMA_VERSION}"
         )));
     }
     tx.execute_batch(SCHEMA)?;
@@ -528,11 +483,75 @@ fn prepare(conn: &mut Connection) -> OpResult<()> {
     Ok(())
 }
 
+/// One statement through the connection's statement cache.
+fn exec<P: rusqlite::Params>(conn: &Connection, sql: &str, params: P) -> rusqlite::Result<usize> {
+    conn.prepare_cached(sql)?.execute(params)
+}
+
+/// One row through the connection's statement cache.
+fn query_row<T, P: rusqlite::Params>(
+    conn: &Connection,
+    sql: &str,
+    params: P,
+    map: impl FnOnce(&Row<'_>) -> rusqlite::Result<T>,
+) -> rusqlite::Result<T> {
+    conn.prepare_cached(sql)?.query_row(params, map)
+}
+
+/// Leases the oldest due pending job to `worker_id`, after taking back expired leases.
+fn claim_next(
+    tx: &Connection,
+    worker_id: &str,
+    lease: Duration,
+    options: &EmbeddedOptions,
+) -> OpResult<Option<ClaimedJob>> {
+    let now = now_ms();
+    reclaim_expired(tx, now, options)?;
+
+    let next = query_row(
+        tx,
+        "SELECT id, prompt, repo_url, branch, attempts FROM jobs
+             WHERE status = 'pending' AND run_at <= ?1
+             ORDER BY run_at, created_at, rowid
+             LIMIT 1",
+        [now],
+        |row| {
+            Ok((
+                row.get::<_, String>(0)?,
+                row.get::<_, String>(1)?,
+                row.get::<_, String>(2)?,
+                row.get::<_, String>(3)?,
+                row.get::<_, u32>(4)?,
+            ))
+        },
+    )
+    .optional()?;
+    let Some((id, prompt, url, branch, attempts)) = next else {
+        // Keep what reclaiming did even though there is nothing to take.
+        return Ok(None);
+    };
+    let attempt = attempts.saturating_add(1);
+    // Progress of an earlier attempt would be misleading for this one.
+    exec(
+        tx,
+        "UPDATE jobs SET status = 'claimed', locked_by = ?2, lease_until = ?3,
+             attempts = ?4, progress = NULL, current_step = NULL, updated_at = ?5
+         WHERE id = ?1",
+        params![id, worker_id, now + duration_ms(lease), attempt, now],
+    )?;
+    Ok(Some(ClaimedJob {
+        id,
+        attempt,
+        prompt,
+        target: Ok(RepoTarget { url, branch }),
+    }))
+}
+
 /// Treats every lease that ran out as a failed attempt. Convex has this as an internal mutation
 /// nobody may schedule; here it runs inside each claim so a vanished holder never strands a job.
-fn reclaim_expired(tx: &Transaction<'_>, now: f64, options: &EmbeddedOptions) -> OpResult<()> {
+fn reclaim_expired(tx: &Connection, now: f64, options: &EmbeddedOptions) -> OpResult<()> {
     let expired = {
-        let mut stmt = tx.prepare(&format!(
+        let mut stmt = tx.prepare_cached(&format!(
             "SELECT id, attempts FROM jobs
              WHERE status IN {LEASED_STATUSES_SQL} AND cancel_requested = 0 AND lease_until < ?1"
         ))?;
@@ -552,13 +571,14 @@ fn reclaim_expired(tx: &Transaction<'_>, now: f64, options: &EmbeddedOptions) ->
 
 /// Ends a job in a final failure status (`failed` or `dead`), releasing its lease.
 fn end_for_good(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     job_id: &str,
     status: JobStatus,
     error: &str,
     now: f64,
 ) -> OpResult<()> {
-    tx.execute(
+    exec(
+        tx,
         "UPDATE jobs SET status = ?2, locked_by = NULL, lease_until = NULL,
              error = ?3, updated_at = ?4
          WHERE id = ?1",
@@ -569,7 +589,7 @@ fn end_for_good(
 
 /// The `queue:retryOrFail` transition: back to pending after a backoff, or dead.
 fn retry_or_die(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     job_id: &str,
     attempts: u32,
     error: &str,
@@ -581,7 +601,8 @@ fn retry_or_die(
         return Ok(FailOutcome::Dead { attempts });
     }
     let next_run_at_ms = now + backoff_ms(options, attempts);
-    tx.execute(
+    exec(
+        tx,
         "UPDATE jobs SET status = 'pending', run_at = ?2, locked_by = NULL, lease_until = NULL,
              error = ?3, updated_at = ?4
          WHERE id = ?1",
@@ -615,23 +636,23 @@ struct LeaseState {
     completed_by: Option<String>,
 }
 
-fn load_state(tx: &Transaction<'_>, job_id: &str) -> OpResult<Option<LeaseState>> {
-    let row = tx
-        .query_row(
-            "SELECT status, locked_by, cancel_requested, attempts, completed_by
+fn load_state(tx: &Connection, job_id: &str) -> OpResult<Option<LeaseState>> {
+    let row = query_row(
+        tx,
+        "SELECT status, locked_by, cancel_requested, attempts, completed_by
              FROM jobs WHERE id = ?1",
-            [job_id],
-            |row| {
-                Ok((
-                    row.get::<_, String>(0)?,
-                    row.get::<_, Option<String>>(1)?,
-                    row.get::<_, bool>(2)?,
-                    row.get::<_, u32>(3)?,
-                    row.get::<_, Option<String>>(4)?,
-                ))
-            },
-        )
-        .optional()?;
+        [job_id],
+        |row| {
+            Ok((
+                row.get::<_, String>(0)?,
+                row.get::<_, Option<String>>(1)?,
+                row.get::<_, bool>(2)?,
+                row.get::<_, u32>(3)?,
+                row.get::<_, Option<String>>(4)?,
+            ))
+        },
+    )
+    .optional()?;
     row.map(
         |(status, locked_by, cancel_requested, attempts, completed_by)| {
             Ok(LeaseState {
@@ -648,7 +669,7 @@ fn load_state(tx: &Transaction<'_>, job_id: &str) -> OpResult<Option<LeaseState>
 
 /// The job exists, is leased to `worker_id`, and is not canceled; the checks every write of a
 /// lease holder starts with. A canceled job keeps its `lockedBy`, so the holder hears `Canceled`.
-fn check_owned(tx: &Transaction<'_>, job_id: &str, worker_id: &str) -> OpResult<LeaseState> {
+fn check_owned(tx: &Connection, job_id: &str, worker_id: &str) -> OpResult<LeaseState> {
     let not_owned = || {
         OpError::Job(JobSourceError::NotOwned {
             job_id: job_id.to_owned(),
@@ -716,7 +737,7 @@ impl RawView {
         })
     }
 
-    fn into_view(self, tx: &Transaction<'_>, include_content: bool) -> OpResult<JobView> {
+    fn into_view(self, tx: &Connection, include_content: bool) -> OpResult<JobView> {
         let documents = load_documents(tx, &self.id, include_content)?;
         Ok(JobView {
             status: parse_status(&self.status)?,
@@ -737,13 +758,13 @@ impl RawView {
 }
 
 fn load_documents(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     job_id: &str,
     include_content: bool,
 ) -> OpResult<Vec<StoredDocument>> {
     // Without content, select an empty string so large contents are never read.
     let content = if include_content { "content" } else { "''" };
-    let mut stmt = tx.prepare(&format!(
+    let mut stmt = tx.prepare_cached(&format!(
         "SELECT slug, title, kind, chapter_index, {content}, size_bytes FROM documents
          WHERE job_id = ?1 ORDER BY position"
     ))?;

@@ -12,6 +12,8 @@ use std::{fmt, str::FromStr, time::Duration};
 
 use async_trait::async_trait;
 
+use crate::journal::PlannedAssignment;
+
 /// Milliseconds since the Unix epoch, whole like JavaScript's `Date.now()`: the unit of every
 /// timestamp the job sources use.
 pub fn now_ms() -> f64 {
@@ -280,6 +282,19 @@ pub trait JobSource: Send + Sync + 'static {
 
     /// Claims the oldest due pending job, leasing it to `worker_id` for `lease`.
     async fn claim(&self, worker_id: &str, lease: Duration) -> Result<Option<ClaimedJob>>;
+
+    /// Claims like [`JobSource::claim`]. A source that keeps its jobs in the coordinator's own
+    /// database also journals `planned` for the claimed job in the same transaction and returns
+    /// `true` with it; otherwise (the default) the caller journals the assignment itself.
+    async fn claim_journaled(
+        &self,
+        worker_id: &str,
+        lease: Duration,
+        planned: &PlannedAssignment,
+    ) -> Result<Option<(ClaimedJob, bool)>> {
+        let _ = planned;
+        Ok(self.claim(worker_id, lease).await?.map(|job| (job, false)))
+    }
 
     /// Extends the lease by `lease` and writes `update`. [`JobSourceError::NotOwned`] when the
     /// lease is someone else's; [`JobSourceError::Canceled`], writing nothing, when the job was

@@ -11,7 +11,7 @@ use crate::job_source::ActiveStatus;
 const LEASE: Duration = Duration::from_secs(300);
 
 fn open(dir: &Path, options: EmbeddedOptions) -> EmbeddedStore {
-    EmbeddedStore::open(dir, options).expect("open store")
+    EmbeddedStore::new(Database::open(dir).expect("open database"), options)
 }
 
 /// Retries without waiting, so tests can run attempt after attempt.
@@ -598,4 +598,65 @@ async fn a_legacy_database_file_is_taken_over() {
     let store = open(dir.path(), EmbeddedOptions::default());
     assert_eq!(view(&store, &id).await.status, JobStatus::Pending);
     assert!(!dir.path().join("jobs.sqlite3").exists());
+}
+
+/// A submit is acknowledged only once the commit holding it is done: the commit counter moved
+/// and a second connection (which sees only committed data) finds the job.
+#[tokio::test]
+async fn a_submit_is_acknowledged_after_its_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Database::open(dir.path()).expect("open database");
+    let store = EmbeddedStore::new(db.clone(), EmbeddedOptions::default());
+    let before = db.commits();
+    let id = store.submit(new_job(1)).await.unwrap();
+    assert_eq!(db.commits(), before + 1);
+    let seen: String = Connection::open(db.path())
+        .unwrap()
+        .query_row("SELECT status FROM jobs WHERE id = ?1", [&id], |row| {
+            row.get(0)
+        })
+        .expect("the job is committed");
+    assert_eq!(seen, "pending");
+}
+
+/// The claim and the journal entry of its assignment are one commit: both are there, written
+/// together, and an empty claim journals nothing.
+#[tokio::test]
+async fn a_claim_journals_its_assignment_in_the_same_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Database::open(dir.path()).expect("open database");
+    let store = EmbeddedStore::new(db.clone(), EmbeddedOptions::default());
+    let journal = crate::journal::Journal::new(db.clone());
+    let planned = PlannedAssignment {
+        assignment_id: "assignment-1".into(),
+        epoch: 7,
+        agent_id: "agent-1".into(),
+    };
+    assert!(store
+        .claim_journaled("w1", LEASE, &planned)
+        .await
+        .unwrap()
+        .is_none());
+    assert!(journal.load().await.unwrap().is_empty());
+
+    let id = store.submit(new_job(1)).await.unwrap();
+    let before = db.commits();
+    let (job, journaled) = store
+        .claim_journaled("w1", LEASE, &planned)
+        .await
+        .unwrap()
+        .expect("a job");
+    assert!(journaled);
+    assert_eq!(job.id, id);
+    assert_eq!(
+        db.commits(),
+        before + 1,
+        "claim and journal share one commit"
+    );
+    let entries = journal.load().await.unwrap();
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].record.job_id, id);
+    assert_eq!(entries[0].record.assignment_id, "assignment-1");
+    assert_eq!(entries[0].record.epoch, 7);
+    assert_eq!(view(&store, &id).await.status, JobStatus::Claimed);
 }
