@@ -99,7 +99,8 @@ async fn dispatch(ctx: &Arc<Context>, job: ClaimedJob) {
     }
 
     let assignment_id = uuid::Uuid::new_v4().to_string();
-    let Some((agent_id, sender)) = ctx.agents.reserve_slot(&assignment_id) else {
+    // Agents that have not failed this job before go first.
+    let Some((agent_id, sender)) = ctx.agents.reserve_slot(&assignment_id, &job.id) else {
         // The agent whose slot made us claim went away meanwhile.
         let message = "no agent with a free slot to run the job";
         warn!(job_id = %job.id, "{message}; handing the job back");
