@@ -66,6 +66,11 @@ impl CommandTemplate {
         Ok(Self { argv })
     }
 
+    /// The template's arguments, placeholders unreplaced; the first is the program.
+    pub fn argv(&self) -> &[String] {
+        &self.argv
+    }
+
     /// The argv for one run. Values are substituted in one pass per argument, so a value that
     /// itself contains `{repo}` is not expanded again.
     pub fn render(&self, values: TemplateValues<'_>) -> Vec<String> {

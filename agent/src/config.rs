@@ -79,6 +79,21 @@ pub struct AgentConfig {
     #[arg(long, env = "ANALYZER_WORKDIR", default_value = "/app/cli")]
     pub analyzer_workdir: PathBuf,
 
+    /// Least free space on TEMP_DIR's file system for the agent to take work: bytes, or a size
+    /// with a unit (`500 MB`, `1 GiB`). Below it the agent is NOT_SERVING until space is freed.
+    #[arg(long, env = "MIN_FREE_DISK", default_value = "1 GiB")]
+    pub min_free_disk: bytesize::ByteSize,
+
+    /// A command that must exit 0 for the agent to take work, e.g. the CLI's `--version`: split
+    /// like shell words, never run by a shell, no placeholders; run in ANALYZER_WORKDIR with the
+    /// analyzer's environment, as the agent's own user, at start and after agent failures.
+    #[arg(long, env = "ANALYZER_CHECK_COMMAND")]
+    pub analyzer_check_command: Option<String>,
+
+    /// Longest ANALYZER_CHECK_COMMAND may run before it counts as failed (ms).
+    #[arg(long, env = "ANALYZER_CHECK_TIMEOUT", default_value = "30000", value_parser = millis)]
+    pub analyzer_check_timeout: Duration,
+
     /// The analyzer's environment: comma-separated variable names and prefixes (`LC_*`); nothing
     /// else of the agent's environment reaches it, and never one of the agent's own settings.
     #[arg(long, env = "ANALYZER_ENV", default_value = DEFAULT_ANALYZER_ENV)]
@@ -187,6 +202,8 @@ pub struct CheckedConfig {
     pub template: CommandTemplate,
     /// What of the agent's environment the analyzer gets.
     pub analyzer_env: EnvAllowlist,
+    /// `ANALYZER_CHECK_COMMAND`, split.
+    pub check_command: Option<Vec<String>>,
     /// TLS towards the coordinator, for an https:// COORDINATOR_URL.
     pub tls: Option<ClientTlsConfig>,
 }
@@ -243,12 +260,19 @@ impl AgentConfig {
         }
         let analyzer_env = EnvAllowlist::parse(&self.analyzer_env)
             .map_err(|e| invalid("ANALYZER_ENV", e.to_string()))?;
+        let check_command = self
+            .analyzer_check_command
+            .as_deref()
+            .map(parse_check_command)
+            .transpose()
+            .map_err(|message| invalid("ANALYZER_CHECK_COMMAND", message))?;
         let tls = self.tls()?;
         Ok(CheckedConfig {
             agent_id,
             allowlist,
             template,
             analyzer_env,
+            check_command,
             tls,
         })
     }
@@ -290,5 +314,54 @@ impl AgentConfig {
             identity,
             self.tls_domain.as_deref(),
         )))
+    }
+}
+
+/// `ANALYZER_CHECK_COMMAND` as argv: shell words, at least a program, no placeholders (nothing of
+/// a job exists when it runs).
+fn parse_check_command(command: &str) -> Result<Vec<String>, String> {
+    let argv = shell_words::split(command)
+        .map_err(|e| format!("cannot split {command:?} into arguments: {e}"))?;
+    if argv.is_empty() {
+        return Err("the command is empty".into());
+    }
+    if let Some(argument) = argv.iter().find(|a| a.contains('{') && a.contains('}')) {
+        return Err(format!(
+            "argument {argument:?} looks like a placeholder; the check command takes none"
+        ));
+    }
+    Ok(argv)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[test]
+    fn min_free_disk_takes_bytes_or_human_sizes() {
+        let parse = |value: &str| {
+            Cli::try_parse_from(["fondation-agent", "--min-free-disk", value])
+                .map(|cli| cli.config.min_free_disk.as_u64())
+        };
+        assert_eq!(parse("1048576").ok(), Some(1 << 20));
+        assert_eq!(parse("1 GiB").ok(), Some(1 << 30));
+        assert_eq!(parse("500MB").ok(), Some(500_000_000));
+        assert!(parse("lots").is_err());
+    }
+
+    #[test]
+    fn check_command_is_argv_without_placeholders() {
+        assert_eq!(
+            parse_check_command("node '/app/cli/dist/cli.bundled.mjs' --version"),
+            Ok(vec![
+                "node".to_string(),
+                "/app/cli/dist/cli.bundled.mjs".to_string(),
+                "--version".to_string()
+            ])
+        );
+        assert!(parse_check_command("  ").is_err());
+        assert!(parse_check_command("cli {repo}").is_err());
     }
 }

@@ -1,10 +1,16 @@
 //! The agent's own gRPC health service (`HEALTH_ADDR`), with reflection.
 //!
-//! `""` is SERVING only while the agent is connected to the coordinator and takes work, so a
-//! readiness check means "this agent can run jobs now". `liveness` is SERVING while the process
+//! `""` is SERVING only while the agent is connected to the coordinator, its self-check passes
+//! ([`crate::self_check`]) and it takes work, so a readiness check means "this agent can run jobs
+//! now". `liveness` is SERVING while the process
 //! serves at all: restarts must check that one, or a coordinator outage would get every agent
 //! restarted with its running analysis. The agent serves no `fondation.v1` service of its own,
 //! so it reports no other name.
+
+use std::sync::{
+    atomic::{AtomicBool, Ordering},
+    Arc,
+};
 
 use fondation_runtime::{listener, serving};
 use tokio::net::TcpListener;
@@ -14,22 +20,39 @@ use tonic_health::{server::HealthReporter, ServingStatus};
 #[derive(Clone)]
 pub struct HealthState {
     reporter: HealthReporter,
-    draining: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    flags: Arc<Flags>,
+}
+
+/// What readiness is made of; `""` is SERVING when connected, checked and not draining.
+#[derive(Default)]
+struct Flags {
+    connected: AtomicBool,
+    checks_passed: AtomicBool,
+    draining: AtomicBool,
 }
 
 impl HealthState {
     pub async fn set_connected(&self, connected: bool) {
-        let draining = self.draining.load(std::sync::atomic::Ordering::Relaxed);
-        self.set_ready(connected && !draining).await;
+        self.flags.connected.store(connected, Ordering::Relaxed);
+        self.refresh().await;
+    }
+
+    /// The self-check's latest outcome.
+    pub async fn set_checks_passed(&self, passed: bool) {
+        self.flags.checks_passed.store(passed, Ordering::Relaxed);
+        self.refresh().await;
     }
 
     pub async fn set_draining(&self) {
-        self.draining
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-        self.set_ready(false).await;
+        self.flags.draining.store(true, Ordering::Relaxed);
+        self.refresh().await;
     }
 
-    async fn set_ready(&self, ready: bool) {
+    async fn refresh(&self) {
+        let flags = &self.flags;
+        let ready = flags.connected.load(Ordering::Relaxed)
+            && flags.checks_passed.load(Ordering::Relaxed)
+            && !flags.draining.load(Ordering::Relaxed);
         let status = if ready {
             ServingStatus::Serving
         } else {
@@ -47,7 +70,7 @@ pub async fn serve(
     let (reporter, service) = serving::health_service().await;
     let state = HealthState {
         reporter,
-        draining: Default::default(),
+        flags: Arc::default(),
     };
     let router = tonic::transport::Server::builder()
         .add_service(service)

@@ -9,6 +9,7 @@
 //! - [`analyzer`]: the `ANALYZER_COMMAND` template; [`progress`]: reading the CLI's progress;
 //! - [`collector`]: the output folder turned into documents;
 //! - [`sandbox`]: the analyzer's environment allow-list, per-slot users and process sweep;
+//! - [`self_check`]: what every job needs, checked before taking work and after agent failures;
 //! - [`health`]: the agent's own gRPC health service.
 
 pub mod analyzer;
@@ -20,6 +21,7 @@ pub mod process;
 pub mod progress;
 pub mod runner;
 pub mod sandbox;
+pub mod self_check;
 pub mod session;
 
 use std::sync::Arc;
@@ -70,6 +72,23 @@ pub async fn run(
     let stop_health = CancellationToken::new();
     let (health, health_task) = health::serve(health_listener, stop_health.clone()).await?;
     tracing::info!(agent_id = %checked.agent_id, coordinator = %config.coordinator_url, slots = config.max_concurrent_jobs, "agent starting");
+    let check = self_check::SelfCheck {
+        workspace_root: workspace_root.clone(),
+        min_free_disk: config.min_free_disk.as_u64(),
+        workdir: config.analyzer_workdir.clone(),
+        analyzer_argv: checked.template.argv().to_vec(),
+        analyzer_env: sandbox.analyzer_env(&workspace_root, 0),
+        slot_user: sandbox.user(0),
+        check_command: checked.check_command.clone(),
+        check_timeout: config.analyzer_check_timeout,
+    };
+    let readiness = self_check::Readiness::default();
+    let checker = tokio::spawn(self_check::supervise(
+        check,
+        readiness.clone(),
+        health.clone(),
+        stop_health.clone(),
+    ));
     let ctx = Arc::new(runner::RunnerContext {
         config,
         workspace_root,
@@ -88,11 +107,12 @@ pub async fn run(
             }
         })
     };
-    session::Agent::new(ctx, checked.agent_id, checked.tls, health)
+    session::Agent::new(ctx, checked.agent_id, checked.tls, health, readiness)
         .run(shutdown)
         .await;
     grace_timer.abort();
     stop_health.cancel();
     let _ = health_task.await;
+    let _ = checker.await;
     Ok(())
 }

@@ -20,7 +20,7 @@ use crate::{
     clone::{clone_repo, CloneError, CloneSpec},
     collector::{self, CollectLimits, CollectedDocument},
     config::AgentConfig,
-    process::{self, ExitStatusKind, OutputLine, ProcessEnd, ProcessSpec},
+    process::{self, ExitStatusKind, OutputLine, ProcessEnd, ProcessError, ProcessSpec},
     progress::{self, TOTAL_STEPS},
     sandbox::Sandbox,
 };
@@ -63,6 +63,8 @@ pub struct RunnerContext {
 struct RunFailure {
     message: String,
     retryable: bool,
+    /// The failure points at the agent, not at the job (see [`RunOutcome::Failed`]).
+    agent_fault: bool,
 }
 
 impl RunFailure {
@@ -70,6 +72,7 @@ impl RunFailure {
         Self {
             message: message.into(),
             retryable: false,
+            agent_fault: false,
         }
     }
 
@@ -77,7 +80,44 @@ impl RunFailure {
         Self {
             message: message.into(),
             retryable: true,
+            agent_fault: false,
         }
+    }
+
+    /// The agent cannot run jobs (disk full, git or the analyzer cannot start): another agent
+    /// may, and this one re-checks itself.
+    fn agent(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            retryable: true,
+            agent_fault: true,
+        }
+    }
+}
+
+/// Exit codes of a program that could not be started: 126 found but not executable, 127 not
+/// found (shells, `env`, `timeout` and `nice` use them so).
+const COULD_NOT_START: [i32; 2] = [126, 127];
+
+/// Whether an analyzer that ended with `status` failed for a reason of the agent: it exited with
+/// a "could not start" code before it printed anything or wrote any output. An analyzer that got
+/// as far as printing failed on the job (an expired credential fails after output, for one).
+fn analyzer_could_not_start(status: &ExitStatusKind, printed: bool, wrote_output: bool) -> bool {
+    matches!(status, ExitStatusKind::Exited(code) if COULD_NOT_START.contains(code))
+        && !printed
+        && !wrote_output
+}
+
+/// Whether a clone failed for a reason of the agent rather than of the repository: git could not
+/// be started, or the local disk is full.
+fn clone_failed_on_agent(error: &CloneError) -> bool {
+    match error {
+        CloneError::Process(_) => true,
+        CloneError::Failed { message, .. } => {
+            let message = message.to_ascii_lowercase();
+            message.contains("no space left on device") || message.contains("disk quota exceeded")
+        }
+        _ => false,
     }
 }
 
@@ -112,10 +152,11 @@ pub async fn run_assignment(
             }
         }
         Err(failure) => {
-            warn!(job_id = %assignment.job_id, error = %escaped(&failure.message), retryable = failure.retryable, "run failed");
+            warn!(job_id = %assignment.job_id, error = %escaped(&failure.message), retryable = failure.retryable, agent_fault = failure.agent_fault, "run failed");
             RunOutcome::Failed {
                 message: failure.message,
                 retryable: failure.retryable,
+                agent_fault: failure.agent_fault,
             }
         }
     };
@@ -176,14 +217,14 @@ async fn execute(
         .prefix(WORKSPACE_PREFIX)
         .tempdir_in(&ctx.workspace_root)
         .map_err(|e| {
-            RunFailure::transient(format!(
+            RunFailure::agent(format!(
                 "cannot create a workspace in {} (under TEMP_DIR): {e}",
                 ctx.workspace_root.display()
             ))
         })?;
     ctx.sandbox
         .prepare_workspace(workspace.path(), slot)
-        .map_err(|e| RunFailure::transient(e.to_string()))?;
+        .map_err(|e| RunFailure::agent(e.to_string()))?;
     let repo = workspace.path().join("repo");
 
     reporter.phase(Phase::Cloning);
@@ -198,9 +239,11 @@ async fn execute(
         .await
         .map_err(|error| match error {
             CloneError::Canceled => RunFailure::transient(STOPPED),
+            error if clone_failed_on_agent(&error) => RunFailure::agent(error.to_string()),
             error => RunFailure {
                 retryable: error.is_retryable(),
                 message: error.to_string(),
+                agent_fault: false,
             },
         })?;
 
@@ -208,7 +251,7 @@ async fn execute(
     let output_dir = repo.join(OUTPUT_FOLDER);
     ctx.sandbox
         .prepare_output(&output_dir, slot)
-        .map_err(|e| RunFailure::transient(e.to_string()))?;
+        .map_err(|e| RunFailure::agent(e.to_string()))?;
     let run = AnalyzerRun {
         repo: &repo,
         output_dir: &output_dir,
@@ -225,6 +268,7 @@ async fn execute(
         .map_err(|e| RunFailure {
             retryable: !e.is_permanent(),
             message: e.to_string(),
+            agent_fault: false,
         })?;
     drop(workspace);
     Ok(documents)
@@ -303,7 +347,13 @@ async fn analyze(
         tracker.on_output_evidence(step, reporter);
     }
 
-    let end = end.map_err(|e| RunFailure::transient(e.to_string()))?;
+    let end = end.map_err(|e| match e {
+        // Nothing of the job ran: the program or its working folder is missing on this agent.
+        ProcessError::EmptyArgv | ProcessError::Workdir { .. } | ProcessError::Spawn { .. } => {
+            RunFailure::agent(e.to_string())
+        }
+        ProcessError::Io { .. } => RunFailure::transient(e.to_string()),
+    })?;
     match end {
         ProcessEnd::Exited {
             status: ExitStatusKind::Exited(0),
@@ -314,10 +364,18 @@ async fn analyze(
                 ExitStatusKind::Exited(code) => format!("exited with code {code}"),
                 ExitStatusKind::Signaled(signal) => format!("was killed by signal {signal}"),
             };
-            Err(RunFailure::transient(format!(
-                "the analyzer {how}: {}",
-                error_text(&tail)
-            )))
+            let message = format!("the analyzer {how}: {}", error_text(&tail));
+            let dir = output_dir.to_path_buf();
+            let wrote_output = tokio::task::spawn_blocking(move || folder_has_entries(&dir))
+                .await
+                .unwrap_or(true);
+            if analyzer_could_not_start(&status, !tail.is_empty(), wrote_output) {
+                Err(RunFailure::agent(format!(
+                    "{message} (it could not start: see the agent's self-check)"
+                )))
+            } else {
+                Err(RunFailure::transient(message))
+            }
         }
         ProcessEnd::TimedOut { tail } => Err(RunFailure::transient(format!(
             "the analyzer ran longer than ANALYZER_TIMEOUT ({} ms) and was stopped; last output: {}",
@@ -325,6 +383,14 @@ async fn analyze(
             error_text(&tail)
         ))),
         ProcessEnd::Canceled { .. } => Err(RunFailure::transient(STOPPED)),
+    }
+}
+
+/// Whether `dir` holds anything (an unreadable folder counts as written: not the agent's fault).
+fn folder_has_entries(dir: &Path) -> bool {
+    match std::fs::read_dir(dir) {
+        Ok(mut entries) => entries.next().is_some(),
+        Err(e) => e.kind() != std::io::ErrorKind::NotFound,
     }
 }
 
@@ -417,4 +483,55 @@ pub fn prepare_workspace_root(root: &Path) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn could_not_start_needs_the_code_and_silence() {
+        let exited = ExitStatusKind::Exited;
+        assert!(analyzer_could_not_start(&exited(127), false, false));
+        assert!(analyzer_could_not_start(&exited(126), false, false));
+        // It printed, or wrote output: it ran, so the job (or a credential) is at fault.
+        assert!(!analyzer_could_not_start(&exited(127), true, false));
+        assert!(!analyzer_could_not_start(&exited(127), false, true));
+        // Other codes and signals are the job's.
+        assert!(!analyzer_could_not_start(&exited(1), false, false));
+        assert!(!analyzer_could_not_start(&exited(0), false, false));
+        assert!(!analyzer_could_not_start(
+            &ExitStatusKind::Signaled(9),
+            false,
+            false
+        ));
+    }
+
+    #[test]
+    fn clone_failures_of_the_agent_are_told_from_the_repository_s() {
+        let failed = |message: &str| CloneError::Failed {
+            url: "https://github.com/o/r".into(),
+            branch: "main".into(),
+            message: message.into(),
+        };
+        assert!(clone_failed_on_agent(&failed(
+            "fatal: write error: No space left on device"
+        )));
+        assert!(clone_failed_on_agent(&CloneError::Process(
+            ProcessError::Spawn {
+                program: "git".into(),
+                source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            }
+        )));
+        assert!(!clone_failed_on_agent(&failed(
+            "fatal: Remote branch nope not found in upstream origin"
+        )));
+        assert!(!clone_failed_on_agent(&failed(
+            "fatal: unable to access: timeout"
+        )));
+        assert!(!clone_failed_on_agent(&CloneError::TooLarge {
+            url: "u".into(),
+            limit: 1,
+        }));
+    }
 }

@@ -27,6 +27,7 @@ use tracing::{debug, info, warn};
 use crate::{
     health::HealthState,
     runner::{run_assignment, RunnerContext},
+    self_check::Readiness,
 };
 
 /// Wait for the coordinator's `Welcome` after `Hello`.
@@ -74,6 +75,8 @@ pub struct Agent {
     /// TLS towards the coordinator, for an https:// COORDINATOR_URL.
     tls: Option<ClientTlsConfig>,
     health: HealthState,
+    /// The self-check's verdict: no work while it fails.
+    readiness: Readiness,
     runs: HashMap<String, RunEntry>,
     reports_tx: mpsc::UnboundedSender<RunReport>,
     reports: mpsc::UnboundedReceiver<RunReport>,
@@ -98,6 +101,7 @@ impl Agent {
         agent_id: String,
         tls: Option<ClientTlsConfig>,
         health: HealthState,
+        readiness: Readiness,
     ) -> Self {
         let (reports_tx, reports) = mpsc::unbounded_channel();
         Self {
@@ -105,6 +109,7 @@ impl Agent {
             agent_id,
             tls,
             health,
+            readiness,
             runs: HashMap::new(),
             reports_tx,
             reports,
@@ -117,8 +122,19 @@ impl Agent {
         self.ctx.config.max_concurrent_jobs
     }
 
+    /// Slots that may take work now: none while the self-check fails.
     fn free_slots(&self) -> u32 {
+        if self.readiness.unready().is_some() {
+            return 0;
+        }
         self.slots().saturating_sub(self.runs.len() as u32)
+    }
+
+    fn heartbeat(&self) -> FromAgent {
+        FromAgent::Heartbeat {
+            free_slots: self.free_slots(),
+            unready: self.readiness.unready(),
+        }
     }
 
     /// Runs sessions until `shutdown.drain` and then until the running jobs have ended, or were
@@ -324,6 +340,7 @@ impl Agent {
                     result_pending: run.result.is_some(),
                 })
                 .collect(),
+            unready: self.readiness.unready(),
         }
     }
 
@@ -350,6 +367,8 @@ impl Agent {
             }
         }
         let mut heartbeat = tokio::time::interval(heartbeat_every);
+        let mut readiness = self.readiness.subscribe();
+        readiness.mark_unchanged();
         loop {
             self.on_shutdown_signal(shutdown).await;
             if self.draining && shutdown.drain.is_cancelled() && self.runs.is_empty() {
@@ -370,13 +389,27 @@ impl Agent {
                 },
                 Some(report) = self.reports.recv() => {
                     self.record(&report);
+                    // A run that failed for a reason of the agent made it unready: the coordinator
+                    // hears that before the failure, so it does not hand this agent the next job.
+                    if readiness.has_changed().unwrap_or(false) {
+                        readiness.mark_unchanged();
+                        if outbound.send(self.heartbeat().into()).await.is_err() {
+                            return SessionEnd::Lost("the outbound stream closed".into());
+                        }
+                    }
                     if outbound.send(report.into()).await.is_err() {
                         return SessionEnd::Lost("the outbound stream closed".into());
                     }
                 }
                 _ = heartbeat.tick() => {
-                    let beat = FromAgent::Heartbeat { free_slots: self.free_slots() };
-                    if outbound.send(beat.into()).await.is_err() {
+                    if outbound.send(self.heartbeat().into()).await.is_err() {
+                        return SessionEnd::Lost("the outbound stream closed".into());
+                    }
+                }
+                // The coordinator hears of a change of readiness at once, not a heartbeat later.
+                Ok(()) = readiness.changed() => {
+                    readiness.mark_unchanged();
+                    if outbound.send(self.heartbeat().into()).await.is_err() {
                         return SessionEnd::Lost("the outbound stream closed".into());
                     }
                 }
@@ -419,8 +452,11 @@ impl Agent {
     }
 
     async fn accept(&mut self, assignment: Assignment, outbound: &mpsc::Sender<pb::AgentMessage>) {
+        let unready = self.readiness.unready();
         let refusal = if self.draining {
             Some("the agent is draining")
+        } else if unready.is_some() {
+            Some("the agent is not ready (its self-check fails)")
         } else if self.free_slots() == 0 {
             Some("the agent has no free slot")
         } else if self.runs.contains_key(&assignment.assignment_id) {
@@ -434,8 +470,13 @@ impl Agent {
                 assignment_id: assignment.assignment_id,
                 epoch: assignment.epoch,
                 event: RunEvent::Finished(RunOutcome::Failed {
-                    message: format!("assignment refused: {reason}"),
+                    message: match &unready {
+                        Some(why) => format!("assignment refused: {reason}: {why}"),
+                        None => format!("assignment refused: {reason}"),
+                    },
                     retryable: true,
+                    // Not the job's fault: it loses no attempt where the job source allows.
+                    agent_fault: unready.is_some(),
                 }),
             };
             let _ = outbound.send(refused.into()).await;
@@ -467,7 +508,15 @@ impl Agent {
         };
         match &report.event {
             RunEvent::Document { .. } => run.partial.push(report.clone()),
-            RunEvent::Finished(_) => {
+            RunEvent::Finished(outcome) => {
+                if let RunOutcome::Failed {
+                    message,
+                    agent_fault: true,
+                    ..
+                } = outcome
+                {
+                    self.readiness.recheck(message);
+                }
                 let mut result = std::mem::take(&mut run.partial);
                 result.push(report.clone());
                 run.result = Some(result);

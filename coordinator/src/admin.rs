@@ -201,6 +201,17 @@ impl pb::admin_server::Admin for Admin {
                 draining: agent.draining,
                 labels: agent.description.labels.into_iter().collect(),
                 peer: agent.description.peer,
+                unready_reason: agent.unready.unwrap_or_default(),
+                quarantined: agent.quarantine.is_some(),
+                quarantine_reason: agent
+                    .quarantine
+                    .map(|q| {
+                        let left = q
+                            .until
+                            .saturating_duration_since(tokio::time::Instant::now());
+                        format!("{} ({} s left)", q.reason, left.as_secs())
+                    })
+                    .unwrap_or_default(),
             })
             .collect();
         Ok(Response::new(pb::ListAgentsResponse { agents }))

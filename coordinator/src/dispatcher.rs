@@ -23,6 +23,7 @@ use tracing::{info, warn};
 
 use crate::{
     agents::AgentSender,
+    assignments::AssignmentRecord,
     context::Context,
     job_source::{now_ms, ClaimedJob, RepoTarget},
     journal::PlannedAssignment,
@@ -48,7 +49,7 @@ pub async fn run_claim_loop(ctx: Arc<Context>) {
         // already have been applied by the source; like a claim whose reply was lost, that job
         // stays under our lock until its lease is reclaimed (DESIGN.md section 2).
         let assignment_id = uuid::Uuid::new_v4().to_string();
-        let wait = match ctx.agents.reserve_slot(&assignment_id) {
+        let wait = match ctx.agents.reserve_slot(&assignment_id, "") {
             // The free slot went away since it was counted; look again after a while.
             None => ctx.config.poll_interval,
             Some((agent_id, sender)) => {
@@ -136,6 +137,13 @@ async fn dispatch(
             .notify(&stale.assignment_id, JobEvent::Superseded);
     }
 
+    // The slot was reserved before the job was known: when its agent has failed this job before
+    // and another agent can take it, the job goes to that one (journal entry rewritten first).
+    let (record, sender) = match prefer_fresh_agent(ctx, record, sender, &job.id, journaled).await {
+        Some(moved) => moved,
+        None => return,
+    };
+
     // Journaled before it is sent, so a restart cannot forget a run that may have started.
     if !journaled {
         if let Err(error) = ctx.journal.record_assignment(&record).await {
@@ -176,6 +184,49 @@ async fn dispatch(
         ctx.assignments
             .notify(&record.assignment_id, JobEvent::AgentGone);
     }
+}
+
+/// Moves a reservation away from an agent that failed this job before, when another agent has
+/// a free slot; `None` when the move could not be journaled (the job was handed back).
+async fn prefer_fresh_agent(
+    ctx: &Arc<Context>,
+    mut record: AssignmentRecord,
+    sender: AgentSender,
+    job_id: &str,
+    journaled: bool,
+) -> Option<(AssignmentRecord, AgentSender)> {
+    if !ctx.agents.has_failed(&record.agent_id, job_id) {
+        return Some((record, sender));
+    }
+    let moved_id = uuid::Uuid::new_v4().to_string();
+    let Some((agent_id, fresh_sender)) = ctx.agents.reserve_fresh_slot(&moved_id, job_id) else {
+        return Some((record, sender));
+    };
+    ctx.agents.release(&record.agent_id, &record.assignment_id);
+    // The journal entry is keyed by assignment id: the old one goes, the new one is written.
+    if journaled {
+        if let Err(error) = ctx.journal.remove(&record.assignment_id).await {
+            warn!(job_id, %error, "could not move the journal entry to another agent");
+        }
+    }
+    info!(job_id, from = %record.agent_id, to = %agent_id, "job moved to an agent that has not failed it");
+    record.assignment_id = moved_id;
+    record.agent_id = agent_id;
+    if journaled {
+        if let Err(error) = ctx.journal.record_assignment(&record).await {
+            warn!(job_id, %error, "could not journal the assignment; handing the job back");
+            ctx.agents.release(&record.agent_id, &record.assignment_id);
+            if let Err(error) = ctx
+                .source
+                .fail(job_id, &ctx.worker_id, &error.to_string(), true)
+                .await
+            {
+                warn!(job_id, %error, "handing the job back failed");
+            }
+            return None;
+        }
+    }
+    Some((record, fresh_sender))
 }
 
 /// Everything from the job source is untrusted: the URL must be allow-listed, the branch a valid

@@ -176,6 +176,7 @@ fn check_hello(hello: &Hello, peer: String) -> Result<AgentDescription, Status> 
         slots: hello.slots,
         labels,
         peer,
+        unready: hello.unready.clone(),
     })
 }
 
@@ -271,7 +272,10 @@ async fn read_reports(
             event,
         } = match FromAgent::try_from(message)? {
             FromAgent::Report(report) => report,
-            FromAgent::Heartbeat { .. } => continue,
+            FromAgent::Heartbeat { unready, .. } => {
+                ctx.agents.set_unready(agent_id, unready);
+                continue;
+            }
             FromAgent::Hello(_) => {
                 return Err(Status::invalid_argument(
                     "Hello may only be the first message",

@@ -357,8 +357,22 @@ impl Keeper {
     }
 
     async fn finish(&mut self, outcome: RunOutcome) -> End {
+        match &outcome {
+            RunOutcome::Failed {
+                message,
+                agent_fault: true,
+                ..
+            } => {
+                if self.release_after_agent_fault(message).await {
+                    return End::Done;
+                }
+            }
+            _ => self.ctx.agents.record_healthy_run(&self.record.agent_id),
+        }
         let run_end = match outcome {
-            RunOutcome::Failed { message, retryable } => RunEnd::Failed { message, retryable },
+            RunOutcome::Failed {
+                message, retryable, ..
+            } => RunEnd::Failed { message, retryable },
             RunOutcome::Succeeded {
                 document_count,
                 message,
@@ -409,6 +423,34 @@ impl Keeper {
         end
     }
 
+    /// The run failed for a reason of its agent: counts that against the agent (quarantine) and
+    /// the job, and hands the job back without losing an attempt while the job has agent
+    /// failures to spare and the job source can. Returns true when the job went back; otherwise
+    /// the failure is recorded like any other (an attempt counts).
+    async fn release_after_agent_fault(&self, message: &str) -> bool {
+        let (job_id, agent_id) = (&self.record.job_id, &self.record.agent_id);
+        let verdict = self
+            .ctx
+            .agents
+            .record_agent_fault(agent_id, job_id, message);
+        if !verdict.free_retry {
+            warn!(job_id = %job_id, agent_id = %agent_id, job_faults = verdict.job_faults, "the job met too many agent failures; this one counts an attempt");
+            return false;
+        }
+        match self.ctx.source.release(job_id, &self.ctx.worker_id).await {
+            Ok(()) => {
+                warn!(job_id = %job_id, agent_id = %agent_id, error = %escaped(message), job_faults = verdict.job_faults, "run failed for a reason of the agent; job handed back without losing an attempt, other agents first");
+                self.ack(true, "");
+                true
+            }
+            Err(JobSourceError::Unsupported(_)) => false,
+            Err(error) => {
+                warn!(job_id = %job_id, %error, "handing the job back failed; recording the failure instead");
+                false
+            }
+        }
+    }
+
     /// Records a run's end in the job source.
     async fn deliver(&mut self, run_end: RunEnd) -> End {
         match run_end {
@@ -427,6 +469,7 @@ impl Keeper {
         match outcome {
             Ok(()) => {
                 info!(job_id = %self.record.job_id, documents = count, "job completed");
+                self.ctx.agents.forget_job(&self.record.job_id);
                 End::Done
             }
             Err(JobSourceError::TooLarge(problem)) => {
@@ -455,10 +498,12 @@ impl Keeper {
             }
             Ok(FailOutcome::Dead { attempts }) => {
                 warn!(job_id = %self.record.job_id, attempts, error = %escaped(&message), "job failed for the last time; it is dead");
+                self.ctx.agents.forget_job(&self.record.job_id);
                 End::Done
             }
             Ok(FailOutcome::Failed) => {
                 warn!(job_id = %self.record.job_id, error = %escaped(&message), "job failed; retrying cannot help");
+                self.ctx.agents.forget_job(&self.record.job_id);
                 End::Done
             }
             Err(error) => self.final_error(error),

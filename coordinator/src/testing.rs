@@ -53,6 +53,9 @@ pub enum Call {
     GetJob {
         job_id: String,
     },
+    Release {
+        job_id: String,
+    },
 }
 
 /// A scripted job source. Replies are taken from queues; an empty queue means success (no job
@@ -66,6 +69,8 @@ pub struct FakeSource {
     pub heartbeat_replies: Mutex<VecDeque<Result<()>>>,
     pub complete_replies: Mutex<VecDeque<Result<()>>>,
     pub fail_replies: Mutex<VecDeque<Result<FailOutcome>>>,
+    /// `release` answers Unsupported, like Convex.
+    pub release_unsupported: std::sync::atomic::AtomicBool,
     /// What `get_job` reports as the job's status (claimed by us when None).
     pub status: Mutex<Option<JobStatus>>,
 }
@@ -146,6 +151,19 @@ impl JobSource for FakeSource {
                 attempts: 1,
                 next_run_at_ms: 0.0,
             }))
+    }
+
+    async fn release(&self, job_id: &str, _worker_id: &str) -> Result<()> {
+        if self
+            .release_unsupported
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return Err(JobSourceError::Unsupported("no release here".into()));
+        }
+        self.record(Call::Release {
+            job_id: job_id.into(),
+        });
+        Ok(())
     }
 
     async fn get_job(&self, job_id: &str, _include_content: bool) -> Result<Option<JobView>> {
@@ -262,6 +280,7 @@ impl Harness {
                 slots,
                 labels: Default::default(),
                 peer: "test".into(),
+                unready: None,
             },
             tx,
             Default::default(),

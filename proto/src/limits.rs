@@ -121,6 +121,10 @@ where
 /// status, so a runaway CLI line must not travel further than this.
 pub const MAX_PROGRESS_BYTES: usize = 500;
 
+/// Jobs whose agent failures a coordinator remembers at once (to send them to other agents first
+/// and to count attempts after `AGENT_FAULTS_PER_JOB`); entries leave when their job ends.
+pub const MAX_TRACKED_JOB_FAULTS: usize = 10_000;
+
 /// A run's final message: the error text of a failed attempt (`queue:retryOrFail`'s `error`,
 /// stored twice in the job as `error` and `lastError`) or the completion message. Enough for the
 /// CLI's last error lines, small beside the job's 1 MiB.

@@ -48,7 +48,15 @@ async fn agent(workspace: &std::path::Path) -> Agent {
     let (health, _task) = crate::health::serve(listener, CancellationToken::new())
         .await
         .expect("the health server starts");
-    Agent::new(std::sync::Arc::new(ctx), "agent-1".into(), None, health)
+    let readiness = crate::self_check::Readiness::default();
+    readiness.set(None);
+    Agent::new(
+        std::sync::Arc::new(ctx),
+        "agent-1".into(),
+        None,
+        health,
+        readiness,
+    )
 }
 
 /// One session over channels: what the coordinator sends in, what the agent sends out.
@@ -162,7 +170,7 @@ async fn a_result_is_held_across_a_lost_session_until_acknowledged() {
         .await;
     // A heartbeat after the acknowledgement shows the slot free again.
     loop {
-        if let FromAgent::Heartbeat { free_slots } = session.next("a heartbeat").await {
+        if let FromAgent::Heartbeat { free_slots, .. } = session.next("a heartbeat").await {
             if free_slots == 1 {
                 break;
             }
@@ -180,7 +188,13 @@ async fn heartbeats_go_out_at_the_interval_the_coordinator_asked_for() {
     let start = Instant::now();
     for beat in 0..3u32 {
         let message = session.next("a heartbeat").await;
-        assert_eq!(message, FromAgent::Heartbeat { free_slots: 1 });
+        assert_eq!(
+            message,
+            FromAgent::Heartbeat {
+                free_slots: 1,
+                unready: None
+            }
+        );
         assert_eq!(start.elapsed(), HEARTBEAT * beat);
     }
     session.lose().await;

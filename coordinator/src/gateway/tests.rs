@@ -24,6 +24,7 @@ fn hello() -> pb::AgentMessage {
         slots: 1,
         labels: Default::default(),
         running: Vec::new(),
+        unready: None,
     })
     .into()
 }
@@ -105,7 +106,11 @@ async fn a_session_must_start_with_a_supported_hello() {
     let status = response.expect_err("an old protocol is refused");
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
 
-    let heartbeat: pb::AgentMessage = FromAgent::Heartbeat { free_slots: 1 }.into();
+    let heartbeat: pb::AgentMessage = FromAgent::Heartbeat {
+        free_slots: 1,
+        unready: None,
+    }
+    .into();
     let (_tx, response) = open(&harness, heartbeat).await;
     let status = response.expect_err("a session must start with Hello");
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");

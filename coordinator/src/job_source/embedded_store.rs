@@ -354,6 +354,23 @@ impl JobSource for EmbeddedStore {
         .await
     }
 
+    async fn release(&self, job_id: &str, worker_id: &str) -> Result<()> {
+        let (job_id, worker_id) = (job_id.to_owned(), worker_id.to_owned());
+        self.run("releasing a job", move |conn| {
+            let tx = conn;
+            let state = check_owned(tx, &job_id, &worker_id)?;
+            let now = now_ms();
+            tx.execute(
+                "UPDATE jobs SET status = 'pending', run_at = ?2, locked_by = NULL,
+                     lease_until = NULL, attempts = ?3, updated_at = ?2
+                 WHERE id = ?1",
+                params![job_id, now, state.attempts.saturating_sub(1)],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
     async fn get_job(&self, job_id: &str, include_content: bool) -> Result<Option<JobView>> {
         let job_id = job_id.to_owned();
         self.run("reading a job", move |conn| {

@@ -324,6 +324,20 @@ pub trait JobSource: Send + Sync + 'static {
         retryable: bool,
     ) -> Result<FailOutcome>;
 
+    /// Hands a job this worker holds back to pending, due at once, as if this claim had not
+    /// happened: the attempt its claim counted is not counted, its error and progress stay as
+    /// they were. For runs that failed for a reason of the agent, not of the job. Errors as for
+    /// `fail` ([`JobSourceError::NotOwned`], [`JobSourceError::Canceled`]);
+    /// [`JobSourceError::Unsupported`] where the source cannot give an attempt back (Convex's
+    /// `retryOrFail` always counts one): the caller then uses `fail`.
+    async fn release(&self, job_id: &str, worker_id: &str) -> Result<()> {
+        let _ = (job_id, worker_id);
+        Err(JobSourceError::Unsupported(format!(
+            "the {} job source cannot hand a job back without counting an attempt",
+            self.kind()
+        )))
+    }
+
     /// Reads one job; `include_content` fills in document contents.
     async fn get_job(&self, job_id: &str, include_content: bool) -> Result<Option<JobView>>;
 

@@ -32,7 +32,7 @@ async fn start_keeper(harness: &Harness) -> Keeper {
     };
     let ctx = &harness.ctx;
     ctx.agents
-        .reserve_slot(&record.assignment_id)
+        .reserve_slot(&record.assignment_id, &record.job_id)
         .expect("a free slot");
     ctx.journal
         .record_assignment(&record)
@@ -320,4 +320,77 @@ async fn shutdown_during_an_outage_leaves_the_result_in_the_journal() {
         entries[0].end.is_some(),
         "the run's end is kept for the next start"
     );
+}
+
+fn agent_fault(message: &str) -> JobEvent {
+    run(RunEvent::Finished(RunOutcome::Failed {
+        message: message.into(),
+        retryable: true,
+        agent_fault: true,
+    }))
+}
+
+#[tokio::test(start_paused = true)]
+async fn agent_faults_hand_the_job_back_for_free_within_the_budget_then_count() {
+    use crate::agents::{AGENT_FAULTS_PER_JOB, QUARANTINE_AFTER};
+    let mut harness = Harness::new(no_cancel_checks);
+    for n in 1..=QUARANTINE_AFTER {
+        let keeper = start_keeper(&harness).await;
+        keeper
+            .events
+            .send(agent_fault("the analyzer exited with code 127"))
+            .unwrap();
+        let (_, call) = harness.next_final_call("the end of the run").await;
+        if n <= AGENT_FAULTS_PER_JOB {
+            assert_eq!(
+                call,
+                Call::Release {
+                    job_id: "job-1".into()
+                },
+                "agent failure {n} loses no attempt"
+            );
+        } else {
+            assert!(
+                matches!(&call, Call::Fail { retryable: true, message, .. } if message.contains("127")),
+                "agent failure {n} counts an attempt: {call:?}"
+            );
+        }
+        let mut agent = ended(keeper, "the keeper to end").await;
+        assert!(
+            matches!(
+                next_message(&mut agent, "the ack").await,
+                ToAgent::ResultAck(ack) if ack.accepted
+            ),
+            "the agent may drop the failed run"
+        );
+    }
+    let agents = harness.ctx.agents.snapshot();
+    assert!(
+        agents[0].quarantine.is_some(),
+        "{QUARANTINE_AFTER} agent failures in a row quarantine the agent"
+    );
+    assert_eq!(harness.ctx.agents.free_slots(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_agent_fault_counts_an_attempt_where_the_source_cannot_release() {
+    let mut harness = Harness::new(no_cancel_checks);
+    harness
+        .source
+        .release_unsupported
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let keeper = start_keeper(&harness).await;
+    keeper.events.send(agent_fault("git cannot run")).unwrap();
+    let (_, call) = harness.next_final_call("the failure").await;
+    assert!(
+        matches!(
+            &call,
+            Call::Fail {
+                retryable: true,
+                ..
+            }
+        ),
+        "{call:?}"
+    );
+    ended(keeper, "the keeper to end").await;
 }

@@ -77,10 +77,18 @@ fn reports_survive_the_wire() {
             epoch: 3,
             result_pending: true,
         }],
+        unready: Some("ANALYZER_WORKDIR /app/cli is missing".into()),
     });
     let mut messages = vec![
         hello,
-        FromAgent::Heartbeat { free_slots: 1 },
+        FromAgent::Heartbeat {
+            free_slots: 1,
+            unready: None,
+        },
+        FromAgent::Heartbeat {
+            free_slots: 0,
+            unready: Some("git cannot run".into()),
+        },
         FromAgent::Report(report(RunEvent::Accepted)),
         FromAgent::Report(report(RunEvent::Progress {
             step: 2,
@@ -94,6 +102,12 @@ fn reports_survive_the_wire() {
         FromAgent::Report(report(RunEvent::Finished(RunOutcome::Failed {
             message: "boom".into(),
             retryable: false,
+            agent_fault: false,
+        }))),
+        FromAgent::Report(report(RunEvent::Finished(RunOutcome::Failed {
+            message: "the analyzer could not start".into(),
+            retryable: true,
+            agent_fault: true,
         }))),
     ];
     for phase in [Phase::Cloning, Phase::Analyzing, Phase::Gathering] {

@@ -20,8 +20,12 @@ pub const PROTOCOL_VERSION: pb::ProtocolVersion = pb::ProtocolVersion::ProtocolV
 pub enum FromAgent {
     /// The first message of every session.
     Hello(Hello),
-    /// Sent when the agent has nothing else to say.
-    Heartbeat { free_slots: u32 },
+    /// Sent when the agent has nothing else to say, and at once when its readiness changes.
+    Heartbeat {
+        free_slots: u32,
+        /// Why the agent takes no work (its self-check fails); `None` when it is ready.
+        unready: Option<String>,
+    },
     /// Something about one run.
     Report(RunReport),
 }
@@ -36,6 +40,8 @@ pub struct Hello {
     pub labels: BTreeMap<String, String>,
     /// Runs the agent still works on or holds a result of (after a reconnect).
     pub running: Vec<HeldRun>,
+    /// Why the agent takes no work (its self-check fails); `None` when it is ready.
+    pub unready: Option<String>,
 }
 
 /// A run an agent reports as its own in `Hello`.
@@ -91,8 +97,14 @@ pub enum RunOutcome {
         document_count: u32,
         message: String,
     },
-    /// `retryable` is false when running again cannot help.
-    Failed { message: String, retryable: bool },
+    /// `retryable` is false when running again cannot help. `agent_fault` is true when the
+    /// failure points at the agent (the analyzer or git could not start, the disk is full), not
+    /// at the job.
+    Failed {
+        message: String,
+        retryable: bool,
+        agent_fault: bool,
+    },
 }
 
 impl From<Phase> for pb::Phase {
@@ -124,10 +136,15 @@ impl From<FromAgent> for pb::AgentMessage {
                     })
                     .collect(),
                 protocol_version: PROTOCOL_VERSION as i32,
+                unready_reason: hello.unready.unwrap_or_default(),
             }),
-            FromAgent::Heartbeat { free_slots } => {
-                Kind::Heartbeat(pb::AgentHeartbeat { free_slots })
-            }
+            FromAgent::Heartbeat {
+                free_slots,
+                unready,
+            } => Kind::Heartbeat(pb::AgentHeartbeat {
+                free_slots,
+                unready_reason: unready.unwrap_or_default(),
+            }),
             FromAgent::Report(report) => report_kind(report),
         };
         pb::AgentMessage { kind: Some(kind) }
@@ -184,9 +201,15 @@ fn report_kind(report: RunReport) -> Kind {
                     document_count,
                     message,
                 }),
-                RunOutcome::Failed { message, retryable } => {
-                    pb::assignment_finished::Outcome::Failed(pb::RunFailed { message, retryable })
-                }
+                RunOutcome::Failed {
+                    message,
+                    retryable,
+                    agent_fault,
+                } => pb::assignment_finished::Outcome::Failed(pb::RunFailed {
+                    message,
+                    retryable,
+                    agent_fault,
+                }),
             }),
         }),
     }
@@ -210,6 +233,7 @@ impl TryFrom<pb::AgentMessage> for FromAgent {
             Kind::Hello(hello) => FromAgent::Hello(hello.try_into()?),
             Kind::Heartbeat(beat) => FromAgent::Heartbeat {
                 free_slots: beat.free_slots,
+                unready: unready_reason(beat.unready_reason),
             },
             Kind::Accepted(m) => report(m.assignment_id, m.epoch, RunEvent::Accepted),
             Kind::Phase(m) => {
@@ -252,6 +276,7 @@ impl TryFrom<pb::AgentMessage> for FromAgent {
                     pb::assignment_finished::Outcome::Failed(f) => RunOutcome::Failed {
                         message: limits::cap_error_text(&f.message).into_owned(),
                         retryable: f.retryable,
+                        agent_fault: f.agent_fault,
                     },
                 };
                 report(m.assignment_id, m.epoch, RunEvent::Finished(outcome))
@@ -285,6 +310,12 @@ impl TryFrom<pb::Hello> for Hello {
                     result_pending: run.result_pending,
                 })
                 .collect(),
+            unready: unready_reason(hello.unready_reason),
         })
     }
+}
+
+/// An unready reason from the wire: empty means ready; the text is capped.
+fn unready_reason(reason: String) -> Option<String> {
+    (!reason.is_empty()).then(|| capped(reason, limits::MAX_MESSAGE_BYTES))
 }

@@ -660,3 +660,40 @@ async fn a_claim_journals_its_assignment_in_the_same_commit() {
     assert_eq!(entries[0].record.epoch, 7);
     assert_eq!(view(&store, &id).await.status, JobStatus::Claimed);
 }
+
+#[tokio::test]
+async fn release_gives_the_attempt_back_and_makes_the_job_due_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    // One attempt only: a released claim must not use it up.
+    let store = open(dir.path(), no_backoff(1));
+    let id = store.submit(new_job(1)).await.unwrap();
+    for _ in 0..3 {
+        let claimed = store
+            .claim("w1", LEASE)
+            .await
+            .unwrap()
+            .expect("due at once");
+        assert_eq!(claimed.attempt, 1, "a released claim counts no attempt");
+        store.release(&id, "w1").await.unwrap();
+        let job = view(&store, &id).await;
+        assert_eq!(job.status, JobStatus::Pending);
+        assert_eq!(job.attempts, 0);
+        assert_eq!(job.locked_by, None);
+    }
+    store.claim("w1", LEASE).await.unwrap().expect("claimable");
+    assert!(
+        matches!(
+            store.release(&id, "w2").await,
+            Err(JobSourceError::NotOwned { .. })
+        ),
+        "only the holder may release"
+    );
+    assert_eq!(
+        store.fail(&id, "w1", "boom", true).await.unwrap(),
+        FailOutcome::Dead { attempts: 1 }
+    );
+    assert!(matches!(
+        store.release(&id, "w1").await,
+        Err(JobSourceError::NotOwned { .. })
+    ));
+}
