@@ -36,6 +36,10 @@ pub struct Hello {
     pub labels: BTreeMap<String, String>,
     /// Runs the agent still works on or holds a result of (after a reconnect).
     pub running: Vec<HeldRun>,
+    /// Random id of the agent process, drawn at its start: tells a reconnect of the same process
+    /// from another process announcing the same agent id. Checked with
+    /// [`validate::check_instance_id`].
+    pub instance_id: String,
 }
 
 /// A run an agent reports as its own in `Hello`.
@@ -124,6 +128,7 @@ impl From<FromAgent> for pb::AgentMessage {
                     })
                     .collect(),
                 protocol_version: PROTOCOL_VERSION as i32,
+                instance_id: hello.instance_id,
             }),
             FromAgent::Heartbeat { free_slots } => {
                 Kind::Heartbeat(pb::AgentHeartbeat { free_slots })
@@ -270,7 +275,9 @@ impl TryFrom<pb::Hello> for Hello {
             return Err(ModelError::UnsupportedProtocol(hello.protocol_version));
         }
         validate::check_agent_id(&hello.agent_id).map_err(ModelError::InvalidAgentId)?;
+        validate::check_instance_id(&hello.instance_id).map_err(ModelError::InvalidInstanceId)?;
         Ok(Hello {
+            instance_id: hello.instance_id,
             agent_id: hello.agent_id,
             version: hello.version,
             slots: hello.slots,
