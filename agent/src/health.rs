@@ -72,12 +72,16 @@ pub async fn serve(
         reporter,
         flags: Arc::default(),
     };
-    let router = tonic::transport::Server::builder()
+    let connections = listener::Connections::new(listener::ConnectionLimits::default());
+    let router = connections
+        .server()
         .add_service(service)
         .add_service(serving::reflection_v1()?)
         .add_service(serving::reflection_v1alpha()?);
     let handle = tokio::spawn(async move {
-        if let Err(error) = listener::serve(router, listener, stop.cancelled_owned()).await {
+        if let Err(error) =
+            listener::serve(router, listener, &connections, stop.cancelled_owned()).await
+        {
             tracing::error!(%error, "the health server failed");
         }
     });

@@ -35,11 +35,8 @@ use tokio_util::sync::CancellationToken;
 pub enum AgentError {
     #[error(transparent)]
     Config(#[from] config::ConfigError),
-    #[error("cannot prepare the workspace folder {path} (TEMP_DIR): {source}")]
-    Workspace {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Workspace(#[from] runner::WorkspaceError),
     #[error(transparent)]
     Sandbox(#[from] sandbox::SandboxError),
     #[error(transparent)]
@@ -56,10 +53,8 @@ pub async fn run(
 ) -> Result<(), AgentError> {
     let checked = config.check()?;
     let workspace_root = config.temp_dir.join(&checked.agent_id);
-    runner::prepare_workspace_root(&workspace_root).map_err(|source| AgentError::Workspace {
-        path: workspace_root.display().to_string(),
-        source,
-    })?;
+    // Held until the agent returns: a second agent with our id and TEMP_DIR refuses to start.
+    let _workspace_lock = runner::prepare_workspace_root(&workspace_root)?;
     let sandbox = sandbox::Sandbox::new(
         config.analyzer_isolation,
         config.analyzer_uid_base,

@@ -466,10 +466,60 @@ fn into_document(document: CollectedDocument) -> Document {
     }
 }
 
-/// Creates the agent's workspace root and removes workspaces a previous run of this agent left
-/// behind when it died mid-run.
-pub fn prepare_workspace_root(root: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(root)?;
+/// The lock file in a workspace root, held (flock) by the agent process that owns the root.
+pub const WORKSPACE_LOCK: &str = ".agent.lock";
+
+/// Why the workspace root could not be taken.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkspaceError {
+    #[error("cannot prepare the workspace folder {path} (TEMP_DIR): {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "the workspace folder {path} is in use by another live agent process with the same \
+         AGENT_ID and TEMP_DIR; give each agent its own AGENT_ID (or TEMP_DIR)"
+    )]
+    Held { path: String },
+}
+
+/// The owning agent's hold on its workspace root: while it lives, no other agent process with
+/// the same root sweeps it. Released when the process exits, however it exits (an flock dies
+/// with its file descriptor).
+#[derive(Debug)]
+pub struct WorkspaceLock {
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+/// Creates the agent's workspace root, locks it for this process, and removes workspaces a
+/// previous run of this agent left behind when it died mid-run: only once the lock is held, so a
+/// live agent's workspaces are never swept as stale.
+pub fn prepare_workspace_root(root: &Path) -> Result<WorkspaceLock, WorkspaceError> {
+    let path = || root.display().to_string();
+    let io = |source| WorkspaceError::Io {
+        path: path(),
+        source,
+    };
+    std::fs::create_dir_all(root).map_err(io)?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(root.join(WORKSPACE_LOCK))
+        .map_err(io)?;
+    let lock = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => lock,
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+            return Err(WorkspaceError::Held { path: path() })
+        }
+        Err((_, errno)) => return Err(io(errno.into())),
+    };
+    sweep_stale_workspaces(root).map_err(io)?;
+    Ok(WorkspaceLock { _lock: lock })
+}
+
+fn sweep_stale_workspaces(root: &Path) -> std::io::Result<()> {
     let entries = std::fs::read_dir(root)?;
     for entry in entries.flatten() {
         let name = entry.file_name();
@@ -533,5 +583,31 @@ mod tests {
             url: "u".into(),
             limit: 1,
         }));
+    }
+
+    #[test]
+    fn a_live_agents_workspaces_are_not_swept() {
+        let temp = tempfile::tempdir().unwrap();
+        let root = temp.path().join("agent-1");
+        let live = prepare_workspace_root(&root).expect("the first agent takes the root");
+        let workspace = root.join(format!("{WORKSPACE_PREFIX}busy"));
+        std::fs::create_dir(&workspace).unwrap();
+
+        // A second agent with the same id and TEMP_DIR (flock conflicts between two open files,
+        // in one process as between two).
+        let refused = prepare_workspace_root(&root).unwrap_err().to_string();
+        assert!(
+            refused.contains("in use by another live agent") && refused.contains("AGENT_ID"),
+            "{refused}"
+        );
+        assert!(
+            workspace.exists(),
+            "the live agent's workspace is left alone"
+        );
+
+        // Once the owner is gone its leftovers are stale.
+        drop(live);
+        let _next = prepare_workspace_root(&root).expect("the root is free again");
+        assert!(!workspace.exists(), "a dead agent's workspace is swept");
     }
 }

@@ -22,7 +22,7 @@ use tonic::{
     transport::{Channel, ClientTlsConfig, Endpoint},
     Request, Status, Streaming,
 };
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     health::HealthState,
@@ -47,6 +47,10 @@ pub enum SessionError {
     Connect { url: String, message: String },
     #[error("the coordinator refused the session: {0}")]
     Refused(String),
+    /// Another live agent holds our AGENT_ID, or our client certificate names another id: an
+    /// operator must fix the configuration; retried with the usual backoff meanwhile.
+    #[error("the coordinator refused this agent's identity: {0}")]
+    Identity(String),
 }
 
 /// A run this agent owns, from assignment to acknowledged result.
@@ -72,6 +76,9 @@ enum SessionEnd {
 pub struct Agent {
     ctx: Arc<RunnerContext>,
     agent_id: String,
+    /// Random per process: a reconnect of ours replaces our old session, another process with
+    /// the same AGENT_ID is refused while we are connected.
+    instance_id: String,
     /// TLS towards the coordinator, for an https:// COORDINATOR_URL.
     tls: Option<ClientTlsConfig>,
     health: HealthState,
@@ -107,6 +114,7 @@ impl Agent {
         Self {
             ctx,
             agent_id,
+            instance_id: uuid::Uuid::new_v4().simple().to_string(),
             tls,
             health,
             readiness,
@@ -165,7 +173,14 @@ impl Agent {
                     let wait = backoff
                         .next()
                         .unwrap_or(self.ctx.config.reconnect_max_backoff);
-                    warn!(%error, retry_in_ms = wait.as_millis() as u64, "connecting to the coordinator failed");
+                    match &error {
+                        SessionError::Identity(_) => {
+                            error!(%error, agent_id = %self.agent_id, instance_id = %self.instance_id, retry_in_ms = wait.as_millis() as u64, "this agent cannot take its AGENT_ID; retrying")
+                        }
+                        _ => {
+                            warn!(%error, retry_in_ms = wait.as_millis() as u64, "connecting to the coordinator failed")
+                        }
+                    }
                     if self.wait_offline(wait, &shutdown).await {
                         break;
                     }
@@ -304,15 +319,11 @@ impl Agent {
                 })?;
             request.metadata_mut().insert("authorization", value);
         }
-        let mut inbound = client
-            .session(request)
-            .await
-            .map_err(|status| SessionError::Refused(status.message().to_string()))?
-            .into_inner();
+        let mut inbound = client.session(request).await.map_err(refusal)?.into_inner();
         let first = tokio::time::timeout(WELCOME_TIMEOUT, inbound.message())
             .await
             .map_err(|_| SessionError::Refused("no Welcome from the coordinator".into()))?
-            .map_err(|status| SessionError::Refused(status.message().to_string()))?;
+            .map_err(refusal)?;
         let Some(Ok(ToAgent::Welcome(welcome))) = first.map(ToAgent::try_from) else {
             return Err(SessionError::Refused(
                 "the coordinator did not answer Hello with Welcome".into(),
@@ -327,6 +338,7 @@ impl Agent {
     fn hello(&self) -> Hello {
         Hello {
             agent_id: self.agent_id.clone(),
+            instance_id: self.instance_id.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             slots: self.slots(),
             labels: Default::default(),
@@ -523,6 +535,17 @@ impl Agent {
             }
             _ => {}
         }
+    }
+}
+
+/// The error for a session the coordinator closed with `status`.
+fn refusal(status: Status) -> SessionError {
+    let message = escaped(status.message()).to_string();
+    match status.code() {
+        tonic::Code::AlreadyExists | tonic::Code::PermissionDenied => {
+            SessionError::Identity(message)
+        }
+        _ => SessionError::Refused(message),
     }
 }
 

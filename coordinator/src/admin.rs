@@ -1,24 +1,55 @@
 //! `fondation.v1.Admin`: what operators see and do with grpcurl.
+//!
+//! With `ADMIN_TOKEN` set every call needs it, or `ADMIN_READ_TOKEN` for the read-only ones
+//! (GetJob, ListJobs, ListAgents). Jobs are submitted only with the inputs dispatch would accept
+//! (same checks, same messages), so nothing unbounded or credentialed is stored; repository URLs
+//! and errors are redacted again on the way out, since a job source may hold older data.
 
 use std::sync::Arc;
 
 use fondation_proto::{
     model::{Drain, ToAgent},
     pb,
+    validate::{self, redact_credentials},
 };
 use fondation_runtime::settings::Secret;
 use tonic::{Request, Response, Status};
 use tracing::info;
 
 use crate::{
-    auth::check_bearer,
+    auth::{check_admin, Access},
     context::Context,
     job_source::{JobSourceError, JobStatus, JobView, NewJob},
     lease::JobEvent,
 };
 
 const DEFAULT_LIST_LIMIT: usize = 100;
-use fondation_proto::limits::MAX_LIST_JOBS as MAX_LIST_LIMIT;
+use fondation_proto::limits::{MAX_JOB_ID_BYTES, MAX_LIST_JOBS as MAX_LIST_LIMIT};
+
+/// `ListJobs` page tokens: this prefix and the offset of the page. Opaque to callers; the prefix
+/// lets a token from elsewhere be refused clearly.
+const PAGE_TOKEN_PREFIX: &str = "o";
+
+/// The offset a `ListJobs` page token stands for (0 for none).
+fn page_offset(token: &str) -> Result<usize, Status> {
+    if token.is_empty() {
+        return Ok(0);
+    }
+    token
+        .strip_prefix(PAGE_TOKEN_PREFIX)
+        .and_then(|offset| offset.parse().ok())
+        .ok_or_else(|| {
+            Status::invalid_argument(
+                "page_token is not valid: pass the next_page_token of the previous ListJobs \
+                 reply, or nothing for the first page",
+            )
+        })
+}
+
+/// An id from a request as repeated in an error: capped, since nothing bounds it on the wire.
+fn shown_id(id: &str) -> &str {
+    fondation_proto::limits::truncate_utf8(id, MAX_JOB_ID_BYTES)
+}
 
 pub struct Admin {
     ctx: Arc<Context>,
@@ -29,11 +60,13 @@ impl Admin {
         Self { ctx }
     }
 
-    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        check_bearer(
+    fn authorize<T>(&self, request: &Request<T>, access: Access) -> Result<(), Status> {
+        let config = &self.ctx.config;
+        check_admin(
             request.metadata(),
-            self.ctx.config.admin_token.as_ref().map(Secret::expose),
-            "ADMIN_TOKEN",
+            config.admin_token.as_ref().map(Secret::expose),
+            config.admin_read_token.as_ref().map(Secret::expose),
+            access,
         )
     }
 
@@ -48,7 +81,7 @@ impl Admin {
             job_id: view.id,
             status: view.status.as_str().to_string(),
             attempts: view.attempts,
-            error: view.error.unwrap_or_default(),
+            error: redact_credentials(&view.error.unwrap_or_default()).into_owned(),
             progress: view.progress.unwrap_or_default(),
             current_step: view.current_step.unwrap_or_default(),
             agent_id,
@@ -68,7 +101,7 @@ impl Admin {
                     chapter_index: stored.document.chapter_index,
                 })
                 .collect(),
-            repo_url: view.repo_url.unwrap_or_default(),
+            repo_url: redact_credentials(&view.repo_url.unwrap_or_default()).into_owned(),
             branch: view.branch.unwrap_or_default(),
             created_at: view.created_at_ms,
             updated_at: view.updated_at_ms,
@@ -82,7 +115,7 @@ impl pb::admin_server::Admin for Admin {
         &self,
         request: Request<pb::SubmitJobRequest>,
     ) -> Result<Response<pb::SubmitJobResponse>, Status> {
-        self.authorize(&request)?;
+        self.authorize(&request, Access::Write)?;
         let request = request.into_inner();
         if request.repo_url.trim().is_empty() {
             return Err(Status::invalid_argument("repo_url is required"));
@@ -92,6 +125,15 @@ impl pb::admin_server::Admin for Admin {
         } else {
             request.branch
         };
+        // What dispatch checks, refused now rather than stored and failed later.
+        let invalid =
+            |error: validate::ValidationError| Status::invalid_argument(error.to_string());
+        self.ctx
+            .allowlist
+            .check(&request.repo_url)
+            .map_err(invalid)?;
+        validate::check_branch(&branch).map_err(invalid)?;
+        validate::check_prompt(&request.prompt).map_err(invalid)?;
         let job_id = self
             .ctx
             .source
@@ -110,13 +152,16 @@ impl pb::admin_server::Admin for Admin {
         &self,
         request: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
+        self.authorize(&request, Access::Read)?;
         let request = request.into_inner();
         let view = self
             .ctx
             .source
             .get_job(&request.job_id, request.include_content)
             .await?
-            .ok_or_else(|| Status::not_found(format!("job {} not found", request.job_id)))?;
+            .ok_or_else(|| {
+                Status::not_found(format!("job {:?} not found", shown_id(&request.job_id)))
+            })?;
         Ok(Response::new(
             self.job_message(view, request.include_content),
         ))
@@ -126,6 +171,7 @@ impl pb::admin_server::Admin for Admin {
         &self,
         request: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        self.authorize(&request, Access::Read)?;
         let request = request.into_inner();
         let status = if request.status.is_empty() {
             None
@@ -136,7 +182,9 @@ impl pb::admin_server::Admin for Admin {
             0 => DEFAULT_LIST_LIMIT,
             n => n.min(MAX_LIST_LIMIT),
         };
-        let views = match self.ctx.source.list_jobs(status, limit).await {
+        let offset = page_offset(&request.page_token)?;
+        // One more than asked tells whether a next page exists.
+        let mut views = match self.ctx.source.list_jobs(status, offset, limit + 1).await {
             Ok(views) => views,
             // Convex offers no listing function: show the jobs this coordinator is running.
             Err(JobSourceError::Unsupported(_)) => {
@@ -148,23 +196,31 @@ impl pb::admin_server::Admin for Admin {
                         }
                     }
                 }
-                views.truncate(limit);
-                views
+                views.into_iter().skip(offset).take(limit + 1).collect()
             }
             Err(error) => return Err(error.into()),
+        };
+        let next_page_token = if views.len() > limit {
+            views.truncate(limit);
+            PAGE_TOKEN_PREFIX.to_string() + &(offset + limit).to_string()
+        } else {
+            String::new()
         };
         let jobs = views
             .into_iter()
             .map(|view| self.job_message(view, false))
             .collect();
-        Ok(Response::new(pb::ListJobsResponse { jobs }))
+        Ok(Response::new(pb::ListJobsResponse {
+            jobs,
+            next_page_token,
+        }))
     }
 
     async fn cancel_job(
         &self,
         request: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::CancelJobResponse>, Status> {
-        self.authorize(&request)?;
+        self.authorize(&request, Access::Write)?;
         let job_id = request.into_inner().job_id;
         let status = self.ctx.source.request_cancel(&job_id).await?;
         info!(job_id = %job_id, %status, "cancel requested");
@@ -180,8 +236,9 @@ impl pb::admin_server::Admin for Admin {
 
     async fn list_agents(
         &self,
-        _request: Request<pb::ListAgentsRequest>,
+        request: Request<pb::ListAgentsRequest>,
     ) -> Result<Response<pb::ListAgentsResponse>, Status> {
+        self.authorize(&request, Access::Read)?;
         let agents = self
             .ctx
             .agents
@@ -221,13 +278,11 @@ impl pb::admin_server::Admin for Admin {
         &self,
         request: Request<pb::DrainAgentRequest>,
     ) -> Result<Response<pb::DrainAgentResponse>, Status> {
-        self.authorize(&request)?;
+        self.authorize(&request, Access::Write)?;
         let agent_id = request.into_inner().agent_id;
-        let sender = self
-            .ctx
-            .agents
-            .drain(&agent_id)
-            .ok_or_else(|| Status::not_found(format!("agent {agent_id} is not connected")))?;
+        let sender = self.ctx.agents.drain(&agent_id).ok_or_else(|| {
+            Status::not_found(format!("agent {:?} is not connected", shown_id(&agent_id)))
+        })?;
         let message = ToAgent::Drain(Drain {
             reason: "drained by an operator".into(),
         });

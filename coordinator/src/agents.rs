@@ -40,6 +40,8 @@ pub type AgentSender = mpsc::Sender<ToAgent>;
 #[derive(Debug, Clone)]
 pub struct AgentDescription {
     pub agent_id: String,
+    /// The agent process (random per start): only this process may replace the session.
+    pub instance_id: String,
     pub version: String,
     pub slots: u32,
     pub labels: BTreeMap<String, String>,
@@ -158,6 +160,21 @@ pub fn quarantine_length(n: u32) -> Duration {
         .min(QUARANTINE_MAX)
 }
 
+/// Why a session was not registered.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// Another agent process holds the id with a live session.
+    #[error(
+        "agent id {agent_id} is held by another live agent (connected from {holder_peer}); give \
+         each agent its own AGENT_ID"
+    )]
+    HeldByAnother {
+        agent_id: String,
+        holder_instance: String,
+        holder_peer: String,
+    },
+}
+
 /// Connected agents. Cheap to share behind an `Arc`.
 #[derive(Default)]
 pub struct AgentRegistry {
@@ -173,16 +190,27 @@ impl AgentRegistry {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Registers a new session, replacing any earlier one of the same agent id, credited at once
-    /// with the runs it re-attached (so no slot they hold is handed out meanwhile). Returns the new
-    /// session id and the assignments the replaced session was credited with.
+    /// Registers a new session, credited at once with the runs it re-attached (so no slot they
+    /// hold is handed out meanwhile). A session of the same agent process (instance) replaces its
+    /// earlier one (a reconnect over a half-open stream); one of another process is refused while
+    /// the id's session is live, so a second agent with the same id can never orphan the first.
+    /// Returns the new session id and the assignments the replaced session was credited with.
     pub fn connect(
         &self,
         description: AgentDescription,
         sender: AgentSender,
         adopted: BTreeSet<String>,
-    ) -> (u64, BTreeSet<String>) {
+    ) -> Result<(u64, BTreeSet<String>), ConnectError> {
         let mut inner = self.lock();
+        if let Some(holder) = inner.agents.get(&description.agent_id) {
+            if holder.description.instance_id != description.instance_id {
+                return Err(ConnectError::HeldByAnother {
+                    agent_id: description.agent_id,
+                    holder_instance: holder.description.instance_id.clone(),
+                    holder_peer: holder.description.peer.clone(),
+                });
+            }
+        }
         inner.next_session_id += 1;
         let session_id = inner.next_session_id;
         if let Some(reason) = &description.unready {
@@ -201,7 +229,7 @@ impl AgentRegistry {
         let previous = inner.agents.insert(description.agent_id, entry);
         drop(inner);
         self.capacity.notify_one();
-        (session_id, previous.map(|p| p.running).unwrap_or_default())
+        Ok((session_id, previous.map(|p| p.running).unwrap_or_default()))
     }
 
     /// Removes a session if it is still the agent's current one; returns the assignments it ran.
@@ -462,21 +490,60 @@ impl AgentRegistry {
 mod tests {
     use super::*;
 
+    fn description(id: &str, instance: &str, slots: u32) -> AgentDescription {
+        AgentDescription {
+            agent_id: id.into(),
+            instance_id: instance.into(),
+            version: "test".into(),
+            slots,
+            labels: BTreeMap::new(),
+            peer: "test".into(),
+            unready: None,
+        }
+    }
+
     fn agent(registry: &AgentRegistry, id: &str, slots: u32) -> mpsc::Receiver<ToAgent> {
         let (tx, rx) = mpsc::channel(8);
-        registry.connect(
-            AgentDescription {
-                agent_id: id.into(),
-                version: "test".into(),
-                slots,
-                labels: BTreeMap::new(),
-                peer: "test".into(),
-                unready: None,
-            },
-            tx,
-            BTreeSet::new(),
-        );
+        registry
+            .connect(description(id, "instance-1", slots), tx, BTreeSet::new())
+            .expect("registered");
         rx
+    }
+
+    #[test]
+    fn another_instance_is_refused_while_the_id_is_live() {
+        let registry = AgentRegistry::default();
+        let _first = agent(&registry, "a", 1);
+        assert_eq!(
+            registry
+                .reserve_slot("as-1", "")
+                .map(|(id, _)| id)
+                .as_deref(),
+            Some("a")
+        );
+        let (tx, _rx) = mpsc::channel(8);
+        let refused = registry
+            .connect(description("a", "instance-2", 4), tx, BTreeSet::new())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            refused.contains("held by another live agent") && refused.contains("AGENT_ID"),
+            "{refused}"
+        );
+        assert!(
+            !refused.contains("instance-1"),
+            "the holder's instance stays secret: {refused}"
+        );
+        // The first keeps its run and its session.
+        assert_eq!(registry.snapshot()[0].running, vec!["as-1".to_string()]);
+        assert_eq!(registry.snapshot()[0].description.slots, 1);
+        // Once the first is gone, another process may take the id.
+        assert!(registry.disconnect("a", 1).is_some());
+        let (tx, _rx) = mpsc::channel(8);
+        let (_, replaced) = registry
+            .connect(description("a", "instance-2", 4), tx, BTreeSet::new())
+            .expect("the id is free again");
+        assert!(replaced.is_empty());
     }
 
     #[test]

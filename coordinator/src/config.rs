@@ -4,8 +4,9 @@
 use std::{path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
-use fondation_proto::validate::RepoAllowlist;
+use fondation_proto::{limits, validate::RepoAllowlist};
 use fondation_runtime::{
+    listener::ConnectionLimits,
     logging::LogFormat,
     serving::HealthArgs,
     settings::{millis, secret_setting, Secret, SecretError},
@@ -129,13 +130,36 @@ pub struct CoordinatorConfig {
     #[arg(long, env = "AGENT_TOKEN_FILE")]
     pub agent_token_file: Option<PathBuf>,
 
-    /// Token for Admin calls that change state (SubmitJob, CancelJob, DrainAgent); open when unset.
+    /// Token every Admin call must present (`authorization: Bearer <token>`); Admin is open when
+    /// unset. Health and reflection stay open.
     #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<Secret>,
 
     /// File holding ADMIN_TOKEN, instead of the variable.
     #[arg(long, env = "ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
+
+    /// Token that allows the read-only Admin calls alone (GetJob, ListJobs, ListAgents), for
+    /// dashboards; needs ADMIN_TOKEN.
+    #[arg(long, env = "ADMIN_READ_TOKEN", hide_env_values = true)]
+    pub admin_read_token: Option<Secret>,
+
+    /// File holding ADMIN_READ_TOKEN, instead of the variable.
+    #[arg(long, env = "ADMIN_READ_TOKEN_FILE")]
+    pub admin_read_token_file: Option<PathBuf>,
+
+    /// Most slots one agent may announce (its MAX_CONCURRENT_JOBS); an agent announcing more is
+    /// refused, so one agent (or a stolen token) cannot draw the whole queue.
+    #[arg(long, env = "MAX_AGENT_SLOTS", default_value_t = limits::MAX_SLOTS)]
+    pub max_agent_slots: u32,
+
+    /// Connections open at once on LISTEN_ADDR; at the bound new ones wait (a WARN line says so).
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = ConnectionLimits::DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
+
+    /// A connection that starts no call within this time is closed (ms).
+    #[arg(long, env = "IDLE_CONNECTION_TIMEOUT", default_value = "30000", value_parser = millis)]
+    pub idle_connection_timeout: Duration,
 
     /// PEM certificate chain to serve TLS with on LISTEN_ADDR (with TLS_KEY); plaintext when unset.
     #[arg(long, env = "TLS_CERT")]
@@ -194,6 +218,11 @@ impl CoordinatorConfig {
             self.admin_token,
             self.admin_token_file.take().as_deref(),
         )?;
+        self.admin_read_token = secret_setting(
+            "ADMIN_READ_TOKEN",
+            self.admin_read_token,
+            self.admin_read_token_file.take().as_deref(),
+        )?;
         self.convex_deploy_key = secret_setting(
             "CONVEX_DEPLOY_KEY",
             self.convex_deploy_key,
@@ -249,6 +278,24 @@ impl CoordinatorConfig {
                 "client certificates need TLS: set TLS_CERT and TLS_KEY too".into(),
             );
         }
+        if self.admin_read_token.is_some() && self.admin_token.is_none() {
+            return invalid(
+                "ADMIN_READ_TOKEN",
+                "needs ADMIN_TOKEN: without it every Admin call is open anyway".into(),
+            );
+        }
+        if self.max_agent_slots == 0 || self.max_agent_slots > limits::MAX_SLOTS {
+            return invalid(
+                "MAX_AGENT_SLOTS",
+                format!("must be 1 to {}", limits::MAX_SLOTS),
+            );
+        }
+        if self.max_connections == 0 {
+            return invalid("MAX_CONNECTIONS", "must be at least 1".into());
+        }
+        if self.idle_connection_timeout.is_zero() {
+            return invalid("IDLE_CONNECTION_TIMEOUT", "must be above 0".into());
+        }
         if self.max_attempts == 0 {
             return invalid("MAX_ATTEMPTS", "must be at least 1".into());
         }
@@ -289,6 +336,14 @@ impl CoordinatorConfig {
             None,
             Some(&self.tls_domain),
         )))
+    }
+
+    /// The bounds on LISTEN_ADDR's connections.
+    pub fn connection_limits(&self) -> ConnectionLimits {
+        ConnectionLimits {
+            max_connections: self.max_connections,
+            idle_timeout: self.idle_connection_timeout,
+        }
     }
 
     /// How often agents are asked to send an application heartbeat: by default a third of the
@@ -338,6 +393,10 @@ mod tests {
         );
         assert!(error(&["--repo-allowlist", "ftp://x/"]).starts_with("REPO_ALLOWLIST"));
         assert!(error(&["--max-attempts", "0"]).starts_with("MAX_ATTEMPTS"));
+        assert!(error(&["--max-agent-slots", "0"]).starts_with("MAX_AGENT_SLOTS"));
+        assert!(error(&["--max-agent-slots", "65"]).starts_with("MAX_AGENT_SLOTS"));
+        assert!(error(&["--max-connections", "0"]).starts_with("MAX_CONNECTIONS"));
+        assert!(error(&["--admin-read-token", "r"]).starts_with("ADMIN_READ_TOKEN"));
     }
 
     #[test]

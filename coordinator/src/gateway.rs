@@ -1,7 +1,9 @@
 //! `fondation.v1.AgentGateway`: one bidirectional stream per agent.
 //!
-//! Authenticates the agent, registers its session, re-attaches the assignments it reports, routes
-//! its reports to the lease keepers (refusing stale ones), and notices when it goes silent. This is
+//! Authenticates the agent (token, client certificate and the agent id it names), registers its
+//! session (one live agent process per agent id: see [`crate::agents`]), re-attaches the
+//! assignments it reports, routes its reports to the lease keepers (refusing stale ones), and
+//! notices when it goes silent. This is
 //! the coordinator's end of the wire: messages are converted to and from the domain model
 //! ([`fondation_proto::model`]) here, and a malformed one ends the session with
 //! `INVALID_ARGUMENT`.
@@ -27,13 +29,13 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
 use crate::{
-    agents::{AgentDescription, AgentSender},
+    agents::{AgentDescription, AgentSender, ConnectError},
     context::Context,
     lease::JobEvent,
 };
 
 use fondation_proto::limits::{
-    MAX_LABELS, MAX_LABEL_KEY_BYTES, MAX_LABEL_VALUE_BYTES, MAX_SLOTS, MAX_VERSION_BYTES,
+    MAX_LABELS, MAX_LABEL_KEY_BYTES, MAX_LABEL_VALUE_BYTES, MAX_VERSION_BYTES,
 };
 /// Messages queued towards one agent before sends fail.
 const OUTBOUND_QUEUE: usize = 64;
@@ -64,14 +66,23 @@ impl pb::agent_gateway_server::AgentGateway for Gateway {
             ctx.config.agent_token.as_ref().map(Secret::expose),
             "AGENT_TOKEN",
         )?;
-        if ctx.config.tls_client_ca.is_some()
-            && request.peer_certs().is_none_or(|certs| certs.is_empty())
-        {
-            return Err(Status::unauthenticated(
-                "agents must present a client certificate signed by the coordinator's TLS_CLIENT_CA \
-                 (set TLS_CERT and TLS_KEY on the agent)",
-            ));
-        }
+        // The leaf certificate's agent names, when mutual TLS is on.
+        let certificate_names = match ctx.config.tls_client_ca.is_some() {
+            false => None,
+            true => match request
+                .peer_certs()
+                .as_deref()
+                .and_then(|certs| certs.first())
+            {
+                Some(leaf) => Some(crate::auth::certificate_agent_ids(leaf)?),
+                None => {
+                    return Err(Status::unauthenticated(
+                        "agents must present a client certificate signed by the coordinator's \
+                         TLS_CLIENT_CA (set TLS_CERT and TLS_KEY on the agent)",
+                    ))
+                }
+            },
+        };
         if ctx.shutdown.is_cancelled() {
             return Err(Status::unavailable(
                 "the coordinator is shutting down; reconnect later",
@@ -94,7 +105,10 @@ impl pb::agent_gateway_server::AgentGateway for Gateway {
             Some(Err(status)) => return Err(status),
             None => return Err(Status::invalid_argument("the first message must be Hello")),
         };
-        let description = check_hello(&hello, peer)?;
+        if let Some(names) = &certificate_names {
+            crate::auth::check_certificate_names(names, &hello.agent_id)?;
+        }
+        let description = check_hello(&hello, peer, ctx.config.max_agent_slots)?;
 
         let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
         let welcome = ToAgent::Welcome(Welcome {
@@ -117,10 +131,17 @@ impl pb::agent_gateway_server::AgentGateway for Gateway {
             })
             .map(|report| report.assignment_id.clone())
             .collect();
-        let (session_id, replaced) =
-            ctx.agents
-                .connect(description.clone(), tx.clone(), adopted.clone());
-        info!(agent_id = %agent_id, version = %description.version, slots = description.slots, peer = %description.peer, adopted = adopted.len(), "agent connected");
+        let (session_id, replaced) = ctx
+            .agents
+            .connect(description.clone(), tx.clone(), adopted.clone())
+            .map_err(|error| {
+                let ConnectError::HeldByAnother {
+                    holder_instance, ..
+                } = &error;
+                warn!(agent_id = %agent_id, instance_id = %description.instance_id, holder_instance_id = %holder_instance, peer = %description.peer, "refused a second agent process with the id of a live one");
+                Status::already_exists(error.to_string())
+            })?;
+        info!(agent_id = %agent_id, instance_id = %description.instance_id, version = %escaped(&description.version), slots = description.slots, peer = %description.peer, adopted = adopted.len(), "agent connected");
         reattach(ctx, &agent_id, &hello.running, &adopted, replaced, &tx);
 
         // A protocol violation ends the response stream with its status.
@@ -156,11 +177,12 @@ impl pb::agent_gateway_server::AgentGateway for Gateway {
 }
 
 /// The coordinator's policy on what an agent may announce (the model checked the protocol
-/// version and the agent id).
-fn check_hello(hello: &Hello, peer: String) -> Result<AgentDescription, Status> {
-    if hello.slots == 0 || hello.slots > MAX_SLOTS {
+/// version, the agent id and the instance id): at most `max_slots` (`MAX_AGENT_SLOTS`) slots.
+fn check_hello(hello: &Hello, peer: String, max_slots: u32) -> Result<AgentDescription, Status> {
+    if hello.slots == 0 || hello.slots > max_slots {
         return Err(Status::invalid_argument(format!(
-            "agent {} announced {} slots; MAX_CONCURRENT_JOBS must be 1 to {MAX_SLOTS}",
+            "agent {} announced {} slots; MAX_CONCURRENT_JOBS must be 1 to {max_slots} (the \
+             coordinator's MAX_AGENT_SLOTS)",
             hello.agent_id, hello.slots
         )));
     }
@@ -172,6 +194,7 @@ fn check_hello(hello: &Hello, peer: String) -> Result<AgentDescription, Status> 
         .collect();
     Ok(AgentDescription {
         agent_id: hello.agent_id.clone(),
+        instance_id: hello.instance_id.clone(),
         version: cap(&hello.version, MAX_VERSION_BYTES),
         slots: hello.slots,
         labels,

@@ -157,7 +157,8 @@ pub async fn run(
         }
     };
 
-    let mut builder = tonic::transport::Server::builder();
+    let connections = listener::Connections::new(ctx.config.connection_limits());
+    let mut builder = connections.server();
     if let Some(tls) = server_tls(&ctx.config)? {
         builder = builder.tls_config(tls)?;
     }
@@ -169,7 +170,7 @@ pub async fn run(
         .add_service(serving::reflection_v1alpha()?)
         .add_service(AgentGatewayServer::new(Gateway::new(ctx.clone())))
         .add_service(AdminServer::new(Admin::new(ctx.clone())));
-    listener::serve(router, listener, stopping).await?;
+    listener::serve(router, listener, &connections, stopping).await?;
     let _ = claimer.await;
     let _ = reclaimer.await;
     info!("coordinator stopped");

@@ -192,7 +192,12 @@ impl JobSource for FakeSource {
         Err(JobSourceError::Unsupported("fake".into()))
     }
 
-    async fn list_jobs(&self, _status: Option<JobStatus>, _limit: usize) -> Result<Vec<JobView>> {
+    async fn list_jobs(
+        &self,
+        _status: Option<JobStatus>,
+        _offset: usize,
+        _limit: usize,
+    ) -> Result<Vec<JobView>> {
         Err(JobSourceError::Unsupported("fake".into()))
     }
 
@@ -273,18 +278,22 @@ impl Harness {
     /// Connects an agent; returns what the coordinator sends it.
     pub fn connect_agent(&self, agent_id: &str, slots: u32) -> mpsc::Receiver<ToAgent> {
         let (tx, rx) = mpsc::channel(64);
-        self.ctx.agents.connect(
-            AgentDescription {
-                agent_id: agent_id.into(),
-                version: "test".into(),
-                slots,
-                labels: Default::default(),
-                peer: "test".into(),
-                unready: None,
-            },
-            tx,
-            Default::default(),
-        );
+        self.ctx
+            .agents
+            .connect(
+                AgentDescription {
+                    agent_id: agent_id.into(),
+                    instance_id: "test-instance".into(),
+                    version: "test".into(),
+                    slots,
+                    labels: Default::default(),
+                    peer: "test".into(),
+                    unready: None,
+                },
+                tx,
+                Default::default(),
+            )
+            .expect("one instance per agent id in tests");
         rx
     }
 }

@@ -62,6 +62,13 @@ pub enum ValidationError {
     )]
     InvalidAgentId { id: String, reason: String },
 
+    /// The agent's instance id is not 1 to 64 characters of `[A-Za-z0-9_-]`.
+    #[error(
+        "instance id {id:?} is not valid: {reason}; the agent draws it at start, 1 to \
+         {MAX_JOB_ID_BYTES} characters of A-Z, a-z, 0-9, '_' and '-' (upgrade the agent)"
+    )]
+    InvalidInstanceId { id: String, reason: String },
+
     /// The prompt is larger than [`MAX_PROMPT_BYTES`].
     #[error("prompt is {len} bytes, more than the limit of {max} bytes; shorten the prompt")]
     PromptTooLarge { len: usize, max: usize },
@@ -347,6 +354,17 @@ pub fn check_agent_id(id: &str) -> Result<(), ValidationError> {
     })
 }
 
+/// Checks an agent's instance id (`Hello.instance_id`, random per agent process): same shape
+/// as an agent id, since it appears in log fields and errors.
+pub fn check_instance_id(id: &str) -> Result<(), ValidationError> {
+    identifier_problem(id, MAX_JOB_ID_BYTES).map_or(Ok(()), |reason| {
+        Err(ValidationError::InvalidInstanceId {
+            id: shown(id),
+            reason,
+        })
+    })
+}
+
 /// Why `id` is not 1 to `max` characters of `[A-Za-z0-9_-]`, if it is not.
 fn identifier_problem(id: &str, max: usize) -> Option<String> {
     if id.is_empty() {
@@ -376,13 +394,48 @@ pub fn check_prompt(prompt: &str) -> Result<(), ValidationError> {
 }
 
 /// The part of an untrusted input repeated in an error: at most [`SHOWN_CHARS`] characters, so a
-/// megabyte of junk does not become a megabyte of log. Errors print it with `{:?}`, which escapes
-/// control characters.
+/// megabyte of junk does not become a megabyte of log, with any URL credential redacted. Errors
+/// print it with `{:?}`, which escapes control characters.
 fn shown(input: &str) -> String {
+    let input = redact_credentials(input);
     match input.char_indices().nth(SHOWN_CHARS) {
         Some((cut, _)) => format!("{}...", &input[..cut]),
-        None => input.to_owned(),
+        None => input.into_owned(),
     }
+}
+
+/// `text` with the user information of every URL in it replaced by `***`
+/// (`https://user:pass@host/x` becomes `https://***@host/x`). The one redaction for repository
+/// URLs: applied wherever one is logged, stored, returned or repeated in an error, so a credential
+/// a job source put in a URL never travels further. Works on any text (not only a URL that
+/// parses), since what needs redacting is often exactly what failed to validate.
+pub fn redact_credentials(text: &str) -> std::borrow::Cow<'_, str> {
+    const SEPARATOR: &str = "://";
+    if !text.contains(SEPARATOR) || !text.contains('@') {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find(SEPARATOR) {
+        let authority_start = at + SEPARATOR.len();
+        out.push_str(&rest[..authority_start]);
+        let after = &rest[authority_start..];
+        // The authority ends where the path, query or fragment starts, or at a space or quote.
+        let end = after
+            .find(|c: char| matches!(c, '/' | '?' | '#' | '"' | '\'') || c.is_whitespace())
+            .unwrap_or(after.len());
+        let authority = &after[..end];
+        match authority.rfind('@') {
+            Some(user_end) => {
+                out.push_str("***");
+                out.push_str(&authority[user_end..]);
+            }
+            None => out.push_str(authority),
+        }
+        rest = &after[end..];
+    }
+    out.push_str(rest);
+    std::borrow::Cow::Owned(out)
 }
 
 #[cfg(test)]

@@ -774,7 +774,11 @@ async fn submit_and_list_are_unsupported() {
         .await
         .expect_err("unsupported");
     assert!(matches!(error, JobSourceError::Unsupported(_)), "{error}");
-    let error = h.source.list_jobs(None, 10).await.expect_err("unsupported");
+    let error = h
+        .source
+        .list_jobs(None, 0, 10)
+        .await
+        .expect_err("unsupported");
     assert!(matches!(error, JobSourceError::Unsupported(_)), "{error}");
     assert!(h.calls().await.is_empty());
 }

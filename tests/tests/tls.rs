@@ -6,7 +6,7 @@ use std::{process::Command, time::Duration};
 
 use fondation_testkit::support::{
     bin_path,
-    certs::TestPki,
+    certs::{TestPki, NAMED_AGENT},
     cluster::{AgentOptions, AgentProc, CoordinatorProc, Sandbox, ANY_PORT},
 };
 
@@ -112,6 +112,68 @@ async fn agents_need_a_client_certificate_to_reach_a_tls_coordinator() {
         .output()
         .unwrap();
     assert!(!plaintext.status.success());
+}
+
+/// A client certificate naming an agent (`urn:fondation:agent:<id>`) admits that agent id only.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_certificate_naming_another_agent_is_refused() {
+    let sandbox = Sandbox::new();
+    let pki = TestPki::write(&sandbox.path("pki"));
+    let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
+    let (cert, key, ca) = (path(&pki.server_cert), path(&pki.server_key), path(&pki.ca));
+    let coordinator = CoordinatorProc::start_with_tls(
+        &sandbox,
+        ANY_PORT,
+        &[
+            ("TLS_CERT", &cert),
+            ("TLS_KEY", &key),
+            ("TLS_CLIENT_CA", &ca),
+        ],
+        Some(pki.client_tls()),
+    )
+    .await;
+    let (named_cert, named_key) = (path(&pki.named_client_cert), path(&pki.named_client_key));
+    let tls = [
+        ("TLS_CA", ca.as_str()),
+        ("TLS_DOMAIN", "localhost"),
+        ("TLS_CERT", named_cert.as_str()),
+        ("TLS_KEY", named_key.as_str()),
+    ];
+
+    let mut impostor = AgentProc::spawn(
+        &sandbox,
+        AgentOptions {
+            id: "impostor",
+            coordinator_url: coordinator.url(),
+            slots: 1,
+            extra: &tls,
+        },
+    );
+    let refusal = impostor
+        .proc
+        .wait_for_log(
+            "does not match the client certificate",
+            Duration::from_secs(20),
+        )
+        .await;
+    assert!(
+        refusal.contains("issued for agent named-agent") && refusal.contains("set AGENT_ID"),
+        "{refusal}"
+    );
+
+    let _named = AgentProc::connected(&sandbox, NAMED_AGENT, coordinator.url(), &tls).await;
+    let mut admin = coordinator.admin().await;
+    let agents = admin.agents().await;
+    let ids: Vec<_> = agents.iter().map(|agent| agent.agent_id.as_str()).collect();
+    assert_eq!(
+        ids,
+        vec![NAMED_AGENT],
+        "only the agent the certificate names"
+    );
+    assert!(
+        !impostor.proc.log_contains("connected to the coordinator"),
+        "the impostor never got a session"
+    );
 }
 
 #[test]

@@ -18,15 +18,32 @@ use crate::testing::Harness;
 const DEADLINE: Duration = Duration::from_secs(10);
 
 fn hello() -> pb::AgentMessage {
+    hello_of("instance-1", 1)
+}
+
+fn hello_of(instance_id: &str, slots: u32) -> pb::AgentMessage {
     FromAgent::Hello(Hello {
         agent_id: "agent-1".into(),
         version: "test".into(),
-        slots: 1,
+        slots,
         labels: Default::default(),
         running: Vec::new(),
         unready: None,
+        instance_id: instance_id.into(),
     })
     .into()
+}
+
+async fn welcomed(inbound: &mut tonic::Streaming<pb::CoordinatorMessage>) {
+    let welcome = tokio::time::timeout(DEADLINE, inbound.message())
+        .await
+        .expect("a Welcome within 10 s")
+        .expect("no error")
+        .expect("a message");
+    assert!(matches!(
+        ToAgent::try_from(welcome),
+        Ok(ToAgent::Welcome(_))
+    ));
 }
 
 /// Serves the gateway on a loopback port and opens a session that first sends `first`.
@@ -115,4 +132,41 @@ async fn a_session_must_start_with_a_supported_hello() {
     let status = response.expect_err("a session must start with Hello");
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert!(status.message().contains("first message must be Hello"));
+}
+
+#[tokio::test]
+async fn another_instance_is_refused_and_the_same_instance_replaces_its_session() {
+    let harness = Harness::new(|_| {});
+    let (_first_tx, first) = open(&harness, hello_of("instance-1", 1)).await;
+    let mut first = first.expect("the first session opens");
+    welcomed(&mut first).await;
+
+    let (_tx, refused) = open(&harness, hello_of("instance-2", 3)).await;
+    let status = refused.expect_err("another process with the same id is refused");
+    assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+    assert!(
+        status.message().contains("held by another live agent")
+            && status
+                .message()
+                .contains("give each agent its own AGENT_ID"),
+        "{status:?}"
+    );
+    let agents = harness.ctx.agents.snapshot();
+    assert_eq!(agents.len(), 1);
+    assert_eq!(agents[0].description.instance_id, "instance-1");
+    assert_eq!(
+        harness.ctx.agents.free_slots(),
+        1,
+        "the first keeps its slot"
+    );
+
+    // The same process reconnecting (its old stream half-open) replaces its session.
+    let (_again_tx, again) = open(&harness, hello_of("instance-1", 2)).await;
+    let mut again = again.expect("a reconnect of the same instance is welcome");
+    welcomed(&mut again).await;
+    assert_eq!(harness.ctx.agents.free_slots(), 2);
+
+    let (_tx, slots) = open(&harness, hello_of("instance-1", 65)).await;
+    let status = slots.expect_err("more slots than MAX_AGENT_SLOTS");
+    assert!(status.message().contains("MAX_AGENT_SLOTS"), "{status:?}");
 }

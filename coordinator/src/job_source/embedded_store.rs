@@ -416,7 +416,12 @@ impl JobSource for EmbeddedStore {
         Ok(id)
     }
 
-    async fn list_jobs(&self, status: Option<JobStatus>, limit: usize) -> Result<Vec<JobView>> {
+    async fn list_jobs(
+        &self,
+        status: Option<JobStatus>,
+        offset: usize,
+        limit: usize,
+    ) -> Result<Vec<JobView>> {
         self.run("listing jobs", move |conn| {
             let tx = conn;
             let raws = {
@@ -424,12 +429,13 @@ impl JobSource for EmbeddedStore {
                     "SELECT {VIEW_COLUMNS} FROM jobs
                      WHERE ?1 IS NULL OR status = ?1
                      ORDER BY created_at DESC, rowid DESC
-                     LIMIT ?2"
+                     LIMIT ?2 OFFSET ?3"
                 ))?;
                 let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+                let offset = i64::try_from(offset).unwrap_or(i64::MAX);
                 let rows = stmt
                     .query_map(
-                        params![status.map(JobStatus::as_str), limit],
+                        params![status.map(JobStatus::as_str), limit, offset],
                         RawView::from_row,
                     )?
                     .collect::<rusqlite::Result<Vec<_>>>()?;

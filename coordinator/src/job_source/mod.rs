@@ -344,8 +344,13 @@ pub trait JobSource: Send + Sync + 'static {
     /// Enqueues a job.
     async fn submit(&self, job: NewJob) -> Result<JobId>;
 
-    /// Jobs, newest first, optionally of one status.
-    async fn list_jobs(&self, status: Option<JobStatus>, limit: usize) -> Result<Vec<JobView>>;
+    /// Jobs, newest first, optionally of one status: at most `limit` after skipping `offset`.
+    async fn list_jobs(
+        &self,
+        status: Option<JobStatus>,
+        offset: usize,
+        limit: usize,
+    ) -> Result<Vec<JobView>>;
 
     /// Asks for the job to stop: a pending job is canceled at once, a running one is marked so the
     /// coordinator stops it. Returns the status after the request.

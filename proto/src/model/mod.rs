@@ -32,6 +32,8 @@ pub enum ModelError {
     UnsupportedProtocol(i32),
     #[error("invalid agent id: {0} (set AGENT_ID)")]
     InvalidAgentId(ValidationError),
+    #[error("invalid agent instance id: {0}")]
+    InvalidInstanceId(ValidationError),
     #[error("unknown phase {0}")]
     UnknownPhase(i32),
     #[error("step {step} of {total_steps} is out of range")]
@@ -42,6 +44,8 @@ pub enum ModelError {
     UnknownDocumentKind { slug: String, kind: i32 },
     #[error("document slug must be 1 to {max} bytes, got {len}", max = limits::MAX_NAME_BYTES)]
     InvalidSlug { len: usize },
+    #[error("document slug {slug:?} contains a control character; slugs are file paths of printable characters")]
+    SlugControlCharacter { slug: String },
     #[error("AssignmentFinished without an outcome")]
     MissingOutcome,
     #[error("unknown document kind {0:?}")]
@@ -174,6 +178,11 @@ impl TryFrom<pb::Document> for Document {
         if document.slug.is_empty() || document.slug.len() > limits::MAX_NAME_BYTES {
             return Err(ModelError::InvalidSlug {
                 len: document.slug.len(),
+            });
+        }
+        if document.slug.chars().any(char::is_control) {
+            return Err(ModelError::SlugControlCharacter {
+                slug: document.slug,
             });
         }
         Ok(Document {

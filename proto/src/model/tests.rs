@@ -78,6 +78,7 @@ fn reports_survive_the_wire() {
             result_pending: true,
         }],
         unready: Some("ANALYZER_WORKDIR /app/cli is missing".into()),
+        instance_id: "b7c1e0f2".into(),
     });
     let mut messages = vec![
         hello,
@@ -182,6 +183,27 @@ fn malformed_reports_are_errors_mapped_to_grpc_codes() {
                 }),
             })),
             "slug must be 1 to",
+        ),
+        (
+            up(Kind::Document(pb::ResultDocument {
+                assignment_id: "a".into(),
+                epoch: 1,
+                index: 0,
+                document: Some(pb::Document {
+                    slug: "chapters/a\r\u{1b}[2Kb.md".into(),
+                    kind: pb::DocumentKind::Chapter as i32,
+                    ..Default::default()
+                }),
+            })),
+            "contains a control character",
+        ),
+        (
+            up(Kind::Hello(pb::Hello {
+                agent_id: "a".into(),
+                protocol_version: PROTOCOL_VERSION as i32,
+                ..Default::default()
+            })),
+            "invalid agent instance id",
         ),
         (
             up(Kind::Finished(pb::AssignmentFinished {

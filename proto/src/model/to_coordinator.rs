@@ -42,6 +42,10 @@ pub struct Hello {
     pub running: Vec<HeldRun>,
     /// Why the agent takes no work (its self-check fails); `None` when it is ready.
     pub unready: Option<String>,
+    /// Random id of the agent process, drawn at its start: tells a reconnect of the same process
+    /// from another process announcing the same agent id. Checked with
+    /// [`validate::check_instance_id`].
+    pub instance_id: String,
 }
 
 /// A run an agent reports as its own in `Hello`.
@@ -137,6 +141,7 @@ impl From<FromAgent> for pb::AgentMessage {
                     .collect(),
                 protocol_version: PROTOCOL_VERSION as i32,
                 unready_reason: hello.unready.unwrap_or_default(),
+                instance_id: hello.instance_id,
             }),
             FromAgent::Heartbeat {
                 free_slots,
@@ -295,7 +300,9 @@ impl TryFrom<pb::Hello> for Hello {
             return Err(ModelError::UnsupportedProtocol(hello.protocol_version));
         }
         validate::check_agent_id(&hello.agent_id).map_err(ModelError::InvalidAgentId)?;
+        validate::check_instance_id(&hello.instance_id).map_err(ModelError::InvalidInstanceId)?;
         Ok(Hello {
+            instance_id: hello.instance_id,
             agent_id: hello.agent_id,
             version: hello.version,
             slots: hello.slots,

@@ -345,3 +345,34 @@ fn shown_truncates_on_char_boundary() {
     assert!(s.ends_with("..."));
     assert_eq!(s.chars().count(), SHOWN_CHARS + 3);
 }
+
+#[test]
+fn credentials_are_redacted_everywhere_in_a_text() {
+    for (text, redacted) in [
+        ("https://user:pass@host/x", "https://***@host/x"),
+        ("https://token@github.com", "https://***@github.com"),
+        (
+            "clone of https://a:b@h/r.git failed, see ssh://git:pw@h2:22/r",
+            "clone of https://***@h/r.git failed, see ssh://***@h2:22/r",
+        ),
+        ("https://u:p@x@h/?q#f", "https://***@h/?q#f"),
+        ("https://github.com/o/r.git", "https://github.com/o/r.git"),
+        ("mail me at a@b.c", "mail me at a@b.c"),
+        ("https://h/path@not-user", "https://h/path@not-user"),
+    ] {
+        assert_eq!(redact_credentials(text), redacted, "{text}");
+    }
+}
+
+#[test]
+fn refusing_a_credentialed_url_does_not_repeat_it() {
+    let allowlist = RepoAllowlist::default();
+    for url in [
+        "https://user:s3cret@github.com/o/r.git",
+        "https://s3cret@evil.io/o/r.git",
+    ] {
+        let message = allowlist.check(url).unwrap_err().to_string();
+        assert!(!message.contains("s3cret"), "{message}");
+        assert!(message.contains("***@"), "{message}");
+    }
+}

@@ -209,6 +209,7 @@ impl Cluster {
             .list_jobs(pb::ListJobsRequest {
                 status: String::new(),
                 limit: u32::try_from(limit).unwrap_or(u32::MAX),
+                page_token: String::new(),
             })
             .await
             .context("ListJobs")?

@@ -1,11 +1,16 @@
-//! A throwaway PKI for TLS tests: a CA, a server certificate for localhost/127.0.0.1 and a
-//! client certificate, all written as PEM files.
+//! A throwaway PKI for TLS tests: a CA, a server certificate for localhost/127.0.0.1, a fleet
+//! client certificate (no agent name) and one naming agent [`NAMED_AGENT`]
+//! (`urn:fondation:agent:<id>`), all written as PEM files.
 
 use std::path::{Path, PathBuf};
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
+    SanType,
 };
+
+/// The agent id the named client certificate is issued for.
+pub const NAMED_AGENT: &str = "named-agent";
 
 pub struct TestPki {
     pub ca: PathBuf,
@@ -13,6 +18,9 @@ pub struct TestPki {
     pub server_key: PathBuf,
     pub client_cert: PathBuf,
     pub client_key: PathBuf,
+    /// Issued for agent [`NAMED_AGENT`] only.
+    pub named_client_cert: PathBuf,
+    pub named_client_key: PathBuf,
 }
 
 impl TestPki {
@@ -30,6 +38,12 @@ impl TestPki {
         let issue = |names: Vec<String>, common_name: &str| {
             let key = KeyPair::generate().expect("a key pair");
             let mut params = CertificateParams::new(names).expect("certificate parameters");
+            if common_name == NAMED_AGENT {
+                let uri = format!("urn:fondation:agent:{NAMED_AGENT}");
+                params
+                    .subject_alt_names
+                    .push(SanType::URI(uri.as_str().try_into().expect("an IA5 URI")));
+            }
             params
                 .distinguished_name
                 .push(DnType::CommonName, common_name);
@@ -39,6 +53,8 @@ impl TestPki {
         let (server_cert, server_key) =
             issue(vec!["localhost".into(), "127.0.0.1".into()], "coordinator");
         let (client_cert, client_key) = issue(vec!["agent.fondation.test".into()], "agent");
+        let (named_client_cert, named_client_key) =
+            issue(vec!["agent.fondation.test".into()], NAMED_AGENT);
 
         let write = |name: &str, pem: &str| {
             let path = dir.join(name);
@@ -51,6 +67,8 @@ impl TestPki {
             server_key: write("server-key.pem", &server_key),
             client_cert: write("client.pem", &client_cert),
             client_key: write("client-key.pem", &client_key),
+            named_client_cert: write("named-client.pem", &named_client_cert),
+            named_client_key: write("named-client-key.pem", &named_client_key),
         }
     }
 

@@ -90,6 +90,8 @@ pub struct CoordinatorProc {
     pub data_dir: PathBuf,
     /// TLS to reach it with, when it serves TLS.
     pub tls: Option<ClientTlsConfig>,
+    /// The ADMIN_TOKEN it was started with, which [`Admin`]'s helpers send.
+    pub admin_token: Option<String>,
 }
 
 /// Waits until the process that was told to write its bound address to `file` has done so, and
@@ -148,11 +150,16 @@ impl CoordinatorProc {
         let env = env_with(&base, extra);
         let mut proc = Proc::spawn("coordinator", &bin_path("fondation-coordinator"), &[], &env);
         let port = reported_address(&mut proc, &address_file).await.port();
+        let admin_token = extra
+            .iter()
+            .find(|(key, _)| *key == "ADMIN_TOKEN")
+            .map(|(_, value)| value.to_string());
         let mut coordinator = Self {
             proc,
             port,
             data_dir,
             tls,
+            admin_token,
         };
         coordinator.wait_serving().await;
         coordinator
@@ -208,6 +215,7 @@ impl CoordinatorProc {
             .expect("connecting to the coordinator's admin service");
         Admin {
             client: AdminClient::new(channel),
+            token: self.admin_token.clone(),
         }
     }
 }
@@ -381,17 +389,35 @@ impl AgentProc {
 
 /// Admin client with the calls tests make most.
 pub struct Admin {
+    /// Sends no token: for calls that test refusals.
     pub client: AdminClient<Channel>,
+    /// Sent by the helper methods (`Bearer <token>`), when set.
+    pub token: Option<String>,
+}
+
+/// `message` with `token` as its bearer, if any.
+fn with_token<T>(token: Option<&str>, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(token) = token {
+        let value = format!("Bearer {token}").parse().expect("a header value");
+        request.metadata_mut().insert("authorization", value);
+    }
+    request
 }
 
 impl Admin {
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        with_token(self.token.as_deref(), message)
+    }
+
     pub async fn submit(&mut self, repo_url: &str, branch: &str, prompt: &str) -> String {
+        let request = self.request(pb::SubmitJobRequest {
+            repo_url: repo_url.into(),
+            branch: branch.into(),
+            prompt: prompt.into(),
+        });
         self.client
-            .submit_job(pb::SubmitJobRequest {
-                repo_url: repo_url.into(),
-                branch: branch.into(),
-                prompt: prompt.into(),
-            })
+            .submit_job(request)
             .await
             .expect("SubmitJob")
             .into_inner()
@@ -399,11 +425,12 @@ impl Admin {
     }
 
     pub async fn job(&mut self, job_id: &str, include_content: bool) -> pb::Job {
+        let request = self.request(pb::GetJobRequest {
+            job_id: job_id.into(),
+            include_content,
+        });
         self.client
-            .get_job(pb::GetJobRequest {
-                job_id: job_id.into(),
-                include_content,
-            })
+            .get_job(request)
             .await
             .expect("GetJob")
             .into_inner()
@@ -418,15 +445,19 @@ impl Admin {
     ) -> pb::Job {
         let what = format!("job {job_id} to reach {statuses:?}");
         let client = self.client.clone();
+        let token = self.token.clone();
         wait::until(&what, timeout, || {
             let mut client = client.clone();
-            let job_id = job_id.to_string();
+            let request = with_token(
+                token.as_deref(),
+                pb::GetJobRequest {
+                    job_id: job_id.to_string(),
+                    include_content: false,
+                },
+            );
             async move {
                 let job = client
-                    .get_job(pb::GetJobRequest {
-                        job_id,
-                        include_content: false,
-                    })
+                    .get_job(request)
                     .await
                     .map_err(|e| e.to_string())?
                     .into_inner();
@@ -444,8 +475,9 @@ impl Admin {
     }
 
     pub async fn agents(&mut self) -> Vec<pb::AgentInfo> {
+        let request = self.request(pb::ListAgentsRequest {});
         self.client
-            .list_agents(pb::ListAgentsRequest {})
+            .list_agents(request)
             .await
             .expect("ListAgents")
             .into_inner()

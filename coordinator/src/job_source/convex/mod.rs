@@ -620,7 +620,12 @@ impl JobSource for ConvexSource {
         ))
     }
 
-    async fn list_jobs(&self, _status: Option<JobStatus>, _limit: usize) -> Result<Vec<JobView>> {
+    async fn list_jobs(
+        &self,
+        _status: Option<JobStatus>,
+        _offset: usize,
+        _limit: usize,
+    ) -> Result<Vec<JobView>> {
         Err(JobSourceError::Unsupported(
             "the Convex deployment has no function listing jobs; ListJobs works with the \
              embedded store only"

@@ -482,16 +482,27 @@ async fn list_jobs_newest_first_with_filter() {
     }
     store.claim("w1", LEASE).await.unwrap().unwrap();
 
-    let all: Vec<_> = store.list_jobs(None, 10).await.unwrap();
+    let all: Vec<_> = store.list_jobs(None, 0, 10).await.unwrap();
     let listed: Vec<_> = all.iter().map(|job| job.id.clone()).collect();
     assert_eq!(listed, ids.iter().rev().cloned().collect::<Vec<_>>());
-    assert_eq!(store.list_jobs(None, 2).await.unwrap().len(), 2);
-    let claimed = store.list_jobs(Some(JobStatus::Claimed), 10).await.unwrap();
+    assert_eq!(store.list_jobs(None, 0, 2).await.unwrap().len(), 2);
+    let second_page: Vec<_> = store
+        .list_jobs(None, 2, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|job| job.id)
+        .collect();
+    assert_eq!(second_page, vec![ids[1].clone(), ids[0].clone()]);
+    let claimed = store
+        .list_jobs(Some(JobStatus::Claimed), 0, 10)
+        .await
+        .unwrap();
     assert_eq!(claimed.len(), 1);
     assert_eq!(claimed[0].id, ids[0]);
     assert_eq!(
         store
-            .list_jobs(Some(JobStatus::Pending), 10)
+            .list_jobs(Some(JobStatus::Pending), 0, 10)
             .await
             .unwrap()
             .len(),
