@@ -267,7 +267,12 @@ impl JobSource for EmbeddedStore {
                 id,
                 attempt,
                 prompt,
-                target: Ok(RepoTarget { url, branch }),
+                target: Ok(RepoTarget {
+                    url,
+                    branch,
+                    // The embedded store has no users; GITHUB_TOKEN may still apply.
+                    credential: None,
+                }),
             }))
         })
         .await
