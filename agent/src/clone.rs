@@ -5,6 +5,13 @@
 //! injection). `GIT_ALLOW_PROTOCOL` limits git to the allow-list's schemes even if something leads
 //! it elsewhere (`ext::` remote helpers never run). Time is bounded by the process timeout, size by
 //! a watchdog that measures the destination while git writes it.
+//!
+//! A private repository's token (the assignment's clone credential) reaches git as an
+//! `http.extraHeader` set through `GIT_CONFIG_COUNT`/`GIT_CONFIG_KEY_0`/`GIT_CONFIG_VALUE_0` in the
+//! environment of that one git process: never in argv (other users can read it in `/proc`), the
+//! URL, `.git/config` (environment settings are not written there) or any file, and never in the
+//! analyzer's environment. A clone the host refuses for lack of (valid) credentials is its own
+//! error, told from git's exit and its stderr (our own git's, so trusted).
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -12,7 +19,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fondation_proto::validate::{check_branch, RepoAllowlist, ValidationError};
+use base64::Engine;
+use fondation_proto::{
+    model::CloneCredential,
+    validate::{check_branch, RepoAllowlist, ValidationError},
+};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -42,6 +53,8 @@ pub struct CloneSpec {
     pub timeout: Duration,
     /// Largest size of the clone on disk (objects and checkout), in bytes.
     pub max_bytes: u64,
+    /// Token for a private repository; `None` clones anonymously. Redacted in `Debug`.
+    pub credential: Option<CloneCredential>,
 }
 
 /// Why a clone did not produce a checkout.
@@ -61,6 +74,16 @@ pub enum CloneError {
         url: String,
         branch: String,
         message: String,
+    },
+
+    /// The host refused the clone for authentication: 401/403, or GitHub's 404 "Repository not
+    /// found", which is how it answers for a private repository it will not show. The messages
+    /// are the old worker's, which the web app shows to the user.
+    #[error("{}", auth_message(*had_credential))]
+    AuthRefused {
+        url: String,
+        /// Whether git presented a token.
+        had_credential: bool,
     },
 
     /// git did not finish in time and was stopped.
@@ -93,24 +116,62 @@ impl CloneError {
     /// way every time; network trouble, timeouts and local problems may not.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Self::Rejected(_) | Self::Dest { .. } | Self::TooLarge { .. } | Self::Canceled => false,
+            Self::Rejected(_)
+            | Self::Dest { .. }
+            | Self::TooLarge { .. }
+            | Self::AuthRefused { .. }
+            | Self::Canceled => false,
             Self::Failed { message, .. } => !is_permanent_git_failure(message),
             Self::TimedOut { .. } | Self::Process(_) => true,
         }
     }
 }
 
+/// The old worker's message when there was no token, and ours when the token was refused.
+fn auth_message(had_credential: bool) -> &'static str {
+    if had_credential {
+        "GitHub refused the access token for this repository. Please reconnect your GitHub account."
+    } else {
+        "GitHub access token not found. Please reconnect your GitHub account."
+    }
+}
+
 /// git messages meaning "this repository/branch cannot be cloned", as opposed to transient
-/// trouble. GitHub answers 401 for a repository that does not exist (or is private), which git
-/// with prompts disabled reports as "could not read Username".
+/// trouble (refusals for authentication are told apart before, by [`is_auth_refusal`]).
 fn is_permanent_git_failure(message: &str) -> bool {
     let m = message.to_ascii_lowercase();
     (m.contains("remote branch") && m.contains("not found"))
+        || m.contains("does not appear to be a git repository")
+        || (m.contains("transport '") && m.contains("not allowed"))
+}
+
+/// git's stderr when the host wants (other) credentials: a 401 with prompts disabled ("could not
+/// read Username"), a refused login, HTTP 401 or 403, or the 404 GitHub gives for a repository
+/// it will not show ("Repository not found").
+fn is_auth_refusal(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    m.contains("could not read username")
+        || m.contains("could not read password")
+        || m.contains("authentication failed")
+        || m.contains("the requested url returned error: 401")
+        || m.contains("the requested url returned error: 403")
         || m.contains("repository not found")
         || (m.contains("repository '") && m.contains("' not found"))
-        || m.contains("does not appear to be a git repository")
-        || m.contains("could not read username")
-        || (m.contains("transport '") && m.contains("not allowed"))
+}
+
+/// The environment that makes git send the token (HTTP Basic with GitHub's `x-access-token`
+/// user) on its requests to the repository's host. Only for the clone's own git process.
+fn credential_env(credential: &CloneCredential) -> [(String, String); 3] {
+    let basic = base64::engine::general_purpose::STANDARD
+        .encode(format!("x-access-token:{}", credential.expose()));
+    [
+        ("GIT_CONFIG_COUNT".into(), "1".into()),
+        ("GIT_CONFIG_KEY_0".into(), "http.extraHeader".into()),
+        (
+            "GIT_CONFIG_VALUE_0".into(),
+            format!("Authorization: Basic {basic}"),
+        ),
+    ]
 }
 
 /// Clones `spec.branch` of `spec.url` into `spec.dest`, shallow and single-branch.
@@ -181,6 +242,7 @@ async fn clone_with_poll(
                 ("GIT_ALLOW_PROTOCOL".into(), allowlist.git_protocols()),
                 ("GIT_CONFIG_NOSYSTEM".into(), "1".into()),
             ])
+            .chain(spec.credential.iter().flat_map(credential_env))
             .collect(),
         // git runs as the agent: the clone is the agent's, the analyzer only reads it.
         user: None,
@@ -216,11 +278,22 @@ async fn clone_with_poll(
             url: url.clone(),
             timeout: spec.timeout,
         }),
-        Ok(ProcessEnd::Exited { status, tail }) if !status.success() => Err(CloneError::Failed {
-            url: url.clone(),
-            branch: spec.branch.clone(),
-            message: failure_message(&tail, &status),
-        }),
+        Ok(ProcessEnd::Exited { status, tail }) if !status.success() => {
+            let message = failure_message(&tail, &status);
+            if is_auth_refusal(&message) {
+                warn!(url = %url, had_credential = spec.credential.is_some(), git = %message, "the host refused the clone for authentication");
+                Err(CloneError::AuthRefused {
+                    url: url.clone(),
+                    had_credential: spec.credential.is_some(),
+                })
+            } else {
+                Err(CloneError::Failed {
+                    url: url.clone(),
+                    branch: spec.branch.clone(),
+                    message,
+                })
+            }
+        }
         Ok(ProcessEnd::Exited { .. }) => {
             // The clone may have finished between two polls: measure once more.
             let limit = spec.max_bytes;

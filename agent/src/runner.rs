@@ -234,6 +234,8 @@ async fn execute(
         dest: repo.clone(),
         timeout: config.clone_timeout,
         max_bytes: config.clone_max_bytes,
+        // Held in memory for this clone only; the analyzer never sees it.
+        credential: assignment.clone_credential.clone(),
     };
     clone_repo(&clone, &ctx.allowlist, cancel.clone())
         .await

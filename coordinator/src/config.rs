@@ -13,6 +13,9 @@ use fondation_runtime::{
     tls::{self, TlsFileError},
 };
 
+use crate::github_token::{plain_token, CloneCredential, EncryptionKey, InvalidKey};
+pub use crate::progress_text::ProgressLanguage;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "fondation-coordinator",
@@ -191,6 +194,28 @@ pub struct CoordinatorConfig {
     #[arg(long, env = "RETRY_BACKOFF", default_value = "5000", value_parser = millis)]
     pub retry_backoff: Duration,
 
+    /// The web app's `ENCRYPTION_KEY` (64 hex characters): decrypts the GitHub tokens it stores,
+    /// to clone its users' private repositories. Never logged, never sent to agents.
+    #[arg(long, env = "ENCRYPTION_KEY", hide_env_values = true)]
+    pub encryption_key: Option<Secret>,
+
+    /// File holding ENCRYPTION_KEY, instead of the variable.
+    #[arg(long, env = "ENCRYPTION_KEY_FILE")]
+    pub encryption_key_file: Option<PathBuf>,
+
+    /// GitHub token for jobs whose owner has no usable stored token (and for every job of the
+    /// embedded store); without one such jobs clone anonymously. Sent only inside assignments.
+    #[arg(long, env = "GITHUB_TOKEN", hide_env_values = true)]
+    pub github_token: Option<Secret>,
+
+    /// File holding GITHUB_TOKEN, instead of the variable.
+    #[arg(long, env = "GITHUB_TOKEN_FILE")]
+    pub github_token_file: Option<PathBuf>,
+
+    /// Language of the progress texts written to the job (`fr`, the web app's, or `en`).
+    #[arg(long, env = "PROGRESS_LANGUAGE", value_enum, default_value = "fr")]
+    pub progress_language: ProgressLanguage,
+
     /// Log lines as `plain` text or `json`.
     #[arg(long, env = "LOG_FORMAT", default_value = "plain")]
     pub log_format: LogFormat,
@@ -227,6 +252,16 @@ impl CoordinatorConfig {
             "CONVEX_DEPLOY_KEY",
             self.convex_deploy_key,
             self.convex_deploy_key_file.take().as_deref(),
+        )?;
+        self.encryption_key = secret_setting(
+            "ENCRYPTION_KEY",
+            self.encryption_key,
+            self.encryption_key_file.take().as_deref(),
+        )?;
+        self.github_token = secret_setting(
+            "GITHUB_TOKEN",
+            self.github_token,
+            self.github_token_file.take().as_deref(),
         )?;
         Ok(self)
     }
@@ -308,6 +343,9 @@ impl CoordinatorConfig {
                 ),
             );
         }
+        // Checked here so a bad secret stops the start-up, not the first private job.
+        self.parsed_encryption_key()?;
+        self.fallback_github_token()?;
         if let Some(id) = &self.worker_id {
             if id.trim().is_empty() || id.len() > 128 {
                 return invalid("WORKER_ID", "must be 1 to 128 characters".into());
@@ -344,6 +382,34 @@ impl CoordinatorConfig {
             max_connections: self.max_connections,
             idle_timeout: self.idle_connection_timeout,
         }
+    }
+
+    /// `ENCRYPTION_KEY` as a key; the error never quotes the value.
+    pub fn parsed_encryption_key(&self) -> Result<Option<EncryptionKey>, ConfigError> {
+        self.encryption_key
+            .as_ref()
+            .map(|key| {
+                key.expose()
+                    .parse()
+                    .map_err(|e: InvalidKey| ConfigError::Invalid {
+                        name: "ENCRYPTION_KEY",
+                        message: e.to_string(),
+                    })
+            })
+            .transpose()
+    }
+
+    /// `GITHUB_TOKEN` as a clone credential.
+    pub fn fallback_github_token(&self) -> Result<Option<CloneCredential>, ConfigError> {
+        self.github_token
+            .as_ref()
+            .map(|token| {
+                plain_token(token.expose()).map_err(|_| ConfigError::Invalid {
+                    name: "GITHUB_TOKEN",
+                    message: "must be a token without spaces or control characters".into(),
+                })
+            })
+            .transpose()
     }
 
     /// How often agents are asked to send an application heartbeat: by default a third of the
@@ -397,6 +463,20 @@ mod tests {
         assert!(error(&["--max-agent-slots", "65"]).starts_with("MAX_AGENT_SLOTS"));
         assert!(error(&["--max-connections", "0"]).starts_with("MAX_CONNECTIONS"));
         assert!(error(&["--admin-read-token", "r"]).starts_with("ADMIN_READ_TOKEN"));
+        let key_error = error(&["--encryption-key", "not-hex-and-secret"]);
+        assert!(key_error.starts_with("ENCRYPTION_KEY"), "{key_error}");
+        assert!(!key_error.contains("not-hex-and-secret"), "{key_error}");
+        assert!(error(&["--github-token", "two words"]).starts_with("GITHUB_TOKEN"));
+    }
+
+    #[test]
+    fn progress_texts_are_french_unless_asked_otherwise() {
+        assert_eq!(parse(&[]).progress_language, ProgressLanguage::Fr);
+        assert_eq!(
+            parse(&["--progress-language", "en"]).progress_language,
+            ProgressLanguage::En
+        );
+        assert!(Cli::try_parse_from(["c", "--progress-language", "de"]).is_err());
     }
 
     #[test]

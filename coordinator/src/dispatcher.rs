@@ -168,6 +168,12 @@ async fn dispatch(
         KeeperStart::Assigned,
     );
 
+    // The owner's token, else the operator's GITHUB_TOKEN, else an anonymous clone. It goes
+    // into this message only: the journal keeps the record above, which has no token.
+    // (GITHUB_TOKEN was checked at start-up.)
+    let clone_credential = target
+        .credential
+        .or_else(|| ctx.config.fallback_github_token().ok().flatten());
     let message = ToAgent::Assignment(Assignment {
         assignment_id: record.assignment_id.clone(),
         job_id: job.id.clone(),
@@ -176,6 +182,7 @@ async fn dispatch(
         prompt: job.prompt,
         attempt: job.attempt,
         epoch: record.epoch,
+        clone_credential,
     });
     info!(job_id = %job.id, agent_id = %record.agent_id, attempt = job.attempt, "job assigned");
     if sender.send(message).await.is_err() {

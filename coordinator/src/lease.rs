@@ -2,7 +2,7 @@
 //!
 //! It keeps the job's lease alive every `HEARTBEAT_INTERVAL` whatever the CLI prints, turns agent
 //! reports into job-source writes (status changes at once, step progress coalesced to one write per
-//! `PROGRESS_INTERVAL`), watches for cancellation, and ends the job exactly once: completed with
+//! `PROGRESS_INTERVAL`, both with the texts of [`crate::progress_text`]), watches for cancellation, and ends the job exactly once: completed with
 //! its documents, failed (retry or dead), handed back when its agent is lost, or left canceled.
 //! A run's end is journaled before the agent is released from it, and the journal entry is only
 //! dropped once the job source has the end: a restart or an outage delays a result, never loses it.
@@ -80,6 +80,7 @@ pub fn spawn_keeper(
         result_bytes: 0,
         invalid_result: None,
         agent_gone_at: None,
+        shown_step: None,
     };
     tokio::spawn(keeper.run(events, start))
 }
@@ -105,6 +106,9 @@ struct Keeper {
     /// Why the documents received so far cannot be stored, if they cannot.
     invalid_result: Option<String>,
     agent_gone_at: Option<Instant>,
+    /// The step whose text was last queued: a step's text is written once, however many lines
+    /// the CLI prints during it.
+    shown_step: Option<u32>,
 }
 
 impl Keeper {
@@ -186,12 +190,23 @@ impl Keeper {
         match event {
             JobEvent::Run(RunEvent::Accepted) => {
                 info!(job_id = %self.record.job_id, agent_id = %self.record.agent_id, "assignment accepted");
-                self.set_status(ActiveStatus::Running).await
+                let text = self.ctx.config.progress_language.started();
+                self.set_status(ActiveStatus::Running, text.to_owned())
+                    .await
             }
-            JobEvent::Run(RunEvent::Phase(phase)) => self.set_status(status_of(phase)).await,
+            JobEvent::Run(RunEvent::Phase(phase)) => {
+                let text = self.ctx.config.progress_language.phase(phase);
+                self.set_status(status_of(phase), text.to_owned()).await
+            }
             JobEvent::Run(RunEvent::Progress { step, message, .. }) => {
+                // The CLI's own words are for the logs; the job shows the web app's text.
+                debug!(job_id = %self.record.job_id, step, message = %escaped(&message), "step progress");
+                if self.shown_step == Some(step) {
+                    return None;
+                }
+                self.shown_step = Some(step);
                 self.pending.current_step = Some(step);
-                self.pending.progress = Some(message);
+                self.pending.progress = Some(self.ctx.config.progress_language.step(step));
                 if self.flush_deadline().is_some_and(|at| at <= Instant::now()) {
                     self.write().await
                 } else {
@@ -242,8 +257,9 @@ impl Keeper {
         })
     }
 
-    async fn set_status(&mut self, status: ActiveStatus) -> Option<End> {
+    async fn set_status(&mut self, status: ActiveStatus, text: String) -> Option<End> {
         self.pending.status = Some(status);
+        self.pending.progress = Some(text);
         self.write().await
     }
 

@@ -8,6 +8,8 @@
 //! - [`job_source`]: the queue contract, with the [`job_source::embedded_store`] and
 //!   [`job_source::convex`] implementations;
 //! - [`dispatcher`]: the claim loop and the hand-out of jobs to agents;
+//! - [`github_token`]: the web app's stored GitHub tokens, decrypted for private repositories;
+//! - [`progress_text`]: the progress texts written to jobs, in the web app's language;
 //! - [`agents`]: the registry of connected agents and their slots;
 //! - [`assignments`]: in-flight assignments, their fencing epochs, and report routing;
 //! - [`lease`]: the lease keeper, one task per in-flight job, until its end is recorded;
@@ -28,10 +30,12 @@ pub mod context;
 pub mod database;
 pub mod dispatcher;
 pub mod gateway;
+pub mod github_token;
 pub mod identity;
 pub mod job_source;
 pub mod journal;
 pub mod lease;
+pub mod progress_text;
 pub mod reclaimer;
 pub mod server;
 #[cfg(test)]

@@ -75,6 +75,7 @@ fn open_source(
             clone_url_template: config.clone_url_template.clone(),
             request_timeout: config.convex_request_timeout,
             retry_budget: config.convex_retry_budget,
+            encryption_key: config.parsed_encryption_key()?,
             ..ConvexConfig::new(url.clone())
         })?),
         None => Arc::new(EmbeddedStore::new(

@@ -307,6 +307,7 @@ pub fn claimed_job(id: &str) -> ClaimedJob {
         target: Ok(RepoTarget {
             url: "https://github.com/owner/repo.git".into(),
             branch: "main".into(),
+            credential: None,
         }),
     }
 }

@@ -18,6 +18,29 @@ pub mod validate;
 pub mod pb {
     #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("fondation.v1");
+
+    /// Written by hand (see build.rs) so that the clone credential never reaches a log.
+    impl std::fmt::Debug for Assignment {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("Assignment")
+                .field("assignment_id", &self.assignment_id)
+                .field("job_id", &self.job_id)
+                .field("repo_url", &self.repo_url)
+                .field("branch", &self.branch)
+                .field("prompt", &self.prompt)
+                .field("attempt", &self.attempt)
+                .field("epoch", &self.epoch)
+                .field(
+                    "clone_credential",
+                    &if self.clone_credential.is_empty() {
+                        ""
+                    } else {
+                        "<redacted>"
+                    },
+                )
+                .finish()
+        }
+    }
 }
 
 /// Encoded `FileDescriptorSet` of our protos, for server reflection.

@@ -79,8 +79,9 @@ async fn convex_job_completes_with_its_documents_through_the_statuses_in_order()
 async fn newest_cli_step_markers_reach_the_heartbeats_as_steps_one_to_six() {
     let world = ConvexWorld::new(FakeOptions::fast()).await;
     // Steps 300 ms apart, progress written at most every 50 ms: every step gets its heartbeat.
+    // The CLI's own words are in the coordinator's debug log (the job shows the web app's texts).
     let coordinator = world
-        .coordinator(None, &[("PROGRESS_INTERVAL", "50")])
+        .coordinator(None, &[("PROGRESS_INTERVAL", "50"), ("RUST_LOG", "debug")])
         .await;
     let mut worker = agent(&world, "agent-1", coordinator.url(), &[]);
     worker.wait_connected().await;
@@ -105,13 +106,24 @@ async fn newest_cli_step_markers_reach_the_heartbeats_as_steps_one_to_six() {
                 !progress.contains("FONDATION_STEP"),
                 "the marker is not shown to users: {progress:?}"
             );
-            // Steps read from the output files say so: these steps must come from the lines.
             assert!(
-                !progress.contains("output written"),
-                "a step was seen only in the output files: {progress:?}"
+                progress.starts_with("Étape ") || progress.ends_with("..."),
+                "the job shows the web app's texts: {progress:?}"
             );
         }
     }
+    // Steps read from the output files say so: these steps must come from the lines.
+    let reported: Vec<String> = coordinator
+        .proc
+        .lines()
+        .into_iter()
+        .filter(|line| line.contains("step progress") && line.contains(&job_id))
+        .collect();
+    assert!(reported.len() >= 6, "{reported:#?}");
+    assert!(
+        !reported.iter().any(|line| line.contains("output written")),
+        "a step was seen only in the output files: {reported:#?}"
+    );
     world.assert_no_rejected_calls().await;
 }
 

@@ -176,6 +176,7 @@ async fn claim_heartbeat_complete_round_trip_with_documents() {
         Ok(RepoTarget {
             url: "https://github.com/octo-org/hello.world.git".to_owned(),
             branch: "develop".to_owned(),
+            credential: None,
         })
     );
     assert!(h

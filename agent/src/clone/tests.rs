@@ -68,6 +68,7 @@ fn spec(fx: &Fixture, branch: &str) -> CloneSpec {
         dest: fx.dir.path().join("checkout"),
         timeout: Duration::from_secs(60),
         max_bytes: 10 * 1024 * 1024,
+        credential: None,
     }
 }
 
@@ -249,6 +250,7 @@ async fn unresponsive_remote_times_out() {
         dest: dir.path().join("checkout"),
         timeout: Duration::from_millis(500),
         max_bytes: 1024 * 1024,
+        credential: None,
     };
     let started = std::time::Instant::now();
     let err = clone_repo(&spec, &allowlist, CancellationToken::new())
@@ -294,14 +296,6 @@ fn retryability() {
     .is_retryable());
     assert!(failed("fatal: early EOF").is_retryable());
     assert!(!failed("warning: Could not find remote branch x to clone.; fatal: Remote branch x not found in upstream origin").is_retryable());
-    assert!(!failed(
-        "remote: Repository not found.; fatal: repository 'https://github.com/o/r.git/' not found"
-    )
-    .is_retryable());
-    assert!(!failed(
-        "fatal: could not read Username for 'https://github.com': terminal prompts disabled"
-    )
-    .is_retryable());
     assert!(!failed("fatal: transport 'file' not allowed").is_retryable());
     assert!(CloneError::TimedOut {
         url: "u".into(),
@@ -314,6 +308,51 @@ fn retryability() {
     }
     .is_retryable());
     assert!(CloneError::Process(ProcessError::EmptyArgv).is_retryable());
+}
+
+#[test]
+fn authentication_refusals_are_told_apart() {
+    for message in [
+        "remote: Repository not found.; fatal: repository 'https://github.com/o/r.git/' not found",
+        "fatal: could not read Username for 'https://github.com': terminal prompts disabled",
+        "remote: Invalid username or password.; fatal: Authentication failed for 'https://github.com/o/r.git/'",
+        "fatal: unable to access 'http://127.0.0.1:1/o/r.git/': The requested URL returned error: 403",
+    ] {
+        assert!(is_auth_refusal(message), "{message}");
+    }
+    assert!(!is_auth_refusal("fatal: early EOF"));
+    assert!(!is_auth_refusal(
+        "fatal: Remote branch x not found in upstream origin"
+    ));
+    let refused = |had_credential| CloneError::AuthRefused {
+        url: "https://github.com/o/r.git".into(),
+        had_credential,
+    };
+    assert!(!refused(false).is_retryable());
+    assert_eq!(
+        refused(false).to_string(),
+        "GitHub access token not found. Please reconnect your GitHub account."
+    );
+    assert!(refused(true)
+        .to_string()
+        .contains("Please reconnect your GitHub account."));
+}
+
+#[test]
+fn the_token_reaches_git_only_as_an_extra_header_in_its_environment() {
+    let env = credential_env(&CloneCredential::new("gho_secret".into()));
+    let value = &env[2].1;
+    assert_eq!(env[0], ("GIT_CONFIG_COUNT".into(), "1".into()));
+    assert_eq!(
+        env[1],
+        ("GIT_CONFIG_KEY_0".into(), "http.extraHeader".into())
+    );
+    assert!(value.starts_with("Authorization: Basic "), "{value}");
+    let encoded = value.trim_start_matches("Authorization: Basic ");
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .expect("base64");
+    assert_eq!(decoded, b"x-access-token:gho_secret");
 }
 
 #[test]

@@ -129,6 +129,7 @@ fn doomed_assignment(id: &str) -> ToAgent {
         prompt: "explain".into(),
         attempt: 1,
         epoch: 42,
+        clone_credential: None,
     })
 }
 

@@ -566,7 +566,12 @@ fn claim_next(
         id,
         attempt,
         prompt,
-        target: Ok(RepoTarget { url, branch }),
+        target: Ok(RepoTarget {
+            url,
+            branch,
+            // The embedded store has no users; GITHUB_TOKEN may still apply.
+            credential: None,
+        }),
     }))
 }
 

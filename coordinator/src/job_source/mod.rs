@@ -126,6 +126,9 @@ impl ActiveStatus {
 pub struct RepoTarget {
     pub url: String,
     pub branch: String,
+    /// The repository owner's token, for a private repository (Convex: the user's stored GitHub
+    /// token). `None` leaves it to `GITHUB_TOKEN`, else to an anonymous clone. Redacted in `Debug`.
+    pub credential: Option<CloneCredential>,
 }
 
 /// A job this coordinator now holds the lease of.
@@ -150,7 +153,7 @@ pub struct ProgressUpdate {
 
 /// Documents and their kinds are the domain model's: one definition, one mapping to the wire
 /// and to Convex's `kind` names.
-pub use fondation_proto::model::{Document, DocumentKind};
+pub use fondation_proto::model::{CloneCredential, Document, DocumentKind};
 
 /// A document as read back from the source: its content only when asked for, its size always.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -89,6 +89,7 @@ async fn heartbeats_keep_the_lease_and_progress_is_coalesced() {
         panic!("expected a heartbeat, got {call:?}")
     };
     assert_eq!(update.status, Some(ActiveStatus::Running));
+    assert_eq!(update.progress.as_deref(), Some("Initializing..."));
 
     for (step, message) in [(1, "one"), (2, "two"), (2, "two, later")] {
         keeper
@@ -112,7 +113,8 @@ async fn heartbeats_keep_the_lease_and_progress_is_coalesced() {
             job_id: "job-1".into(),
             update: ProgressUpdate {
                 status: None,
-                progress: Some("two, later".into()),
+                // The web app's text for the step, not the CLI's words.
+                progress: Some("Étape 2/6: Analyse des relations entre composants".into()),
                 current_step: Some(2),
             },
         }

@@ -17,7 +17,7 @@ use std::{fmt, str::FromStr};
 
 use crate::{limits, pb, validate::ValidationError};
 
-pub use to_agent::{Assignment, CancelRun, Drain, ResultAck, ToAgent, Welcome};
+pub use to_agent::{Assignment, CancelRun, CloneCredential, Drain, ResultAck, ToAgent, Welcome};
 pub use to_coordinator::{
     FromAgent, HeldRun, Hello, Phase, RunEvent, RunOutcome, RunReport, PROTOCOL_VERSION,
 };

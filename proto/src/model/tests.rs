@@ -40,6 +40,17 @@ fn messages_to_the_agent_survive_the_wire() {
             prompt: "explain".into(),
             attempt: 2,
             epoch: 9,
+            clone_credential: None,
+        }),
+        ToAgent::Assignment(Assignment {
+            assignment_id: "as-2".into(),
+            job_id: "job-2".into(),
+            repo_url: "https://github.com/o/private.git".into(),
+            branch: "main".into(),
+            prompt: "explain".into(),
+            attempt: 1,
+            epoch: 10,
+            clone_credential: Some(CloneCredential::new("gho_secret".into())),
         }),
         ToAgent::Cancel(CancelRun {
             assignment_id: "as-1".into(),
@@ -62,6 +73,29 @@ fn messages_to_the_agent_survive_the_wire() {
         ToAgent::try_from(pb::CoordinatorMessage { kind: None }),
         Err(ModelError::MissingKind("CoordinatorMessage"))
     );
+}
+
+#[test]
+fn the_clone_credential_is_redacted_in_every_debug_output() {
+    let assignment = Assignment {
+        assignment_id: "as-1".into(),
+        job_id: "job-1".into(),
+        repo_url: "https://github.com/o/private.git".into(),
+        branch: "main".into(),
+        prompt: "explain".into(),
+        attempt: 1,
+        epoch: 1,
+        clone_credential: Some(CloneCredential::new("gho_secret".into())),
+    };
+    let model = format!("{:?}", ToAgent::Assignment(assignment.clone()));
+    let wire = format!(
+        "{:?}",
+        pb::CoordinatorMessage::from(ToAgent::Assignment(assignment))
+    );
+    for printed in [model, wire] {
+        assert!(!printed.contains("gho_secret"), "{printed}");
+        assert!(printed.contains("<redacted>"), "{printed}");
+    }
 }
 
 #[test]

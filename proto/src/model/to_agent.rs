@@ -2,7 +2,7 @@
 //! `From<ToAgent>` builds the wire message (coordinator side); `TryFrom<pb::CoordinatorMessage>`
 //! reads it back (agent side).
 
-use std::time::Duration;
+use std::{fmt, time::Duration};
 
 use super::ModelError;
 use crate::pb::{self, coordinator_message::Kind};
@@ -30,7 +30,8 @@ pub struct Welcome {
     pub heartbeat_interval: Duration,
 }
 
-/// A job to run. Carries no job-source credential or callback token.
+/// A job to run. Carries no job-source credential or callback token; the only secret is the
+/// job's own clone credential, if it has one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Assignment {
     /// Unique per handing-out of a job; every report about the run carries it.
@@ -45,6 +46,30 @@ pub struct Assignment {
     pub attempt: u32,
     /// Fencing token: reports with an older epoch than the job's current one are refused.
     pub epoch: u64,
+    /// Token git presents to clone a private repository; `None` clones anonymously.
+    pub clone_credential: Option<CloneCredential>,
+}
+
+/// A token that lets git clone one job's private repository (a GitHub token). Kept in memory
+/// only; `Debug` never shows it, and [`CloneCredential::expose`] is the one way to read it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct CloneCredential(String);
+
+impl CloneCredential {
+    pub fn new(token: String) -> Self {
+        CloneCredential(token)
+    }
+
+    /// The token itself: for the HTTP header git sends, nowhere else.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for CloneCredential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("CloneCredential(<redacted>)")
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,6 +109,10 @@ impl From<ToAgent> for pb::CoordinatorMessage {
                 prompt: a.prompt,
                 attempt: a.attempt,
                 epoch: a.epoch,
+                clone_credential: a
+                    .clone_credential
+                    .map(|credential| credential.0)
+                    .unwrap_or_default(),
             }),
             ToAgent::Cancel(c) => Kind::Cancel(pb::CancelAssignment {
                 assignment_id: c.assignment_id,
@@ -121,6 +150,9 @@ impl TryFrom<pb::CoordinatorMessage> for ToAgent {
                     prompt: a.prompt,
                     attempt: a.attempt,
                     epoch: a.epoch,
+                    clone_credential: Some(a.clone_credential)
+                        .filter(|token| !token.is_empty())
+                        .map(CloneCredential),
                 }),
                 Kind::Cancel(c) => ToAgent::Cancel(CancelRun {
                     assignment_id: c.assignment_id,

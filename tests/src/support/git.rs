@@ -83,6 +83,14 @@ impl GitFixture {
     }
 }
 
+impl GitFixture {
+    /// The folder the bare repository lives under (`<root>/<FULL_NAME>.git`), e.g. a git
+    /// server's project root.
+    pub fn root(&self) -> &Path {
+        self._dir.path()
+    }
+}
+
 impl Default for GitFixture {
     fn default() -> Self {
         Self::new()

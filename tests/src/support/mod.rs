@@ -8,6 +8,8 @@ pub mod compose;
 pub mod convex_world;
 pub mod fault_proxy;
 pub mod git;
+pub mod git_http;
+pub mod git_wrapper;
 pub mod grpcurl;
 pub mod process;
 pub mod wait;

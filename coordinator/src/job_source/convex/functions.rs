@@ -103,6 +103,20 @@ convex_function!(
 );
 convex_function!(GetJob, "jobs:getJob", Query, JobIdArgs, Option<JobDoc>);
 convex_function!(
+    GetUserById,
+    "users:getUserById",
+    Query,
+    UserIdArgs,
+    Option<UserDoc>
+);
+convex_function!(
+    GetGitHubToken,
+    "users:getGitHubToken",
+    Query,
+    GithubIdArgs,
+    Option<StoredToken>
+);
+convex_function!(
     RequestCancel,
     "jobs:requestCancel",
     Mutation,
@@ -253,6 +267,60 @@ pub(crate) struct RepositoryDoc {
     pub full_name: String,
     #[serde(default)]
     pub default_branch: Option<String>,
+    /// The owner, whose GitHub token clones the repository when it is private.
+    #[serde(default)]
+    pub user_id: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct UserIdArgs<'a> {
+    pub user_id: &'a str,
+}
+
+/// The fields of a `users` document the coordinator reads.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct UserDoc {
+    /// GitHub's numeric user id, stored as a string (a number is accepted too).
+    #[serde(default)]
+    pub github_id: Option<GithubId>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum GithubId {
+    Text(String),
+    Number(f64),
+}
+
+impl GithubId {
+    /// The id as `users:getGitHubToken` takes it.
+    pub(crate) fn as_arg(&self) -> Option<String> {
+        match self {
+            GithubId::Text(text) if !text.is_empty() => Some(text.clone()),
+            GithubId::Number(number) => to_count(*number).map(|id| id.to_string()),
+            GithubId::Text(_) => None,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct GithubIdArgs<'a> {
+    pub github_id: &'a str,
+}
+
+/// A user's GitHub token as stored (`enc_v1_...`, `obf_...` or plain text). No `Debug` of its
+/// contents: it is a secret until proven otherwise.
+#[derive(Deserialize)]
+#[serde(transparent)]
+pub(crate) struct StoredToken(pub String);
+
+impl std::fmt::Debug for StoredToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StoredToken(<redacted>)")
+    }
 }
 
 #[derive(Debug, Serialize)]

@@ -2,8 +2,9 @@
 //! (`DESIGN.md` section 2). The coordinator is the only process holding its credentials.
 //!
 //! Layout: `client` speaks HTTP (request shape, reply classification, retries within a budget),
-//! `functions` holds the typed arguments and replies of every function used, and this module maps
-//! the [`JobSource`] operations onto those functions.
+//! `functions` holds the typed arguments and replies of every function used, `owner_token` finds
+//! the token that clones a private repository, and this module maps the [`JobSource`] operations
+//! onto those functions.
 //!
 //! The deployment's functions were written for a single Node worker and have sharp edges that this
 //! module guards against:
@@ -30,6 +31,7 @@
 mod checks;
 mod client;
 mod functions;
+mod owner_token;
 
 use std::{
     collections::HashMap,
@@ -60,6 +62,8 @@ use self::{
         RetryOrFailArgs, RetryOrFailReply, UpsertFromJob, UpsertFromJobArgs,
     },
 };
+use crate::github_token::EncryptionKey;
+
 use super::{
     is_cancel_signal, now_ms, ClaimedJob, FailOutcome, JobId, JobResult, JobSource, JobSourceError,
     JobStatus, JobView, NewJob, ProgressUpdate, ReclaimCounts, RepoTarget, Result,
@@ -88,6 +92,8 @@ pub struct ConvexConfig {
     pub request_timeout: Duration,
     /// Time allowed for one logical call including all its retries.
     pub retry_budget: Duration,
+    /// `ENCRYPTION_KEY`: decrypts the GitHub tokens the web app stores (`enc_v1_`).
+    pub encryption_key: Option<EncryptionKey>,
 }
 
 impl ConvexConfig {
@@ -100,6 +106,7 @@ impl ConvexConfig {
             clone_url_template: DEFAULT_CLONE_URL_TEMPLATE.to_owned(),
             request_timeout: Duration::from_secs(30),
             retry_budget: Duration::from_secs(60),
+            encryption_key: None,
         }
     }
 }
@@ -115,6 +122,7 @@ impl fmt::Debug for ConvexConfig {
             .field("clone_url_template", &self.clone_url_template)
             .field("request_timeout", &self.request_timeout)
             .field("retry_budget", &self.retry_budget)
+            .field("encryption_key", &self.encryption_key)
             .finish()
     }
 }
@@ -133,6 +141,7 @@ pub struct ConvexSource {
     /// `queue:claimOne` calls whose reply was lost: each may have left a job claimed by us that
     /// nobody runs.
     possible_orphans: AtomicU64,
+    encryption_key: Option<EncryptionKey>,
 }
 
 impl ConvexSource {
@@ -179,6 +188,7 @@ impl ConvexSource {
             repository_ids: Mutex::new(HashMap::new()),
             admin: deploy_key.is_some(),
             possible_orphans: AtomicU64::new(0),
+            encryption_key: config.encryption_key,
         })
     }
 
@@ -282,7 +292,13 @@ impl ConvexSource {
             .call::<GetByRepositoryId>(&GetByRepositoryIdArgs { repository_id })
             .await
         {
-            Ok(Some(repository)) => self.repo_target(&repository),
+            Ok(Some(repository)) => {
+                let mut target = self.repo_target(&repository)?;
+                target.credential = self
+                    .owner_credential(repository_id, repository.user_id.as_deref())
+                    .await?;
+                Ok(target)
+            }
             Ok(None) => Err(format!("repository {repository_id} not found")),
             Err(error) => Err(format!("cannot read repository {repository_id}: {error}")),
         }
@@ -300,6 +316,7 @@ impl ConvexSource {
                 .clone_url_template
                 .replace("{fullName}", &repository.full_name),
             branch: branch.to_owned(),
+            credential: None,
         })
     }
 
