@@ -141,7 +141,7 @@ pub struct ComposeProject {
 /// Variables passed to compose besides the test's own: what the docker CLI needs to find its
 /// daemon. Everything else is dropped so a developer's CONVEX_URL or RUST_LOG cannot change the
 /// test.
-const PASSED_ENV: &[&str] = &[
+pub const PASSED_ENV: &[&str] = &[
     "PATH",
     "HOME",
     "DOCKER_HOST",
