@@ -241,7 +241,7 @@ impl AgentConfig {
                 .to_string_lossy()
                 .into_owned(),
         };
-        fondation_proto::validate::check_job_id(&agent_id)
+        fondation_proto::validate::check_agent_id(&agent_id)
             .map_err(|e| invalid("AGENT_ID", e.to_string()))?;
         let allowlist = RepoAllowlist::parse(&self.repo_allowlist)
             .map_err(|e| invalid("REPO_ALLOWLIST", e.to_string()))?;

@@ -512,7 +512,7 @@ async fn idle_connections_are_closed_after_the_timeout() {
     }
     let sandbox = Sandbox::new();
     let coordinator =
-        CoordinatorProc::start(&sandbox, ANY_PORT, &[("IDLE_CONNECTION_TIMEOUT", "1500")]).await;
+        CoordinatorProc::start(&sandbox, ANY_PORT, &[("IDLE_CONNECTION_TIMEOUT", "8000")]).await;
     let pid = coordinator.proc.pid().expect("the coordinator runs");
     let _agent = AgentProc::connected(&sandbox, "busy", coordinator.url(), &[]).await;
     let baseline = open_fds(pid);

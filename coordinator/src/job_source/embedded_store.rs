@@ -852,7 +852,7 @@ fn new_id() -> String {
         .collect()
 }
 
-/// Milliseconds since the Unix epoch, whole like JavaScript's `Date.now()`.
+/// A duration in (fractional) milliseconds, the unit of the store's timestamps and leases.
 fn duration_ms(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1000.0
 }
