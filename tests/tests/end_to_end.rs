@@ -3,6 +3,7 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
+use fondation_proto::pb;
 use nix::sys::signal::Signal;
 
 use fondation_testkit::{
@@ -113,8 +114,11 @@ async fn submitted_job_completes_with_exactly_the_documents_the_cli_wrote() {
     let runs = read_run_log(&sandbox.run_log).unwrap();
     assert_eq!(runs_per_job(&runs).get(&job_id), Some(&1));
     // The workspace is gone once the job is done.
+    // Only the live agent's lock on its workspace root stays.
     let workspaces: Vec<_> = std::fs::read_dir(sandbox.path("agents-tmp/agent-1"))
         .unwrap()
+        .filter_map(|entry| entry.ok().map(|entry| entry.file_name()))
+        .filter(|name| name != ".agent.lock")
         .collect();
     assert!(workspaces.is_empty(), "left behind: {workspaces:?}");
 }
@@ -263,7 +267,7 @@ async fn agent_started_before_the_coordinator_connects_once_it_is_up() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn disallowed_urls_and_hostile_branches_fail_clearly_and_run_nothing() {
+async fn disallowed_urls_and_hostile_branches_are_refused_clearly_and_run_nothing() {
     let sandbox = Sandbox::new();
     let coordinator = CoordinatorProc::start(&sandbox, ANY_PORT, &[]).await;
     let agent = AgentProc::connected(&sandbox, "agent-1", coordinator.url(), &[]).await;
@@ -290,20 +294,27 @@ async fn disallowed_urls_and_hostile_branches_fail_clearly_and_run_nothing() {
         ),
         (sandbox.repo.url.clone(), rm, "branch"),
     ];
+    // Admin refuses them at submit with the message dispatch would give (hostile input from
+    // Convex is refused at dispatch: convex_source tests).
     for (url, branch, mentions) in cases {
-        let job_id = admin.submit(&url, &branch, "explain").await;
-        let job = admin.wait_status(&job_id, TERMINAL, JOB_TIMEOUT).await;
-        assert_eq!(
-            job.status, "failed",
-            "url {url:?} branch {branch:?}: {job:?}"
-        );
+        let refused = admin
+            .try_submit(&url, &branch, "explain")
+            .await
+            .expect_err("a hostile URL or branch is refused at submit");
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
         assert!(
-            job.error.contains(mentions),
-            "the error for url {url:?} branch {branch:?} names the {mentions} rule: {:?}",
-            job.error
+            refused.message().contains(mentions),
+            "the refusal of url {url:?} branch {branch:?} names the {mentions} rule: {:?}",
+            refused.message()
         );
-        assert_eq!(job.attempts, 1, "a rule violation is not retried");
     }
+    let listed = admin
+        .client
+        .list_jobs(pb::ListJobsRequest::default())
+        .await
+        .expect("ListJobs")
+        .into_inner();
+    assert!(listed.jobs.is_empty(), "no refused input became a job");
     assert!(!pwned.exists(), "no option was injected into git");
     assert!(
         read_run_log(&sandbox.run_log).unwrap().is_empty(),

@@ -245,7 +245,8 @@ async fn agent_image_under_the_pod_security_context_completes_a_job() {
         }
     })
     .await;
-    assert_eq!(job["agentId"], agent.as_str(), "{job}");
+    // The hardened agent is the only one registered (checked above), so it ran the job; GetJob
+    // names no agent once a job has ended.
     assert_eq!(
         job["documents"].as_array().map_or(0, Vec::len),
         SAMPLE_DOCUMENTS,

@@ -411,17 +411,24 @@ impl Admin {
     }
 
     pub async fn submit(&mut self, repo_url: &str, branch: &str, prompt: &str) -> String {
+        self.try_submit(repo_url, branch, prompt)
+            .await
+            .expect("SubmitJob")
+    }
+
+    /// SubmitJob, with its refusal as the error.
+    pub async fn try_submit(
+        &mut self,
+        repo_url: &str,
+        branch: &str,
+        prompt: &str,
+    ) -> Result<String, tonic::Status> {
         let request = self.request(pb::SubmitJobRequest {
             repo_url: repo_url.into(),
             branch: branch.into(),
             prompt: prompt.into(),
         });
-        self.client
-            .submit_job(request)
-            .await
-            .expect("SubmitJob")
-            .into_inner()
-            .job_id
+        Ok(self.client.submit_job(request).await?.into_inner().job_id)
     }
 
     pub async fn job(&mut self, job_id: &str, include_content: bool) -> pb::Job {
