@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use fondation_proto::pb;
 use fondation_testkit::support::{
-    cluster::{Admin, AgentOptions, AgentProc, CoordinatorProc, Sandbox, ANY_PORT},
+    cluster::{with_token, Admin, AgentOptions, AgentProc, CoordinatorProc, Sandbox, ANY_PORT},
     wait,
 };
 use tonic::{metadata::MetadataValue, Code, Request};
@@ -252,16 +252,6 @@ async fn drained_agent_takes_no_new_job_and_reports_not_serving() {
     assert_eq!(listed[0].job_id, job_id);
 }
 
-/// Sends `message` with `authorization: Bearer <token>` when a token is given.
-fn authorized<T>(message: T, token: Option<&str>) -> Request<T> {
-    let mut request = Request::new(message);
-    if let Some(token) = token {
-        let value = format!("Bearer {token}").parse().unwrap();
-        request.metadata_mut().insert("authorization", value);
-    }
-    request
-}
-
 /// The code of each Admin call made with `token`, reads first.
 async fn admin_codes(admin: &mut Admin, token: Option<&str>) -> Vec<(&'static str, Code)> {
     let code = |result: Result<Code, tonic::Status>| match result {
@@ -270,51 +260,51 @@ async fn admin_codes(admin: &mut Admin, token: Option<&str>) -> Vec<(&'static st
     };
     let client = &mut admin.client;
     let get = client
-        .get_job(authorized(
+        .get_job(with_token(
+            token,
             pb::GetJobRequest {
                 job_id: "nope".into(),
                 include_content: true,
             },
-            token,
         ))
         .await
         .map(|_| Code::Ok);
     let list = client
-        .list_jobs(authorized(pb::ListJobsRequest::default(), token))
+        .list_jobs(with_token(token, pb::ListJobsRequest::default()))
         .await
         .map(|_| Code::Ok);
     let agents = client
-        .list_agents(authorized(pb::ListAgentsRequest {}, token))
+        .list_agents(with_token(token, pb::ListAgentsRequest {}))
         .await
         .map(|_| Code::Ok);
     // Writes that would fail anyway past the token check (no such job or agent, a URL off the
     // allow-list), so a test never changes state by accident.
     let submit = client
-        .submit_job(authorized(
+        .submit_job(with_token(
+            token,
             pb::SubmitJobRequest {
                 repo_url: "https://elsewhere.invalid/o/r.git".into(),
                 branch: "main".into(),
                 prompt: "x".into(),
             },
-            token,
         ))
         .await
         .map(|_| Code::Ok);
     let cancel = client
-        .cancel_job(authorized(
+        .cancel_job(with_token(
+            token,
             pb::CancelJobRequest {
                 job_id: "nope".into(),
             },
-            token,
         ))
         .await
         .map(|_| Code::Ok);
     let drain = client
-        .drain_agent(authorized(
+        .drain_agent(with_token(
+            token,
             pb::DrainAgentRequest {
                 agent_id: "nobody".into(),
             },
-            token,
         ))
         .await
         .map(|_| Code::Ok);

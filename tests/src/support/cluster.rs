@@ -396,7 +396,8 @@ pub struct Admin {
 }
 
 /// `message` with `token` as its bearer, if any.
-fn with_token<T>(token: Option<&str>, message: T) -> tonic::Request<T> {
+/// A request carrying `Bearer <token>` when a token is given.
+pub fn with_token<T>(token: Option<&str>, message: T) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     if let Some(token) = token {
         let value = format!("Bearer {token}").parse().expect("a header value");
