@@ -195,6 +195,13 @@ impl Keeper {
                     .await
             }
             JobEvent::Run(RunEvent::Phase(phase)) => {
+                // A step's text still waiting for its coalescing window is written first: the
+                // phase text would otherwise replace it and that step would never show.
+                if self.pending.progress.is_some() {
+                    if let Some(end) = self.write().await {
+                        return Some(end);
+                    }
+                }
                 let text = self.ctx.config.progress_language.phase(phase);
                 self.set_status(status_of(phase), text.to_owned()).await
             }
