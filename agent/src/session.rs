@@ -460,6 +460,7 @@ impl Agent {
                 self.health.set_draining().await;
             }
             ToAgent::Welcome(_) => warn!("unexpected Welcome mid-session; ignored"),
+            ToAgent::FollowOutput(_) => debug!("output forwarding is not built yet; ignored"),
         }
     }
 

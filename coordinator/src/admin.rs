@@ -103,8 +103,9 @@ impl Admin {
                 .collect(),
             repo_url: redact_credentials(&view.repo_url.unwrap_or_default()).into_owned(),
             branch: view.branch.unwrap_or_default(),
-            created_at: view.created_at_ms,
-            updated_at: view.updated_at_ms,
+            created_at: Some(timestamp_from_ms(view.created_at_ms)),
+            updated_at: Some(timestamp_from_ms(view.updated_at_ms)),
+            ..Default::default()
         }
     }
 }
@@ -254,7 +255,8 @@ impl pb::admin_server::Admin for Admin {
                 agent_id: agent.description.agent_id,
                 version: agent.description.version,
                 slots: agent.description.slots,
-                last_seen: agent.last_seen_ms,
+                last_seen_at: Some(timestamp_from_ms(agent.last_seen_ms)),
+                connected_at: None,
                 draining: agent.draining,
                 labels: agent.description.labels.into_iter().collect(),
                 peer: agent.description.peer,
@@ -292,5 +294,37 @@ impl pb::admin_server::Admin for Admin {
             .map_err(|_| Status::unavailable(format!("agent {agent_id} disconnected")))?;
         info!(agent_id = %agent_id, "agent draining");
         Ok(Response::new(pb::DrainAgentResponse {}))
+    }
+
+    async fn get_stats(
+        &self,
+        request: Request<pb::GetStatsRequest>,
+    ) -> Result<Response<pb::Stats>, Status> {
+        self.authorize(&request, Access::Read)?;
+        Err(Status::unimplemented(
+            "GetStats: contract only, being built",
+        ))
+    }
+
+    type GetJobLogsStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::LogLine, Status>> + Send>>;
+
+    async fn get_job_logs(
+        &self,
+        request: Request<pb::GetJobLogsRequest>,
+    ) -> Result<Response<Self::GetJobLogsStream>, Status> {
+        self.authorize(&request, Access::Read)?;
+        Err(Status::unimplemented(
+            "GetJobLogs: contract only, being built",
+        ))
+    }
+}
+
+/// Epoch milliseconds (how the job sources keep times) as the Admin API's `Timestamp`.
+fn timestamp_from_ms(ms: f64) -> prost_types::Timestamp {
+    let ms = ms.max(0.0) as i64;
+    prost_types::Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
     }
 }

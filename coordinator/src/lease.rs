@@ -225,6 +225,8 @@ impl Keeper {
                 None
             }
             JobEvent::Run(RunEvent::Finished(outcome)) => Some(self.finish(outcome).await),
+            // Job logs are not built yet: the contract is in place, the keeping is not.
+            JobEvent::Run(RunEvent::Output(_)) => None,
             JobEvent::AgentGone => {
                 warn!(job_id = %self.record.job_id, agent_id = %self.record.agent_id, "agent gone; waiting for it to re-attach");
                 self.agent_gone_at = Some(Instant::now());

@@ -152,6 +152,10 @@ pub const MAX_JOB_ID_BYTES: usize = 64;
 /// line without a newline must not grow without bound.
 pub const MAX_OUTPUT_LINE_BYTES: usize = 4 * KIB;
 
+/// Output lines in one `OutputLines` message: with [`MAX_OUTPUT_LINE_BYTES`] each, a message stays
+/// under 1 MiB, far below [`MAX_AGENT_INBOUND_MESSAGE_BYTES`].
+pub const MAX_OUTPUT_LINES_PER_MESSAGE: usize = 200;
+
 // ---- Agents and the Admin API ----
 
 /// Slots one agent may announce (`MAX_CONCURRENT_JOBS`): each slot is a CLI process of tens of

@@ -242,7 +242,7 @@ async fn drained_agent_takes_no_new_job_and_reports_not_serving() {
         .list_jobs(pb::ListJobsRequest {
             status: "completed".into(),
             limit: 10,
-            page_token: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -425,9 +425,9 @@ async fn submit_bounds_its_inputs_redacts_credentials_and_list_jobs_pages() {
         submitted.push(admin.submit(&sandbox.repo.url, "main", "explain").await);
     }
     let page = |page_token: String| pb::ListJobsRequest {
-        status: String::new(),
         limit: 2,
         page_token,
+        ..Default::default()
     };
     let first = admin
         .client

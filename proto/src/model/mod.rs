@@ -17,9 +17,12 @@ use std::{fmt, str::FromStr};
 
 use crate::{limits, pb, validate::ValidationError};
 
-pub use to_agent::{Assignment, CancelRun, CloneCredential, Drain, ResultAck, ToAgent, Welcome};
+pub use to_agent::{
+    Assignment, CancelRun, CloneCredential, Drain, FollowOutput, ResultAck, ToAgent, Welcome,
+};
 pub use to_coordinator::{
-    FromAgent, HeldRun, Hello, Phase, RunEvent, RunOutcome, RunReport, PROTOCOL_VERSION,
+    FromAgent, HeldRun, Hello, OutputLine, OutputStream, Phase, RunEvent, RunOutcome, RunReport,
+    PROTOCOL_VERSION,
 };
 
 /// Why a message from the wire was refused.
@@ -50,6 +53,12 @@ pub enum ModelError {
     MissingOutcome,
     #[error("unknown document kind {0:?}")]
     UnknownKindName(String),
+    #[error("OutputLines with {0} lines; at most {max} per message", max = limits::MAX_OUTPUT_LINES_PER_MESSAGE)]
+    TooManyOutputLines(usize),
+    #[error("output line {0} is not after the line before it; lines go in increasing seq order")]
+    OutputOutOfOrder(u64),
+    #[error("unknown output stream {0}")]
+    UnknownOutputStream(i32),
 }
 
 impl From<ModelError> for tonic::Status {

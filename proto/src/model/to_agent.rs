@@ -20,6 +20,17 @@ pub enum ToAgent {
     Drain(Drain),
     /// The answer to a finished run.
     ResultAck(ResultAck),
+    /// Start or stop forwarding a run's output lines.
+    FollowOutput(FollowOutput),
+}
+
+/// While `follow` is true the agent sends its kept tail of the run's output, then each new line;
+/// otherwise it only keeps a bounded tail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FollowOutput {
+    pub assignment_id: String,
+    pub epoch: u64,
+    pub follow: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,6 +135,11 @@ impl From<ToAgent> for pb::CoordinatorMessage {
                 accepted: a.accepted,
                 message: a.message,
             }),
+            ToAgent::FollowOutput(f) => Kind::FollowOutput(pb::FollowOutput {
+                assignment_id: f.assignment_id,
+                epoch: f.epoch,
+                follow: f.follow,
+            }),
         };
         pb::CoordinatorMessage { kind: Some(kind) }
     }
@@ -163,6 +179,11 @@ impl TryFrom<pb::CoordinatorMessage> for ToAgent {
                     assignment_id: a.assignment_id,
                     accepted: a.accepted,
                     message: a.message,
+                }),
+                Kind::FollowOutput(f) => ToAgent::FollowOutput(FollowOutput {
+                    assignment_id: f.assignment_id,
+                    epoch: f.epoch,
+                    follow: f.follow,
                 }),
             },
         )

@@ -84,6 +84,35 @@ pub enum RunEvent {
     },
     /// The run ended.
     Finished(RunOutcome),
+    /// Lines of the analyzer's output, in increasing `seq` order: while the coordinator follows
+    /// the run, and the unsent tail once before `Finished`.
+    Output(Vec<OutputLine>),
+}
+
+/// One line of the analyzer's output, as the agent forwards it (escapes stripped, secrets
+/// redacted, capped at [`limits::MAX_OUTPUT_LINE_BYTES`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputLine {
+    /// Position in the run's output from 0, across both streams; a gap means lines were dropped.
+    pub seq: u64,
+    pub stream: OutputStream,
+    pub text: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputStream {
+    Stdout,
+    Stderr,
+}
+
+impl OutputStream {
+    /// The name the Admin API and the logs show.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutputStream::Stdout => "stdout",
+            OutputStream::Stderr => "stderr",
+        }
+    }
 }
 
 /// The stages of a run, as the job's status shows them.
@@ -195,6 +224,21 @@ fn report_kind(report: RunReport) -> Kind {
             index,
             document: Some(document.into()),
         }),
+        RunEvent::Output(lines) => Kind::Output(pb::OutputLines {
+            assignment_id,
+            epoch,
+            lines: lines
+                .into_iter()
+                .map(|line| pb::OutputLine {
+                    seq: line.seq,
+                    stream: match line.stream {
+                        OutputStream::Stdout => pb::OutputStream::Stdout,
+                        OutputStream::Stderr => pb::OutputStream::Stderr,
+                    } as i32,
+                    text: line.text,
+                })
+                .collect(),
+        }),
         RunEvent::Finished(outcome) => Kind::Finished(pb::AssignmentFinished {
             assignment_id,
             epoch,
@@ -285,6 +329,31 @@ impl TryFrom<pb::AgentMessage> for FromAgent {
                     },
                 };
                 report(m.assignment_id, m.epoch, RunEvent::Finished(outcome))
+            }
+            Kind::Output(m) => {
+                if m.lines.len() > limits::MAX_OUTPUT_LINES_PER_MESSAGE {
+                    return Err(ModelError::TooManyOutputLines(m.lines.len()));
+                }
+                let mut lines = Vec::with_capacity(m.lines.len());
+                for line in m.lines {
+                    if lines
+                        .last()
+                        .is_some_and(|last: &OutputLine| line.seq <= last.seq)
+                    {
+                        return Err(ModelError::OutputOutOfOrder(line.seq));
+                    }
+                    let stream = match pb::OutputStream::try_from(line.stream) {
+                        Ok(pb::OutputStream::Stdout) => OutputStream::Stdout,
+                        Ok(pb::OutputStream::Stderr) => OutputStream::Stderr,
+                        _ => return Err(ModelError::UnknownOutputStream(line.stream)),
+                    };
+                    lines.push(OutputLine {
+                        seq: line.seq,
+                        stream,
+                        text: capped(line.text, limits::MAX_OUTPUT_LINE_BYTES),
+                    });
+                }
+                report(m.assignment_id, m.epoch, RunEvent::Output(lines))
             }
         })
     }

@@ -207,9 +207,8 @@ impl Cluster {
             .admin
             .client
             .list_jobs(pb::ListJobsRequest {
-                status: String::new(),
                 limit: u32::try_from(limit).unwrap_or(u32::MAX),
-                page_token: String::new(),
+                ..Default::default()
             })
             .await
             .context("ListJobs")?
