@@ -284,6 +284,9 @@ fn run_batch(conn: &Connection, batch: impl Iterator<Item = Request>, commits: &
         }
     }
     let wrote = conn.total_changes() != changes_before;
+    if wrote && answers.len() > 1 {
+        crate::failpoint::hit("mid-group-commit");
+    }
     let commit = conn.execute_batch("COMMIT");
     if let Err(error) = &commit {
         warn!(%error, requests = answers.len(), "the database commit failed; the batch is lost");

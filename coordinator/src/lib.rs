@@ -17,6 +17,7 @@
 //! - [`database`]: the one SQLite file the journal and the embedded store share;
 //! - [`reclaimer`]: takes back expired leases on Convex (a lost claim), after refreshing ours;
 //! - [`gateway`] and [`admin`]: the gRPC services; [`auth`]: their bearer tokens;
+//! - [`failpoint`]: test-only crash points (`FONDATION_FAILPOINT`);
 //! - [`server`]: builds all of it and serves until shutdown;
 //! - `testing` (tests only): a scripted job source and a context around it, for the in-process
 //!   tests of the keeper and the dispatcher.
@@ -29,6 +30,7 @@ pub mod config;
 pub mod context;
 pub mod database;
 pub mod dispatcher;
+pub mod failpoint;
 pub mod gateway;
 pub mod github_token;
 pub mod identity;
