@@ -23,6 +23,7 @@ use crate::{
     dispatcher,
     gateway::Gateway,
     identity,
+    job_logs::JobLogs,
     job_source::{
         convex::{ConvexConfig, ConvexSource},
         embedded_store::{EmbeddedOptions, EmbeddedStore},
@@ -106,6 +107,7 @@ pub async fn run(
     // One owner of the file for the journal and the embedded store (crate::database).
     let db = Database::open(&config.data_dir)?;
     let source = open_source(&config, &db)?;
+    let job_logs = JobLogs::new(db.clone());
     let journal = Journal::new(db);
     info!(
         listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
@@ -124,6 +126,7 @@ pub async fn run(
         agents: AgentRegistry::default(),
         journal,
         assignments: AssignmentTable::default(),
+        job_logs,
         wake_claimer: tokio::sync::Notify::new(),
         shutdown: shutdown.clone(),
         sessions_closed: CancellationToken::new(),

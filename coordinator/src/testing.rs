@@ -230,9 +230,9 @@ impl Harness {
             .config;
         configure(&mut config);
         let data_dir = tempfile::tempdir().expect("a temporary folder");
-        let journal = Journal::new(
-            crate::database::Database::open(data_dir.path()).expect("the database opens"),
-        );
+        let db = crate::database::Database::open(data_dir.path()).expect("the database opens");
+        let job_logs = crate::job_logs::JobLogs::new(db.clone());
+        let journal = Journal::new(db);
         let (calls_tx, calls) = mpsc::unbounded_channel();
         let source = Arc::new(FakeSource::default());
         *source.calls.lock().unwrap() = Some(calls_tx);
@@ -244,6 +244,7 @@ impl Harness {
             agents: AgentRegistry::default(),
             journal,
             assignments: AssignmentTable::default(),
+            job_logs,
             wake_claimer: Notify::new(),
             shutdown: CancellationToken::new(),
             sessions_closed: CancellationToken::new(),
