@@ -116,7 +116,8 @@ async fn claim_round(ctx: &Arc<Context>) -> Option<Round> {
         match claimed {
             Ok(Some((job, journaled))) => dispatch(ctx, job, planned, sender, journaled).await,
             other => {
-                ctx.agents.release(&planned.agent_id, &planned.assignment_id);
+                ctx.agents
+                    .release(&planned.agent_id, &planned.assignment_id);
                 match other {
                     Err(error) => {
                         warn!(%error, source = ctx.source.kind(), "claiming a job failed; retrying after the poll interval");

@@ -122,7 +122,7 @@ pub enum Command {
         /// How many of the last lines to show first.
         #[arg(long, default_value = "100")]
         tail: u32,
-        /// Keep printing new lines until the job ends.
+        /// Keep printing new lines until the running attempt ends.
         #[arg(long)]
         follow: bool,
     },

@@ -290,15 +290,15 @@ impl StackGuard {
 
     fn print_logs(&self) {
         for service in ["coordinator", "agent", "gitserver"] {
-            match docker(&[
-                "service",
-                "logs",
-                "--no-task-ids",
-                "--tail",
-                "80",
-                &self.service(service),
-            ]) {
-                Ok(logs) => eprintln!("---- logs of {} ----\n{logs}", self.service(service)),
+            // The services log to stderr, which `docker service logs` replays on its stderr.
+            let name = self.service(service);
+            let args = ["service", "logs", "--no-task-ids", "--tail", "80", &name];
+            match Command::new("docker").args(args).output() {
+                Ok(out) => eprintln!(
+                    "---- logs of {name} ----\n{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ),
                 Err(e) => eprintln!("could not read the logs of {service}: {e}"),
             }
         }
@@ -380,7 +380,7 @@ impl Admin {
             .job_id
     }
 
-    async fn status(&mut self, job_id: &str) -> Result<String, String> {
+    async fn job(&mut self, job_id: &str) -> Result<pb::Job, String> {
         let message = pb::GetJobRequest {
             job_id: job_id.into(),
             include_content: false,
@@ -388,7 +388,7 @@ impl Admin {
         self.client
             .get_job(Self::authorized(message, ADMIN_TOKEN))
             .await
-            .map(|r| r.into_inner().status)
+            .map(|r| r.into_inner())
             .map_err(|e| format!("GetJob {job_id}: {e}"))
     }
 
@@ -449,13 +449,15 @@ impl Deployment {
             let mut admin = self.admin().await?;
             let mut pending = BTreeMap::new();
             for job_id in job_ids {
-                let status = admin.status(job_id).await?;
+                let job = admin.job(job_id).await?;
                 assert!(
-                    !["failed", "dead", "canceled"].contains(&status.as_str()),
-                    "job {job_id} ended {status}"
+                    !["failed", "dead", "canceled"].contains(&job.status.as_str()),
+                    "job {job_id} ended {}: {}",
+                    job.status,
+                    job.error
                 );
-                if status != "completed" {
-                    pending.insert(job_id.clone(), status);
+                if job.status != "completed" {
+                    pending.insert(job_id.clone(), job.status);
                 }
             }
             if pending.is_empty() {
