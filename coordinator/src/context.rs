@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     agents::AgentRegistry, assignments::AssignmentTable, config::CoordinatorConfig,
-    job_source::JobSource, journal::Journal,
+    history::History, job_source::JobSource, journal::Journal,
 };
 
 pub struct Context {
@@ -20,6 +20,8 @@ pub struct Context {
     pub agents: AgentRegistry,
     /// Durable record of in-flight assignments and undelivered results.
     pub journal: Journal,
+    /// Every attempt this coordinator saw, and what the running ones did so far.
+    pub history: History,
     pub assignments: AssignmentTable,
     /// Wakes the claim loop early (a job was submitted).
     pub wake_claimer: Notify,

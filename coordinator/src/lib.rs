@@ -14,6 +14,7 @@
 //! - [`assignments`]: in-flight assignments, their fencing epochs, and report routing;
 //! - [`lease`]: the lease keeper, one task per in-flight job, until its end is recorded;
 //! - [`journal`]: what a restart must not forget (assignments, undelivered results);
+//! - [`history`]: every attempt of a job this coordinator saw, for operators;
 //! - [`database`]: the one SQLite file the journal and the embedded store share;
 //! - [`reclaimer`]: takes back expired leases on Convex (a lost claim), after refreshing ours;
 //! - [`gateway`] and [`admin`]: the gRPC services; [`auth`]: their bearer tokens;
@@ -31,6 +32,7 @@ pub mod database;
 pub mod dispatcher;
 pub mod gateway;
 pub mod github_token;
+pub mod history;
 pub mod identity;
 pub mod job_source;
 pub mod journal;

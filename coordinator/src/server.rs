@@ -22,6 +22,7 @@ use crate::{
     database::{Database, DatabaseError},
     dispatcher,
     gateway::Gateway,
+    history::History,
     identity,
     job_source::{
         convex::{ConvexConfig, ConvexSource},
@@ -106,6 +107,11 @@ pub async fn run(
     // One owner of the file for the journal and the embedded store (crate::database).
     let db = Database::open(&config.data_dir)?;
     let source = open_source(&config, &db)?;
+    // Convex jobs go away without the coordinator hearing of it: their history is capped.
+    let history = match config.convex_url {
+        Some(_) => History::capped(db.clone()),
+        None => History::new(db.clone(), None),
+    };
     let journal = Journal::new(db);
     info!(
         listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
@@ -123,6 +129,7 @@ pub async fn run(
         source,
         agents: AgentRegistry::default(),
         journal,
+        history,
         assignments: AssignmentTable::default(),
         wake_claimer: tokio::sync::Notify::new(),
         shutdown: shutdown.clone(),

@@ -22,9 +22,10 @@ use crate::{
     assignments::AssignmentTable,
     config::{Cli, CoordinatorConfig},
     context::Context,
+    history::History,
     job_source::{
-        ClaimedJob, FailOutcome, JobId, JobResult, JobSource, JobSourceError, JobStatus, JobView,
-        NewJob, ProgressUpdate, RepoTarget, Result,
+        ClaimedJob, FailOutcome, JobId, JobQuery, JobResult, JobSource, JobSourceError, JobStatus,
+        JobView, NewJob, ProgressUpdate, RepoTarget, Result,
     },
     journal::Journal,
 };
@@ -192,12 +193,7 @@ impl JobSource for FakeSource {
         Err(JobSourceError::Unsupported("fake".into()))
     }
 
-    async fn list_jobs(
-        &self,
-        _status: Option<JobStatus>,
-        _offset: usize,
-        _limit: usize,
-    ) -> Result<Vec<JobView>> {
+    async fn list_jobs(&self, _query: &JobQuery) -> Result<Vec<JobView>> {
         Err(JobSourceError::Unsupported("fake".into()))
     }
 
@@ -222,9 +218,9 @@ impl Harness {
             .config;
         configure(&mut config);
         let data_dir = tempfile::tempdir().expect("a temporary folder");
-        let journal = Journal::new(
-            crate::database::Database::open(data_dir.path()).expect("the database opens"),
-        );
+        let db = crate::database::Database::open(data_dir.path()).expect("the database opens");
+        let history = History::new(db.clone(), None);
+        let journal = Journal::new(db);
         let (calls_tx, calls) = mpsc::unbounded_channel();
         let source = Arc::new(FakeSource::default());
         *source.calls.lock().unwrap() = Some(calls_tx);
@@ -235,6 +231,7 @@ impl Harness {
             source: source.clone(),
             agents: AgentRegistry::default(),
             journal,
+            history,
             assignments: AssignmentTable::default(),
             wake_claimer: Notify::new(),
             shutdown: CancellationToken::new(),

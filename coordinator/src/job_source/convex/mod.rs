@@ -65,8 +65,8 @@ use self::{
 use crate::github_token::EncryptionKey;
 
 use super::{
-    is_cancel_signal, now_ms, ClaimedJob, FailOutcome, JobId, JobResult, JobSource, JobSourceError,
-    JobStatus, JobView, NewJob, ProgressUpdate, ReclaimCounts, RepoTarget, Result,
+    is_cancel_signal, now_ms, ClaimedJob, FailOutcome, JobId, JobQuery, JobResult, JobSource,
+    JobSourceError, JobStatus, JobView, NewJob, ProgressUpdate, ReclaimCounts, RepoTarget, Result,
 };
 
 /// The environment variable naming a test-only crash point (`after-claim`: exit right after a
@@ -637,12 +637,7 @@ impl JobSource for ConvexSource {
         ))
     }
 
-    async fn list_jobs(
-        &self,
-        _status: Option<JobStatus>,
-        _offset: usize,
-        _limit: usize,
-    ) -> Result<Vec<JobView>> {
+    async fn list_jobs(&self, _query: &JobQuery) -> Result<Vec<JobView>> {
         Err(JobSourceError::Unsupported(
             "the Convex deployment has no function listing jobs; ListJobs works with the \
              embedded store only"
