@@ -64,6 +64,9 @@ pub struct Directives {
     pub escape: Option<String>,
     /// Print error lines that would forge a log line if logged raw, then fail.
     pub forge_log: bool,
+    /// Also copy the analyzed checkout's `README.md` into a chapter, so a test sees what was
+    /// cloned (which branch).
+    pub show_readme: bool,
 }
 
 /// A directive that could not be understood.
@@ -125,6 +128,7 @@ impl Directives {
             ("probe", secret) => self.probe = Some(secret.map(str::to_owned)),
             ("escape", Some(marker)) if !marker.is_empty() => self.escape = Some(marker.to_owned()),
             ("forge-log", None) => self.forge_log = true,
+            ("show-readme", None) => self.show_readme = true,
             _ => {
                 return Err(DirectiveError(format!(
                     "unknown fixture directive {token:?}"
