@@ -22,7 +22,7 @@ use std::time::Duration;
 use base64::Engine;
 use fondation_proto::{
     model::CloneCredential,
-    validate::{check_branch, RepoAllowlist, ValidationError},
+    validate::{check_job_branch, RepoAllowlist, ValidationError},
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -45,7 +45,8 @@ const MESSAGE_LINES: usize = 5;
 pub struct CloneSpec {
     /// Repository URL, untrusted; checked against the allow-list.
     pub url: String,
-    /// Branch to check out, untrusted; checked against git's ref rules.
+    /// Branch to check out, untrusted; checked against git's ref rules. Empty for the
+    /// repository's default branch (the one its `HEAD` names).
     pub branch: String,
     /// Folder to create; its parent must exist. Removed again if the clone fails.
     pub dest: PathBuf,
@@ -69,7 +70,7 @@ pub enum CloneError {
     Dest { path: PathBuf, reason: String },
 
     /// git ran and failed; `message` is its last stderr lines.
-    #[error("git clone of {url} (branch {branch}) failed: {message}")]
+    #[error("git clone of {url} ({}) failed: {message}", shown_branch(branch))]
     Failed {
         url: String,
         branch: String,
@@ -127,6 +128,15 @@ impl CloneError {
     }
 }
 
+/// How a clone's branch reads in messages.
+fn shown_branch(branch: &str) -> String {
+    if branch.is_empty() {
+        "default branch".to_owned()
+    } else {
+        format!("branch {branch}")
+    }
+}
+
 /// The old worker's message when there was no token, and ours when the token was refused.
 fn auth_message(had_credential: bool) -> &'static str {
     if had_credential {
@@ -179,7 +189,8 @@ pub fn basic_credential(credential: &CloneCredential) -> String {
         .encode(format!("x-access-token:{}", credential.expose()))
 }
 
-/// Clones `spec.branch` of `spec.url` into `spec.dest`, shallow and single-branch.
+/// Clones `spec.branch` of `spec.url` (its default branch when `spec.branch` is empty) into
+/// `spec.dest`, shallow and single-branch.
 ///
 /// URL and branch are validated first; when they fail nothing runs and `dest` is not created. On
 /// any failure after git started, `dest` is removed again (unless it existed before the call).
@@ -201,7 +212,7 @@ async fn clone_with_poll(
     let url = allowlist
         .normalize(&spec.url)
         .map_err(CloneError::Rejected)?;
-    check_branch(&spec.branch).map_err(CloneError::Rejected)?;
+    check_job_branch(&spec.branch).map_err(CloneError::Rejected)?;
 
     let dest_error = |reason: &str| CloneError::Dest {
         path: spec.dest.clone(),
@@ -219,22 +230,28 @@ async fn clone_with_poll(
         .to_owned();
     let existed = tokio::fs::symlink_metadata(&dest).await.is_ok();
 
+    // Without `--branch`, git checks out the branch the remote's HEAD names, and
+    // `--single-branch` fetches that one only.
+    let branch: &[&str] = if spec.branch.is_empty() {
+        &[]
+    } else {
+        &["--branch", spec.branch.as_str()]
+    };
+    let argv = [
+        "git",
+        "clone",
+        "--depth",
+        "1",
+        "--single-branch",
+        "--no-tags",
+    ]
+    .iter()
+    .chain(branch)
+    .chain(&["--", url.as_str(), dest_arg.as_str()])
+    .map(|arg| (*arg).to_owned())
+    .collect();
     let process_spec = ProcessSpec {
-        argv: [
-            "git",
-            "clone",
-            "--depth",
-            "1",
-            "--single-branch",
-            "--no-tags",
-            "--branch",
-            spec.branch.as_str(),
-            "--",
-            url.as_str(),
-            dest_arg.as_str(),
-        ]
-        .map(str::to_owned)
-        .to_vec(),
+        argv,
         workdir: parent,
         // git gets what it needs of the agent's environment, never the agent's settings.
         env: EnvAllowlist::for_git()

@@ -210,7 +210,8 @@ async fn execute(
     ctx.allowlist
         .check(&assignment.repo_url)
         .map_err(|e| RunFailure::permanent(e.to_string()))?;
-    validate::check_branch(&assignment.branch).map_err(|e| RunFailure::permanent(e.to_string()))?;
+    validate::check_job_branch(&assignment.branch)
+        .map_err(|e| RunFailure::permanent(e.to_string()))?;
     validate::check_prompt(&assignment.prompt).map_err(|e| RunFailure::permanent(e.to_string()))?;
     validate::check_job_id(&assignment.job_id).map_err(|e| RunFailure::permanent(e.to_string()))?;
 

@@ -5,6 +5,10 @@
 //! would accept (same checks, same messages), so nothing unbounded or credentialed is stored;
 //! repository URLs and errors are redacted again on the way out, since a job source may hold
 //! older data.
+//!
+//! A job's attempts come from this coordinator's [`crate::history`], whichever the job source.
+//! GetJob shows them whole; ListJobs shows them without their error texts (each job's last error
+//! is its `error`), which keeps a page of many jobs within gRPC's message size.
 
 use std::sync::Arc;
 
@@ -21,8 +25,9 @@ use tracing::info;
 use crate::{
     auth::{check_admin, Access},
     context::Context,
+    history::Attempt,
     job_logs::{JobLogs, LogLine},
-    job_source::{JobSourceError, JobStatus, JobView, NewJob},
+    job_source::{now_ms, JobOrder, JobQuery, JobSourceError, JobStatus, JobView, NewJob},
     lease::JobEvent,
 };
 
@@ -75,13 +80,28 @@ impl Admin {
         )
     }
 
-    fn job_message(&self, view: JobView, include_content: bool) -> pb::Job {
+    /// A job as the API shows it, with its attempts (their errors only with `attempt_errors`).
+    fn job_message(
+        &self,
+        view: JobView,
+        include_content: bool,
+        attempts: Vec<Attempt>,
+        attempt_errors: bool,
+    ) -> pb::Job {
         let agent_id = self
             .ctx
             .assignments
             .by_job(&view.id)
             .map(|record| record.agent_id)
             .unwrap_or_default();
+        let last = attempts.last();
+        let time = |ms: Option<f64>| ms.map(timestamp_from_ms);
+        let (claimed_at, started_at, ended_at) = (
+            time(last.and_then(|a| a.claimed_at_ms)),
+            time(last.and_then(|a| a.started_at_ms)),
+            time(last.and_then(|a| a.ended_at_ms)),
+        );
+        let now = now_ms();
         pb::Job {
             job_id: view.id,
             status: view.status.as_str().to_string(),
@@ -110,9 +130,89 @@ impl Admin {
             branch: view.branch.unwrap_or_default(),
             created_at: Some(timestamp_from_ms(view.created_at_ms)),
             updated_at: Some(timestamp_from_ms(view.updated_at_ms)),
-            ..Default::default()
+            claimed_at,
+            started_at,
+            ended_at,
+            attempt_history: attempts
+                .into_iter()
+                .map(|attempt| attempt_message(attempt, attempt_errors, now))
+                .collect(),
         }
     }
+
+    /// The jobs this coordinator works on, for a source that cannot list its jobs (Convex).
+    async fn jobs_working_on(&self, query: &JobQuery) -> Result<Vec<JobView>, Status> {
+        let mut jobs = Vec::new();
+        for record in self.ctx.assignments.all() {
+            if query
+                .agent_id
+                .as_ref()
+                .is_some_and(|agent_id| *agent_id != record.agent_id)
+            {
+                continue;
+            }
+            if let Some(view) = self.ctx.source.get_job(&record.job_id, false).await? {
+                if query.status.is_none_or(|s| s == view.status) {
+                    jobs.push((view, record.agent_id));
+                }
+            }
+        }
+        jobs.sort_by(|(a, a_agent), (b, b_agent)| {
+            query.order.compare((a, Some(a_agent)), (b, Some(b_agent)))
+        });
+        Ok(jobs
+            .into_iter()
+            .map(|(view, _)| view)
+            .skip(query.offset)
+            .take(query.limit)
+            .collect())
+    }
+}
+
+/// One attempt as the API shows it.
+fn attempt_message(attempt: Attempt, with_error: bool, now_ms: f64) -> pb::Attempt {
+    // From the agent's acceptance (else the claim) to the end, or to now while it runs.
+    let duration = attempt
+        .started_at_ms
+        .or(attempt.claimed_at_ms)
+        .map(|from| duration_from_ms(attempt.ended_at_ms.unwrap_or(now_ms) - from));
+    pb::Attempt {
+        number: attempt.number,
+        agent_id: attempt.agent_id,
+        claimed_at: attempt.claimed_at_ms.map(timestamp_from_ms),
+        started_at: attempt.started_at_ms.map(timestamp_from_ms),
+        phases: attempt
+            .phases
+            .into_iter()
+            .map(|(stage, at)| pb::PhaseStart {
+                phase: stage.as_str().to_owned(),
+                started_at: Some(timestamp_from_ms(at)),
+            })
+            .collect(),
+        ended_at: attempt.ended_at_ms.map(timestamp_from_ms),
+        outcome: attempt.outcome.as_str().to_owned(),
+        error: match attempt.error {
+            Some(error) if with_error => redact_credentials(&error).into_owned(),
+            _ => String::new(),
+        },
+        duration,
+    }
+}
+
+/// The `order` of a ListJobs request.
+fn job_order(order: i32) -> Result<JobOrder, Status> {
+    Ok(match pb::JobOrder::try_from(order) {
+        Ok(pb::JobOrder::NewestFirst) => JobOrder::NewestFirst,
+        Ok(pb::JobOrder::OldestFirst) => JobOrder::OldestFirst,
+        Ok(pb::JobOrder::RecentlyUpdated) => JobOrder::RecentlyUpdated,
+        Ok(pb::JobOrder::Status) => JobOrder::Status,
+        Ok(pb::JobOrder::Agent) => JobOrder::Agent,
+        Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "order {order} is not a JobOrder; leave it out for newest first"
+            )))
+        }
+    })
 }
 
 #[tonic::async_trait]
@@ -126,11 +226,8 @@ impl pb::admin_server::Admin for Admin {
         if request.repo_url.trim().is_empty() {
             return Err(Status::invalid_argument("repo_url is required"));
         }
-        let branch = if request.branch.is_empty() {
-            "main".to_string()
-        } else {
-            request.branch
-        };
+        // Empty stays empty: the job analyzes the repository's default branch.
+        let branch = request.branch;
         // What dispatch checks, refused now rather than stored and failed later.
         let invalid =
             |error: validate::ValidationError| Status::invalid_argument(error.to_string());
@@ -138,7 +235,7 @@ impl pb::admin_server::Admin for Admin {
             .allowlist
             .check(&request.repo_url)
             .map_err(invalid)?;
-        validate::check_branch(&branch).map_err(invalid)?;
+        validate::check_job_branch(&branch).map_err(invalid)?;
         validate::check_prompt(&request.prompt).map_err(invalid)?;
         let job_id = self
             .ctx
@@ -168,9 +265,18 @@ impl pb::admin_server::Admin for Admin {
             .ok_or_else(|| {
                 Status::not_found(format!("job {:?} not found", shown_id(&request.job_id)))
             })?;
-        Ok(Response::new(
-            self.job_message(view, request.include_content),
-        ))
+        let attempts = self
+            .ctx
+            .history
+            .of_job(&view.id)
+            .await
+            .map_err(history_error)?;
+        Ok(Response::new(self.job_message(
+            view,
+            request.include_content,
+            attempts,
+            true,
+        )))
     }
 
     async fn list_jobs(
@@ -189,21 +295,18 @@ impl pb::admin_server::Admin for Admin {
             n => n.min(MAX_LIST_LIMIT),
         };
         let offset = page_offset(&request.page_token)?;
-        // One more than asked tells whether a next page exists.
-        let mut views = match self.ctx.source.list_jobs(status, offset, limit + 1).await {
+        let query = JobQuery {
+            status,
+            agent_id: (!request.agent_id.is_empty()).then_some(request.agent_id),
+            order: job_order(request.order)?,
+            offset,
+            // One more than asked tells whether a next page exists.
+            limit: limit + 1,
+        };
+        let mut views = match self.ctx.source.list_jobs(&query).await {
             Ok(views) => views,
             // Convex offers no listing function: show the jobs this coordinator is running.
-            Err(JobSourceError::Unsupported(_)) => {
-                let mut views = Vec::new();
-                for record in self.ctx.assignments.all() {
-                    if let Some(view) = self.ctx.source.get_job(&record.job_id, false).await? {
-                        if status.is_none_or(|s| s == view.status) {
-                            views.push(view);
-                        }
-                    }
-                }
-                views.into_iter().skip(offset).take(limit + 1).collect()
-            }
+            Err(JobSourceError::Unsupported(_)) => self.jobs_working_on(&query).await?,
             Err(error) => return Err(error.into()),
         };
         let next_page_token = if views.len() > limit {
@@ -212,9 +315,14 @@ impl pb::admin_server::Admin for Admin {
         } else {
             String::new()
         };
+        let ids = views.iter().map(|view| view.id.clone()).collect();
+        let mut attempts = self.ctx.history.of_jobs(ids).await.map_err(history_error)?;
         let jobs = views
             .into_iter()
-            .map(|view| self.job_message(view, false))
+            .map(|view| {
+                let attempts = attempts.remove(&view.id).unwrap_or_default();
+                self.job_message(view, false, attempts, false)
+            })
             .collect();
         Ok(Response::new(pb::ListJobsResponse {
             jobs,
@@ -261,7 +369,7 @@ impl pb::admin_server::Admin for Admin {
                 version: agent.description.version,
                 slots: agent.description.slots,
                 last_seen_at: Some(timestamp_from_ms(agent.last_seen_ms)),
-                connected_at: None,
+                connected_at: Some(timestamp_from_ms(agent.connected_at_ms)),
                 draining: agent.draining,
                 labels: agent.description.labels.into_iter().collect(),
                 peer: agent.description.peer,
@@ -357,6 +465,21 @@ fn log_line(line: &LogLine) -> pb::LogLine {
         stream: line.stream.as_str().to_owned(),
         text: line.text.clone(),
         time: Some(timestamp_from_ms(line.received_ms)),
+    }
+}
+
+/// Why the attempt history could not be read.
+fn history_error(error: crate::database::DatabaseError) -> Status {
+    Status::internal(format!("reading the attempt history: {error}"))
+}
+
+/// A span in milliseconds as the Admin API's `Duration` (never negative: the wall clock may step
+/// back between two readings).
+fn duration_from_ms(ms: f64) -> prost_types::Duration {
+    let ms = ms.max(0.0) as i64;
+    prost_types::Duration {
+        seconds: ms / 1000,
+        nanos: ((ms % 1000) * 1_000_000) as i32,
     }
 }
 

@@ -64,6 +64,8 @@ pub struct AgentSnapshot {
     pub running: Vec<String>,
     pub draining: bool,
     pub last_seen_ms: f64,
+    /// When its session opened.
+    pub connected_at_ms: f64,
     /// Why its self-check fails, when it does.
     pub unready: Option<String>,
     pub quarantine: Option<Quarantine>,
@@ -79,6 +81,8 @@ struct AgentEntry {
     running: BTreeSet<String>,
     draining: bool,
     last_seen_ms: f64,
+    /// When this session opened, for operators.
+    connected_at_ms: f64,
     /// Why its self-check fails (from `Hello` and heartbeats); no work while it does.
     unready: Option<String>,
     /// For fairness: among agents with as many free slots, the one served longest ago goes first.
@@ -224,6 +228,7 @@ impl AgentRegistry {
             running: adopted,
             draining: false,
             last_seen_ms: now_ms(),
+            connected_at_ms: now_ms(),
             last_assigned: None,
         };
         let previous = inner.agents.insert(description.agent_id, entry);
@@ -473,6 +478,7 @@ impl AgentRegistry {
                 running: entry.running.iter().cloned().collect(),
                 draining: entry.draining,
                 last_seen_ms: entry.last_seen_ms,
+                connected_at_ms: entry.connected_at_ms,
                 unready: entry.unready.clone(),
                 quarantine: inner
                     .faults

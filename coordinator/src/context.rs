@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     agents::AgentRegistry, assignments::AssignmentTable, config::CoordinatorConfig,
-    job_logs::JobLogs, job_source::JobSource, journal::Journal,
+    history::History, job_logs::JobLogs, job_source::JobSource, journal::Journal,
 };
 
 pub struct Context {
@@ -20,6 +20,8 @@ pub struct Context {
     pub agents: AgentRegistry,
     /// Durable record of in-flight assignments and undelivered results.
     pub journal: Journal,
+    /// Every attempt this coordinator saw, and what the running ones did so far.
+    pub history: History,
     pub assignments: AssignmentTable,
     /// The analyzer's output lines of running and ended jobs.
     pub job_logs: JobLogs,

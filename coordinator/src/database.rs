@@ -120,6 +120,7 @@ impl Database {
         crate::journal::create_tables(&mut conn)?;
         crate::job_source::embedded_store::create_tables(&mut conn)?;
         crate::job_logs::create_tables(&mut conn)?;
+        crate::history::create_tables(&mut conn)?;
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
 
         let (requests, receiver) = mpsc::channel();

@@ -159,11 +159,10 @@ async fn dispatch(
         Err(message) => {
             warn!(job_id = %job.id, error = %escaped(&message), "job refused before assignment");
             // The journal entry first: a crash before the refusal leaves the job leased, and its
-            // lease runs out, rather than a journaled run that never was.
-            if journaled {
-                if let Err(error) = ctx.journal.remove(&record.assignment_id).await {
-                    warn!(job_id = %job.id, %error, "could not remove the refused job from the journal");
-                }
+            // lease runs out, rather than a journaled run that never was. The attempt's history
+            // ends in the same transaction.
+            if let Err(error) = ctx.history.refused(&record, &message).await {
+                warn!(job_id = %job.id, %error, "could not remove the refused job from the journal");
             }
             ctx.agents.release(&record.agent_id, &record.assignment_id);
             if let Err(error) = ctx
@@ -284,13 +283,13 @@ async fn prefer_fresh_agent(
 }
 
 /// Everything from the job source is untrusted: the URL must be allow-listed, the branch a valid
-/// git branch name, the prompt of sane size.
+/// git branch name (or empty, for the repository's default branch), the prompt of sane size.
 fn check_job(ctx: &Context, job: &ClaimedJob) -> Result<RepoTarget, String> {
     let target = job.target.clone()?;
     ctx.allowlist
         .check(&target.url)
         .map_err(|e| e.to_string())?;
-    validate::check_branch(&target.branch).map_err(|e| e.to_string())?;
+    validate::check_job_branch(&target.branch).map_err(|e| e.to_string())?;
     validate::check_prompt(&job.prompt).map_err(|e| e.to_string())?;
     Ok(target)
 }

@@ -82,11 +82,13 @@ pub(crate) fn create_tables(conn: &mut Connection) -> std::result::Result<(), Da
 }
 
 /// Writes the assignment's entry; for the dispatcher's own request and for a claim that journals
-/// in the same transaction ([`crate::job_source::embedded_store`]).
+/// in the same transaction ([`crate::job_source::embedded_store`]). The attempt's history row
+/// starts in the same transaction ([`crate::history`]).
 pub(crate) fn insert_assignment(
     conn: &Connection,
     record: &AssignmentRecord,
 ) -> rusqlite::Result<()> {
+    crate::history::record_claim(conn, record);
     conn.prepare_cached(
         "INSERT OR REPLACE INTO journal_assignments
          (assignment_id, job_id, epoch, attempt, agent_id, run_end)
@@ -99,6 +101,14 @@ pub(crate) fn insert_assignment(
         record.attempt,
         record.agent_id
     ])?;
+    Ok(())
+}
+
+/// Drops an assignment's entry; for [`Journal::remove`] and for the history, which ends the
+/// attempt's row in the same transaction.
+pub(crate) fn delete_assignment(conn: &Connection, assignment_id: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached("DELETE FROM journal_assignments WHERE assignment_id = ?1")?
+        .execute(params![assignment_id])?;
     Ok(())
 }
 
@@ -154,9 +164,7 @@ impl Journal {
     pub async fn remove(&self, assignment_id: &str) -> Result<()> {
         let assignment_id = assignment_id.to_string();
         self.with("removing an assignment", move |conn| {
-            conn.prepare_cached("DELETE FROM journal_assignments WHERE assignment_id = ?1")?
-                .execute(params![assignment_id])?;
-            Ok(())
+            Ok(delete_assignment(conn, &assignment_id)?)
         })
         .await
     }

@@ -6,6 +6,8 @@
 //! its documents, failed (retry or dead), handed back when its agent is lost, or left canceled.
 //! A run's end is journaled before the agent is released from it, and the journal entry is only
 //! dropped once the job source has the end: a restart or an outage delays a result, never loses it.
+//! What the run does (accepted, each phase, how it ended) also goes to its attempt's history
+//! through a [`Recorder`] ([`crate::history`]).
 
 use std::{future::Future, sync::Arc, time::Duration};
 
@@ -24,6 +26,7 @@ use tracing::{debug, info, warn};
 use crate::{
     assignments::AssignmentRecord,
     context::Context,
+    history::{Outcome, Recorder, Stage},
     job_logs::JobLogs,
     job_source::{
         is_cancel_signal, ActiveStatus, Document, FailOutcome, JobResult, JobSourceError,
@@ -73,6 +76,7 @@ pub fn spawn_keeper(
     start: KeeperStart,
 ) -> tokio::task::JoinHandle<()> {
     let keeper = Keeper {
+        attempt: ctx.history.recorder(&record),
         ctx,
         record,
         pending: ProgressUpdate::default(),
@@ -101,6 +105,8 @@ enum End {
 struct Keeper {
     ctx: Arc<Context>,
     record: AssignmentRecord,
+    /// What the attempt history learns of this run.
+    attempt: Recorder,
     /// Fields to write with the next heartbeat.
     pending: ProgressUpdate,
     last_write: Option<Instant>,
@@ -144,10 +150,19 @@ impl Keeper {
             .release(&self.record.agent_id, &self.record.assignment_id);
     }
 
-    /// Drops the job from the journal once its end is recorded (or it is no longer ours).
+    /// Drops the job from the journal once its end is recorded (or it is no longer ours), and
+    /// writes the attempt's end to its history in the same transaction.
     async fn forget(&self) {
-        if let Err(error) = self.ctx.journal.remove(&self.record.assignment_id).await {
+        if let Err(error) = self.attempt.finish().await {
             warn!(job_id = %self.record.job_id, %error, "could not remove the job from the journal; a restart will look at it again");
+        }
+    }
+
+    /// Ends the loop with the run to stop on its agent, and the attempt's outcome.
+    fn stop(&self, outcome: Outcome, reason: &str) -> End {
+        self.attempt.ended(outcome, Some(reason));
+        End::StopRun {
+            reason: reason.to_owned(),
         }
     }
 
@@ -181,6 +196,7 @@ impl Keeper {
                         self.record.agent_id,
                         grace.as_millis()
                     );
+                    self.attempt.ended(Outcome::Lost, Some(&message));
                     Some(self.fail(&message, true).await)
                 }
                 _ = heartbeat.tick() => self.write().await,
@@ -197,11 +213,13 @@ impl Keeper {
         match event {
             JobEvent::Run(RunEvent::Accepted) => {
                 info!(job_id = %self.record.job_id, agent_id = %self.record.agent_id, "assignment accepted");
+                self.attempt.started();
                 let text = self.ctx.config.progress_language.started();
                 self.set_status(ActiveStatus::Running, text.to_owned())
                     .await
             }
             JobEvent::Run(RunEvent::Phase(phase)) => {
+                self.attempt.stage(Stage::from(phase));
                 // A step's text still waiting for its coalescing window is written first: the
                 // phase text would otherwise replace it and that step would never show.
                 if self.pending.progress.is_some() {
@@ -254,11 +272,13 @@ impl Keeper {
                     "agent {} reconnected without this run (it restarted)",
                     self.record.agent_id
                 );
+                self.attempt.ended(Outcome::Lost, Some(&message));
                 Some(self.fail(&message, true).await)
             }
-            JobEvent::Superseded => Some(End::StopRun {
-                reason: "the job was claimed again after its lease lapsed".into(),
-            }),
+            JobEvent::Superseded => Some(self.stop(
+                Outcome::Lost,
+                "the job was claimed again after its lease lapsed",
+            )),
             JobEvent::CheckCancel => self.check_cancel().await,
         }
     }
@@ -308,15 +328,11 @@ impl Keeper {
         match error {
             JobSourceError::NotOwned { .. } => {
                 warn!(job_id = %self.record.job_id, "lease lost to another worker; stopping the run");
-                Some(End::StopRun {
-                    reason: "the job's lease was taken over".into(),
-                })
+                Some(self.stop(Outcome::Lost, "the job's lease was taken over"))
             }
             JobSourceError::Canceled(_) | JobSourceError::NotFound(_) => {
                 info!(job_id = %self.record.job_id, "job canceled; stopping the run");
-                Some(End::StopRun {
-                    reason: "the job was canceled".into(),
-                })
+                Some(self.stop(Outcome::Canceled, "the job was canceled"))
             }
             error => {
                 // Keep the pending fields: they go out with the next heartbeat.
@@ -330,11 +346,7 @@ impl Keeper {
     async fn check_cancel(&mut self) -> Option<End> {
         let view = match self.ctx.source.get_job(&self.record.job_id, false).await {
             Ok(Some(view)) => view,
-            Ok(None) => {
-                return Some(End::StopRun {
-                    reason: "the job no longer exists".into(),
-                })
-            }
+            Ok(None) => return Some(self.stop(Outcome::Lost, "the job no longer exists")),
             Err(error) => {
                 warn!(job_id = %self.record.job_id, %error, "could not check the job for cancellation");
                 return None;
@@ -342,16 +354,15 @@ impl Keeper {
         };
         if is_cancel_signal(&view) {
             info!(job_id = %self.record.job_id, status = %view.status, "job canceled; stopping the run");
-            return Some(End::StopRun {
-                reason: "the job was canceled".into(),
-            });
+            return Some(self.stop(Outcome::Canceled, "the job was canceled"));
         }
         let ours = view.locked_by.as_deref() == Some(self.ctx.worker_id.as_str());
         if view.status.is_terminal() || !ours {
             warn!(job_id = %self.record.job_id, status = %view.status, locked_by = ?view.locked_by, "job is no longer ours; stopping the run");
-            return Some(End::StopRun {
-                reason: "the job is no longer held by this coordinator".into(),
-            });
+            return Some(self.stop(
+                Outcome::Lost,
+                "the job is no longer held by this coordinator",
+            ));
         }
         None
     }
@@ -473,6 +484,7 @@ impl Keeper {
         match self.ctx.source.release(job_id, &self.ctx.worker_id).await {
             Ok(()) => {
                 warn!(job_id = %job_id, agent_id = %agent_id, error = %escaped(message), job_faults = verdict.job_faults, "run failed for a reason of the agent; job handed back without losing an attempt, other agents first");
+                self.attempt.ended(Outcome::Released, Some(message));
                 self.ack(true, "");
                 true
             }
@@ -493,6 +505,7 @@ impl Keeper {
     }
 
     async fn complete(&mut self, result: JobResult) -> End {
+        self.attempt.stage(Stage::Uploading);
         let count = result.documents.len();
         let ctx = &self.ctx;
         let job_id = self.record.job_id.as_str();
@@ -502,6 +515,7 @@ impl Keeper {
         match outcome {
             Ok(()) => {
                 info!(job_id = %self.record.job_id, documents = count, "job completed");
+                self.attempt.ended(Outcome::Completed, None);
                 self.ctx.agents.forget_job(&self.record.job_id);
                 End::Done
             }
@@ -527,15 +541,18 @@ impl Keeper {
                 next_run_at_ms,
             }) => {
                 warn!(job_id = %self.record.job_id, attempts, next_run_at_ms, error = %escaped(&message), "job failed; will be retried");
+                self.attempt.ended(Outcome::Retried, Some(&message));
                 End::Done
             }
             Ok(FailOutcome::Dead { attempts }) => {
                 warn!(job_id = %self.record.job_id, attempts, error = %escaped(&message), "job failed for the last time; it is dead");
+                self.attempt.ended(Outcome::Failed, Some(&message));
                 self.ctx.agents.forget_job(&self.record.job_id);
                 End::Done
             }
             Ok(FailOutcome::Failed) => {
                 warn!(job_id = %self.record.job_id, error = %escaped(&message), "job failed; retrying cannot help");
+                self.attempt.ended(Outcome::Failed, Some(&message));
                 self.ctx.agents.forget_job(&self.record.job_id);
                 End::Done
             }
@@ -547,9 +564,15 @@ impl Keeper {
         match error {
             JobSourceError::Canceled(_) => {
                 info!(job_id = %self.record.job_id, "job was canceled before its end was recorded");
+                self.attempt
+                    .ended(Outcome::Canceled, Some("the job was canceled"));
             }
             JobSourceError::NotOwned { .. } => {
                 warn!(job_id = %self.record.job_id, "job was taken over before its end was recorded; result dropped");
+                self.attempt.ended(
+                    Outcome::Lost,
+                    Some("the job was taken over before its end was recorded"),
+                );
             }
             error if error.is_transient() => {
                 // Only returned once shutdown began: the journal delivers it after the restart.
@@ -558,6 +581,10 @@ impl Keeper {
             }
             error => {
                 warn!(job_id = %self.record.job_id, %error, "recording the job's end failed");
+                self.attempt.ended(
+                    Outcome::Failed,
+                    Some(&format!("recording the end failed: {error}")),
+                );
             }
         }
         End::Done

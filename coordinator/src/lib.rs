@@ -14,6 +14,7 @@
 //! - [`assignments`]: in-flight assignments, their fencing epochs, and report routing;
 //! - [`lease`]: the lease keeper, one task per in-flight job, until its end is recorded;
 //! - [`journal`]: what a restart must not forget (assignments, undelivered results);
+//! - [`history`]: every attempt of a job this coordinator saw, for operators;
 //! - [`job_logs`]: the analyzer's output lines of each job, live and kept after its end;
 //! - [`database`]: the one SQLite file the journal and the embedded store share;
 //! - [`reclaimer`]: takes back expired leases on Convex (a lost claim), after refreshing ours;
@@ -34,6 +35,7 @@ pub mod dispatcher;
 pub mod failpoint;
 pub mod gateway;
 pub mod github_token;
+pub mod history;
 pub mod identity;
 pub mod job_logs;
 pub mod job_source;

@@ -22,6 +22,7 @@ use crate::{
     database::{Database, DatabaseError},
     dispatcher,
     gateway::Gateway,
+    history::History,
     identity,
     job_logs::JobLogs,
     job_source::{
@@ -107,6 +108,11 @@ pub async fn run(
     // One owner of the file for the journal and the embedded store (crate::database).
     let db = Database::open(&config.data_dir)?;
     let source = open_source(&config, &db)?;
+    // Convex jobs go away without the coordinator hearing of it: their history is capped.
+    let history = match config.convex_url {
+        Some(_) => History::capped(db.clone()),
+        None => History::new(db.clone(), None),
+    };
     let job_logs = JobLogs::new(db.clone());
     let journal = Journal::new(db);
     info!(
@@ -125,6 +131,7 @@ pub async fn run(
         source,
         agents: AgentRegistry::default(),
         journal,
+        history,
         assignments: AssignmentTable::default(),
         job_logs,
         wake_claimer: tokio::sync::Notify::new(),

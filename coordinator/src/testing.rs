@@ -22,9 +22,10 @@ use crate::{
     assignments::AssignmentTable,
     config::{Cli, CoordinatorConfig},
     context::Context,
+    history::History,
     job_source::{
-        ClaimedJob, FailOutcome, JobId, JobResult, JobSource, JobSourceError, JobStatus, JobView,
-        NewJob, ProgressUpdate, RepoTarget, Result,
+        ClaimedJob, FailOutcome, JobId, JobQuery, JobResult, JobSource, JobSourceError, JobStatus,
+        JobView, NewJob, ProgressUpdate, RepoTarget, Result,
     },
     journal::Journal,
 };
@@ -200,12 +201,7 @@ impl JobSource for FakeSource {
         Err(JobSourceError::Unsupported("fake".into()))
     }
 
-    async fn list_jobs(
-        &self,
-        _status: Option<JobStatus>,
-        _offset: usize,
-        _limit: usize,
-    ) -> Result<Vec<JobView>> {
+    async fn list_jobs(&self, _query: &JobQuery) -> Result<Vec<JobView>> {
         Err(JobSourceError::Unsupported("fake".into()))
     }
 
@@ -231,6 +227,7 @@ impl Harness {
         configure(&mut config);
         let data_dir = tempfile::tempdir().expect("a temporary folder");
         let db = crate::database::Database::open(data_dir.path()).expect("the database opens");
+        let history = History::new(db.clone(), None);
         let job_logs = crate::job_logs::JobLogs::new(db.clone());
         let journal = Journal::new(db);
         let (calls_tx, calls) = mpsc::unbounded_channel();
@@ -243,6 +240,7 @@ impl Harness {
             source: source.clone(),
             agents: AgentRegistry::default(),
             journal,
+            history,
             assignments: AssignmentTable::default(),
             job_logs,
             wake_claimer: Notify::new(),

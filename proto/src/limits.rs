@@ -125,6 +125,14 @@ pub const MAX_PROGRESS_BYTES: usize = 500;
 /// and to count attempts after `AGENT_FAULTS_PER_JOB`); entries leave when their job ends.
 pub const MAX_TRACKED_JOB_FAULTS: usize = 10_000;
 
+/// Attempts whose history a coordinator on Convex keeps in `DATA_DIR` (its own table, since the
+/// deployment's schema has no place for it). Nothing tells the coordinator when Convex deletes a
+/// job, so the oldest attempts go once there are more. A row is a few hundred bytes, at most about
+/// [`MAX_MESSAGE_BYTES`] with a long error: a few MiB usually, under 100 MiB at worst, and weeks of
+/// history at the rate one coordinator runs jobs. On the embedded store the history stays as long
+/// as its job.
+pub const MAX_KEPT_ATTEMPTS: usize = 10_000;
+
 /// A run's final message: the error text of a failed attempt (`queue:retryOrFail`'s `error`,
 /// stored twice in the job as `error` and `lastError`) or the completion message. Enough for the
 /// CLI's last error lines, small beside the job's 1 MiB.

@@ -275,6 +275,15 @@ pub fn check_branch(name: &str) -> Result<(), ValidationError> {
     })
 }
 
+/// Checks the branch of a job, where an empty name stands for the repository's default branch
+/// (what `git clone` without `--branch` checks out); any other name must pass [`check_branch`].
+pub fn check_job_branch(name: &str) -> Result<(), ValidationError> {
+    if name.is_empty() {
+        return Ok(());
+    }
+    check_branch(name)
+}
+
 /// The first rule `name` breaks, as a phrase for the error message.
 fn branch_problem(name: &str) -> Option<String> {
     const GIT_FORBIDDEN: &[char] = &[' ', '~', '^', ':', '?', '*', '[', '\\'];

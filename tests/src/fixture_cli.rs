@@ -70,6 +70,9 @@ pub const FAILURE_MESSAGE: &str = "fixture failure: simulated analyzer crash";
 pub const SYMLINK_PATH: &str = "chapters/zz_link.md";
 /// Where the `symlink` directive points.
 pub const SYMLINK_TARGET: &str = "/etc/passwd";
+/// Chapter written by the `show-readme` directive (the checkout's `README.md`), relative to the
+/// output folder.
+pub const README_PATH: &str = "chapters/zz_readme.md";
 /// File written by the `oversize=<bytes>` directive, relative to the output folder.
 pub const OVERSIZE_PATH: &str = "chapters/chapter_99_oversize.md";
 
@@ -350,6 +353,11 @@ fn analyze(args: &AnalyzeArgs, config: &RunConfig<'_>) -> u8 {
     if let Some(secret) = &directives.probe {
         if let Err(err) = hostile::probe(&output_dir, &args.repo, secret.as_deref()) {
             return failed(&format!("probe: {err}"));
+        }
+    }
+    if directives.show_readme {
+        if let Err(err) = fs::copy(args.repo.join("README.md"), output_dir.join(README_PATH)) {
+            return failed(&format!("show-readme: {err}"));
         }
     }
     console.info(COMPLETE_MESSAGE);

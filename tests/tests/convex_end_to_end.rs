@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use fondation_proto::pb;
 use fondation_testkit::{
     fake_convex::{now_ms, CallOutcome, CallRecord, FakeOptions, FaultKind, FaultSpec},
     fixture_cli::{read_run_log, runs_per_job},
@@ -70,6 +71,41 @@ async fn convex_job_completes_with_its_documents_through_the_statuses_in_order()
     assert_eq!(completes[0].args["result"]["success"], true);
     // The callback token never leaves the coordinator.
     assert!(!worker.proc.lines().iter().any(|l| l.contains("cb-")));
+
+    // The attempt's history, kept in the coordinator's DATA_DIR: Convex has no place for it.
+    let admin = coordinator.admin().await;
+    let attempts = wait::until("the attempt to end in the history", TIMEOUT, || {
+        let mut client = admin.client.clone();
+        let request = pb::GetJobRequest {
+            job_id: job_id.clone(),
+            include_content: false,
+        };
+        async move {
+            let job = client
+                .get_job(request)
+                .await
+                .map_err(|e| e.to_string())?
+                .into_inner();
+            match job.attempt_history.last() {
+                Some(attempt) if attempt.ended_at.is_some() => Ok(Some(job.attempt_history)),
+                _ => Err(format!("{job:?}")),
+            }
+        }
+    })
+    .await;
+    assert_eq!(attempts.len(), 1, "{attempts:?}");
+    let attempt = &attempts[0];
+    assert_eq!(
+        (
+            attempt.number,
+            attempt.agent_id.as_str(),
+            attempt.outcome.as_str()
+        ),
+        (1, "agent-1", "completed")
+    );
+    assert!(attempt.claimed_at.is_some() && attempt.started_at.is_some());
+    let phases: Vec<&str> = attempt.phases.iter().map(|p| p.phase.as_str()).collect();
+    assert_eq!(phases, ["cloning", "analyzing", "gathering", "uploading"]);
     world.assert_no_rejected_calls().await;
 }
 

@@ -6,8 +6,8 @@ use std::{path::Path, time::Duration};
 
 use fondation_coordinator::job_source::{
     convex::{ConvexConfig, ConvexSource},
-    ActiveStatus, Document, DocumentKind, FailOutcome, JobResult, JobSource, JobSourceError,
-    JobStatus, NewJob, ProgressUpdate, RepoTarget,
+    ActiveStatus, Document, DocumentKind, FailOutcome, JobQuery, JobResult, JobSource,
+    JobSourceError, JobStatus, NewJob, ProgressUpdate, RepoTarget,
 };
 use fondation_testkit::fake_convex::{
     self, AuthSeen, CallOutcome, CallRecord, FakeConvexClient, FakeConvexHandle, FakeOptions,
@@ -777,7 +777,7 @@ async fn submit_and_list_are_unsupported() {
     assert!(matches!(error, JobSourceError::Unsupported(_)), "{error}");
     let error = h
         .source
-        .list_jobs(None, 0, 10)
+        .list_jobs(&JobQuery::default())
         .await
         .expect_err("unsupported");
     assert!(matches!(error, JobSourceError::Unsupported(_)), "{error}");

@@ -99,6 +99,39 @@ async fn clones_a_local_repository() {
     assert!(spec.dest.join(".git").is_dir());
 }
 
+/// No branch means the remote's default (its HEAD), here `trunk`, even with a `main` beside it.
+#[tokio::test]
+async fn an_empty_branch_clones_the_default_branch() {
+    let fx = fixture(&[("README.md", b"main\n")]);
+    let src = fx.dir.path().join("src");
+    let commit = ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q"];
+    git(&src, &["checkout", "-q", "-b", "trunk"]);
+    std::fs::write(src.join("README.md"), b"trunk\n").unwrap();
+    git(&src, &[&commit[..], &["-am", "trunk"]].concat());
+    std::fs::remove_dir_all(fx.dir.path().join("repo.git")).unwrap();
+    git(fx.dir.path(), &["clone", "-q", "--bare", "src", "repo.git"]);
+
+    let spec = spec(&fx, "");
+    clone_repo(&spec, &fx.allowlist, CancellationToken::new())
+        .await
+        .expect("clone of the default branch");
+    assert_eq!(
+        std::fs::read(spec.dest.join("README.md")).unwrap(),
+        b"trunk\n"
+    );
+    let main = CloneSpec {
+        dest: fx.dir.path().join("main-checkout"),
+        ..self::spec(&fx, "main")
+    };
+    clone_repo(&main, &fx.allowlist, CancellationToken::new())
+        .await
+        .expect("clone of main");
+    assert_eq!(
+        std::fs::read(main.dest.join("README.md")).unwrap(),
+        b"main\n"
+    );
+}
+
 #[tokio::test]
 async fn missing_branch_fails_permanently_with_gits_message() {
     let fx = fixture(&[("README.md", b"hello\n")]);

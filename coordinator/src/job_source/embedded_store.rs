@@ -16,7 +16,7 @@
 //! so an acknowledged change survives a crash. The coordinator's journal lives in the same file
 //! (its own tables), which lets a claim journal its assignment in the same transaction
 //! ([`EmbeddedStore::claim_journaled`]); apart from that this module only touches `jobs` and
-//! `documents`.
+//! `documents`, and reads the attempt history ([`crate::history`]) to list jobs by agent.
 
 use std::{path::Path, time::Duration};
 
@@ -31,8 +31,9 @@ use crate::{
 };
 
 use super::{
-    now_ms, ClaimedJob, Document, DocumentKind, FailOutcome, JobId, JobResult, JobSource,
-    JobSourceError, JobStatus, JobView, NewJob, ProgressUpdate, RepoTarget, Result, StoredDocument,
+    now_ms, ClaimedJob, Document, DocumentKind, FailOutcome, JobId, JobOrder, JobQuery, JobResult,
+    JobSource, JobSourceError, JobStatus, JobView, NewJob, ProgressUpdate, RepoTarget, Result,
+    StoredDocument,
 };
 
 /// Version of the `jobs`/`documents` schema, kept in `PRAGMA user_version`.
@@ -405,11 +406,8 @@ impl JobSource for EmbeddedStore {
         }
         fondation_proto::validate::check_prompt(&job.prompt)
             .map_err(|error| JobSourceError::Invalid(error.to_string()))?;
-        let branch = if job.branch.is_empty() {
-            "main".to_owned()
-        } else {
-            job.branch
-        };
+        // An empty branch stays empty: the agent clones the repository's default branch.
+        let branch = job.branch;
         let id = new_id();
         let job_id = id.clone();
         self.run("submitting a job", move |conn| {
@@ -427,26 +425,39 @@ impl JobSource for EmbeddedStore {
         Ok(id)
     }
 
-    async fn list_jobs(
-        &self,
-        status: Option<JobStatus>,
-        offset: usize,
-        limit: usize,
-    ) -> Result<Vec<JobView>> {
+    async fn list_jobs(&self, query: &JobQuery) -> Result<Vec<JobView>> {
+        let query = query.clone();
         self.run("listing jobs", move |conn| {
             let tx = conn;
             let raws = {
+                // The agent of a job is its attempt history's ([`crate::history`]), which the
+                // coordinator keeps beside the jobs in this file.
+                let last_agent = crate::history::LAST_AGENT_SQL;
+                let order = match query.order {
+                    JobOrder::NewestFirst => "created_at DESC, rowid DESC".to_owned(),
+                    JobOrder::OldestFirst => "created_at, rowid".to_owned(),
+                    JobOrder::RecentlyUpdated => "updated_at DESC, rowid DESC".to_owned(),
+                    JobOrder::Status => "status, created_at DESC, rowid DESC".to_owned(),
+                    JobOrder::Agent => {
+                        format!("{last_agent} IS NULL, {last_agent}, created_at DESC, rowid DESC")
+                    }
+                };
                 let mut stmt = tx.prepare_cached(&format!(
                     "SELECT {VIEW_COLUMNS} FROM jobs
-                     WHERE ?1 IS NULL OR status = ?1
-                     ORDER BY created_at DESC, rowid DESC
-                     LIMIT ?2 OFFSET ?3"
+                     WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR {last_agent} = ?2)
+                     ORDER BY {order}
+                     LIMIT ?3 OFFSET ?4"
                 ))?;
-                let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-                let offset = i64::try_from(offset).unwrap_or(i64::MAX);
+                let limit = i64::try_from(query.limit).unwrap_or(i64::MAX);
+                let offset = i64::try_from(query.offset).unwrap_or(i64::MAX);
                 let rows = stmt
                     .query_map(
-                        params![status.map(JobStatus::as_str), limit, offset],
+                        params![
+                            query.status.map(JobStatus::as_str),
+                            query.agent_id,
+                            limit,
+                            offset
+                        ],
                         RawView::from_row,
                     )?
                     .collect::<rusqlite::Result<Vec<_>>>()?;

@@ -125,6 +125,7 @@ impl ActiveStatus {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RepoTarget {
     pub url: String,
+    /// Empty for the repository's default branch (what `git clone` checks out).
     pub branch: String,
     /// The repository owner's token, for a private repository (Convex: the user's stored GitHub
     /// token). `None` leaves it to `GITHUB_TOKEN`, else to an anonymous clone. Redacted in `Debug`.
@@ -215,10 +216,58 @@ pub struct JobView {
     pub documents: Vec<StoredDocument>,
 }
 
+/// Which jobs `list_jobs` returns (`Admin/ListJobs`), in which order, and which page of them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JobQuery {
+    /// Only jobs in this status.
+    pub status: Option<JobStatus>,
+    /// Only jobs whose current or last attempt ran on this agent.
+    pub agent_id: Option<String>,
+    pub order: JobOrder,
+    pub offset: usize,
+    pub limit: usize,
+}
+
+/// How `list_jobs` orders jobs; ties go newest first.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum JobOrder {
+    #[default]
+    NewestFirst,
+    OldestFirst,
+    /// Most recently updated first.
+    RecentlyUpdated,
+    /// By status name.
+    Status,
+    /// By the agent of the current or last attempt; jobs never assigned last.
+    Agent,
+}
+
+impl JobOrder {
+    /// Compares two jobs, each with the agent of its current or last attempt.
+    pub fn compare(
+        self,
+        (a, a_agent): (&JobView, Option<&str>),
+        (b, b_agent): (&JobView, Option<&str>),
+    ) -> std::cmp::Ordering {
+        let newest_first = b.created_at_ms.total_cmp(&a.created_at_ms);
+        match self {
+            JobOrder::NewestFirst => newest_first,
+            JobOrder::OldestFirst => newest_first.reverse(),
+            JobOrder::RecentlyUpdated => b.updated_at_ms.total_cmp(&a.updated_at_ms),
+            JobOrder::Status => a.status.as_str().cmp(b.status.as_str()),
+            // `None` sorts first in an `Option`: compare "is it missing" first.
+            JobOrder::Agent => (a_agent.is_none(), a_agent).cmp(&(b_agent.is_none(), b_agent)),
+        }
+        .then(newest_first)
+        .then_with(|| a.id.cmp(&b.id))
+    }
+}
+
 /// A job to enqueue (`Admin/SubmitJob`).
 #[derive(Debug, Clone)]
 pub struct NewJob {
     pub repo_url: String,
+    /// Empty for the repository's default branch.
     pub branch: String,
     pub prompt: String,
 }
@@ -355,13 +404,9 @@ pub trait JobSource: Send + Sync + 'static {
     /// Enqueues a job.
     async fn submit(&self, job: NewJob) -> Result<JobId>;
 
-    /// Jobs, newest first, optionally of one status: at most `limit` after skipping `offset`.
-    async fn list_jobs(
-        &self,
-        status: Option<JobStatus>,
-        offset: usize,
-        limit: usize,
-    ) -> Result<Vec<JobView>>;
+    /// The jobs `query` selects, in its order: at most `limit` after skipping `offset`.
+    /// [`JobSourceError::Unsupported`] where the source cannot list its jobs (Convex).
+    async fn list_jobs(&self, query: &JobQuery) -> Result<Vec<JobView>>;
 
     /// Asks for the job to stop: a pending job is canceled at once, a running one is marked so the
     /// coordinator stops it. Returns the status after the request.

@@ -285,6 +285,20 @@ fn branch_error_names_input_and_reason() {
 }
 
 #[test]
+fn a_job_branch_may_be_empty_for_the_default_branch_and_is_checked_otherwise() {
+    assert_eq!(check_job_branch(""), Ok(()));
+    assert_eq!(check_job_branch("release/1.2"), Ok(()));
+    assert_eq!(
+        check_job_branch("--upload-pack=x"),
+        check_branch("--upload-pack=x")
+    );
+    assert!(
+        check_job_branch(" ").is_err(),
+        "only the empty name means default"
+    );
+}
+
+#[test]
 fn job_ids() {
     for id in [
         "a",

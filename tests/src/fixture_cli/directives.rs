@@ -71,6 +71,9 @@ pub struct Directives {
     /// A file holding a step number: each step waits until the file says at least its number
     /// (missing or unreadable: 0), so a test can hold the run between steps.
     pub gate: Option<String>,
+    /// Also copy the analyzed checkout's `README.md` into a chapter, so a test sees what was
+    /// cloned (which branch).
+    pub show_readme: bool,
 }
 
 /// A directive that could not be understood.
@@ -135,6 +138,7 @@ impl Directives {
             ("say", Some(text)) => self.say.push(text.to_owned()),
             ("numbered", Some(value)) => self.numbered = number(token, value)?,
             ("gate", Some(path)) if !path.is_empty() => self.gate = Some(path.to_owned()),
+            ("show-readme", None) => self.show_readme = true,
             _ => {
                 return Err(DirectiveError(format!(
                     "unknown fixture directive {token:?}"

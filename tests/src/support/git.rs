@@ -4,8 +4,9 @@ use std::{path::Path, process::Command};
 
 use tempfile::TempDir;
 
-/// A bare repository with one commit on `main`, and its `file://` URL. It lives at
-/// `<dir>/<FULL_NAME>.git`, so a Convex-style `CLONE_URL_TEMPLATE` can point at it.
+/// A bare repository with a commit on `main` (and on its default branch when that is another),
+/// and its `file://` URL. It lives at `<dir>/<FULL_NAME>.git`, so a Convex-style
+/// `CLONE_URL_TEMPLATE` can point at it.
 pub struct GitFixture {
     _dir: TempDir,
     pub url: String,
@@ -39,6 +40,13 @@ impl GitFixture {
     pub const FULL_NAME: &'static str = "fondation/demo";
 
     pub fn new() -> Self {
+        Self::with_default_branch("main")
+    }
+
+    /// A repository whose default branch (the bare repository's `HEAD`) is `default`. Unless that
+    /// is `main`, the default branch's README names it, and a `main` branch keeps the usual one:
+    /// a clone of `main` where the default branch was meant shows in what the analyzer read.
+    pub fn with_default_branch(default: &str) -> Self {
         let dir = tempfile::tempdir().expect("temp dir for a git fixture");
         // An agent started as root may switch to a user of its own (AGENT_USER) and run git as
         // that user: the repository must be readable by others.
@@ -60,6 +68,15 @@ impl GitFixture {
         git(&["init", "--quiet", "--initial-branch=main"], &work);
         git(&["add", "."], &work);
         git(&["commit", "--quiet", "-m", "initial"], &work);
+        if default != "main" {
+            std::fs::write(
+                work.join("README.md"),
+                format!("# Demo project\n\nThe {default} branch, the default.\n"),
+            )
+            .expect("writing README");
+            git(&["checkout", "--quiet", "-b", default], &work);
+            git(&["commit", "--quiet", "-am", "the default branch"], &work);
+        }
         let bare = dir.path().join(format!("{}.git", Self::FULL_NAME));
         git(
             &[

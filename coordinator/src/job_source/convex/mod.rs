@@ -65,8 +65,8 @@ use self::{
 use crate::github_token::EncryptionKey;
 
 use super::{
-    is_cancel_signal, now_ms, ClaimedJob, FailOutcome, JobId, JobResult, JobSource, JobSourceError,
-    JobStatus, JobView, NewJob, ProgressUpdate, ReclaimCounts, RepoTarget, Result,
+    is_cancel_signal, now_ms, ClaimedJob, FailOutcome, JobId, JobQuery, JobResult, JobSource,
+    JobSourceError, JobStatus, JobView, NewJob, ProgressUpdate, ReclaimCounts, RepoTarget, Result,
 };
 
 /// Where a repository is cloned from, `{fullName}` being the repository document's `owner/name`.
@@ -630,12 +630,7 @@ impl JobSource for ConvexSource {
         ))
     }
 
-    async fn list_jobs(
-        &self,
-        _status: Option<JobStatus>,
-        _offset: usize,
-        _limit: usize,
-    ) -> Result<Vec<JobView>> {
+    async fn list_jobs(&self, _query: &JobQuery) -> Result<Vec<JobView>> {
         Err(JobSourceError::Unsupported(
             "the Convex deployment has no function listing jobs; ListJobs works with the \
              embedded store only"

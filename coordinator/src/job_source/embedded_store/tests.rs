@@ -76,7 +76,11 @@ async fn submit_claim_complete_round_trip() {
 
     let job = view(&store, &id).await;
     assert_eq!(job.status, JobStatus::Pending);
-    assert_eq!(job.branch.as_deref(), Some("main"));
+    assert_eq!(
+        job.branch.as_deref(),
+        Some(""),
+        "no branch: the repository's default"
+    );
     assert_eq!(job.attempts, 0);
 
     let claimed = store.claim("w1", LEASE).await.unwrap().expect("a job");
@@ -85,7 +89,7 @@ async fn submit_claim_complete_round_trip() {
     assert_eq!(claimed.prompt, "prompt 1");
     let target = claimed.target.expect("target");
     assert_eq!(target.url, "https://github.com/example/repo1.git");
-    assert_eq!(target.branch, "main");
+    assert_eq!(target.branch, "");
     assert!(store.claim("w1", LEASE).await.unwrap().is_none());
     assert_eq!(view(&store, &id).await.locked_by.as_deref(), Some("w1"));
 
@@ -482,12 +486,12 @@ async fn list_jobs_newest_first_with_filter() {
     }
     store.claim("w1", LEASE).await.unwrap().unwrap();
 
-    let all: Vec<_> = store.list_jobs(None, 0, 10).await.unwrap();
+    let all: Vec<_> = store.list_jobs(&page(None, 0, 10)).await.unwrap();
     let listed: Vec<_> = all.iter().map(|job| job.id.clone()).collect();
     assert_eq!(listed, ids.iter().rev().cloned().collect::<Vec<_>>());
-    assert_eq!(store.list_jobs(None, 0, 2).await.unwrap().len(), 2);
+    assert_eq!(store.list_jobs(&page(None, 0, 2)).await.unwrap().len(), 2);
     let second_page: Vec<_> = store
-        .list_jobs(None, 2, 10)
+        .list_jobs(&page(None, 2, 10))
         .await
         .unwrap()
         .into_iter()
@@ -495,18 +499,148 @@ async fn list_jobs_newest_first_with_filter() {
         .collect();
     assert_eq!(second_page, vec![ids[1].clone(), ids[0].clone()]);
     let claimed = store
-        .list_jobs(Some(JobStatus::Claimed), 0, 10)
+        .list_jobs(&page(Some(JobStatus::Claimed), 0, 10))
         .await
         .unwrap();
     assert_eq!(claimed.len(), 1);
     assert_eq!(claimed[0].id, ids[0]);
     assert_eq!(
         store
-            .list_jobs(Some(JobStatus::Pending), 0, 10)
+            .list_jobs(&page(Some(JobStatus::Pending), 0, 10))
             .await
             .unwrap()
             .len(),
         3
+    );
+}
+
+fn page(status: Option<JobStatus>, offset: usize, limit: usize) -> JobQuery {
+    JobQuery {
+        status,
+        offset,
+        limit,
+        ..JobQuery::default()
+    }
+}
+
+fn ids_of(views: Vec<JobView>) -> Vec<String> {
+    views.into_iter().map(|view| view.id).collect()
+}
+
+/// Jobs listed by the agent of their last attempt (the attempt history beside the jobs), in each
+/// order, with paging.
+#[tokio::test]
+async fn list_jobs_by_agent_and_in_each_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), no_backoff(5));
+    let mut ids = Vec::new();
+    for n in 0..4 {
+        ids.push(store.submit(new_job(n)).await.unwrap());
+    }
+    // Job 0 goes to agent b, job 1 to c, job 2 to a then (after a retry) to b; 3 never runs.
+    let mut epoch = 0;
+    let mut claim_on = |agent: &'static str| {
+        epoch += 1;
+        let planned = PlannedAssignment {
+            assignment_id: format!("assignment-{epoch}"),
+            epoch,
+            agent_id: agent.into(),
+        };
+        let store = store.clone();
+        async move {
+            let (job, _) = store
+                .claim_journaled("w1", LEASE, &planned)
+                .await
+                .unwrap()
+                .expect("a due job");
+            job.id
+        }
+    };
+    assert_eq!(claim_on("b").await, ids[0]);
+    assert_eq!(claim_on("c").await, ids[1]);
+    assert_eq!(claim_on("a").await, ids[2]);
+    store.fail(&ids[2], "w1", "boom", true).await.unwrap();
+    make_due(&store, &ids[2]).await;
+    assert_eq!(claim_on("b").await, ids[2]);
+    store
+        .complete(&ids[0], "w1", &result(vec![]))
+        .await
+        .unwrap();
+
+    let query = |agent: &str, order: JobOrder| JobQuery {
+        agent_id: Some(agent.to_owned()),
+        order,
+        limit: 10,
+        ..JobQuery::default()
+    };
+    assert!(
+        store
+            .list_jobs(&query("a", JobOrder::NewestFirst))
+            .await
+            .unwrap()
+            .is_empty(),
+        "job 2's last attempt ran on b"
+    );
+    let on_b = ids_of(
+        store
+            .list_jobs(&query("b", JobOrder::OldestFirst))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(on_b, vec![ids[0].clone(), ids[2].clone()]);
+    let second = JobQuery {
+        offset: 1,
+        limit: 1,
+        ..query("b", JobOrder::NewestFirst)
+    };
+    assert_eq!(
+        ids_of(store.list_jobs(&second).await.unwrap()),
+        vec![ids[0].clone()]
+    );
+    let claimed_on_b = JobQuery {
+        status: Some(JobStatus::Claimed),
+        ..query("b", JobOrder::Status)
+    };
+    assert_eq!(
+        ids_of(store.list_jobs(&claimed_on_b).await.unwrap()),
+        vec![ids[2].clone()]
+    );
+
+    let all = |order: JobOrder| JobQuery {
+        order,
+        limit: 10,
+        ..JobQuery::default()
+    };
+    assert_eq!(
+        ids_of(store.list_jobs(&all(JobOrder::Agent)).await.unwrap()),
+        vec![
+            ids[2].clone(),
+            ids[0].clone(),
+            ids[1].clone(),
+            ids[3].clone()
+        ],
+        "b's newest first, then c's, the never assigned job last"
+    );
+    assert_eq!(
+        ids_of(store.list_jobs(&all(JobOrder::Status)).await.unwrap()),
+        vec![
+            ids[2].clone(),
+            ids[1].clone(),
+            ids[0].clone(),
+            ids[3].clone()
+        ],
+        "claimed, completed, pending"
+    );
+    let updated = store
+        .list_jobs(&all(JobOrder::RecentlyUpdated))
+        .await
+        .unwrap();
+    assert_eq!(updated.len(), 4);
+    assert!(
+        updated
+            .windows(2)
+            .all(|pair| pair[0].updated_at_ms >= pair[1].updated_at_ms),
+        "{updated:?}"
     );
 }
 
