@@ -201,9 +201,9 @@ fn summary(job: &pb::Job) -> String {
         }
         _ => String::new(),
     };
+    // Without the job id, already shown when it was queued: the line fits 80 columns.
     format!(
-        "job {} completed{took} after {} attempt(s): {} documents",
-        job.job_id,
+        "completed{took} after {} attempt(s): {} documents",
         job.attempts,
         job.documents.len()
     )
