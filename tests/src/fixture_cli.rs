@@ -33,7 +33,10 @@ use directives::{Directives, Format};
 use run_log::RunLogWriter;
 
 pub use hostile::{FORGED_LINE, PROBE_PATH, PROBE_READ_OK};
-pub use run_log::{max_concurrency_per_agent, read_run_log, runs_per_job, RunEventKind, RunRecord};
+pub use run_log::{
+    max_concurrency_per_agent, read_run_log, read_run_log_if_any, runs_per_job,
+    starts_and_successes, RunEventKind, RunRecord,
+};
 
 /// The step start messages of the real CLI, steps 1 to 6.
 pub const STEP_MESSAGES: [&str; 6] = [

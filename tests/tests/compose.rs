@@ -17,8 +17,9 @@ use std::{
 
 use fondation_testkit::{
     fake_convex::FakeConvexClient,
-    fixture_cli::{read_run_log, RunEventKind, RunRecord},
+    fixture_cli::{read_run_log_if_any, RunEventKind, RunRecord},
     support::{
+        cluster::wait_runs_started_in,
         compose::{self, ComposeProject, ContainerState},
         grpcurl, wait,
     },
@@ -130,49 +131,20 @@ impl Cluster {
 
     /// Waits until every job is `completed`; fails at once if one ends otherwise.
     async fn wait_completed(&self, job_ids: &[String], timeout: Duration) {
-        let what = format!("{} job(s) to complete", job_ids.len());
-        wait::until(&what, timeout, || async move {
-            let mut pending = BTreeMap::new();
-            for job_id in job_ids {
-                let status = self.job_status(job_id).await?;
-                assert!(
-                    !["failed", "dead", "canceled"].contains(&status.as_str()),
-                    "job {job_id} ended {status}"
-                );
-                if status != "completed" {
-                    pending.insert(job_id.clone(), status);
-                }
-            }
-            if pending.is_empty() {
-                Ok(Some(()))
-            } else {
-                Err(format!("not completed: {pending:?}"))
-            }
+        wait::all_completed(job_ids, timeout, async |job_id| {
+            Ok((self.job_status(job_id).await?, String::new()))
         })
         .await
     }
 
     fn runs(&self) -> Vec<RunRecord> {
-        if !self.run_log.exists() {
-            return Vec::new();
-        }
-        read_run_log(&self.run_log).expect("the fixture CLI's run log parses")
+        read_run_log_if_any(&self.run_log).expect("the fixture CLI's run log parses")
     }
 
     /// Waits for a run of `job_id` to start; returns the agent (container host name) running it.
     async fn wait_run_started(&self, job_id: &str) -> String {
-        wait::until(
-            &format!("the fixture CLI to start job {job_id}"),
-            Duration::from_secs(60),
-            || async move {
-                Ok(self
-                    .runs()
-                    .into_iter()
-                    .find(|r| r.kind == RunEventKind::Start && r.job_id == job_id)
-                    .map(|r| r.agent))
-            },
-        )
-        .await
+        let started = wait_runs_started_in(&self.run_log, job_id, 1, Duration::from_secs(60)).await;
+        started[0].agent.clone()
     }
 
     /// Waits until the running containers are exactly `expected` (service, count), all healthy.

@@ -10,7 +10,7 @@
 //! else's cluster. Needs Docker 20.10+ (capabilities for services); fails saying what is missing.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeSet,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     process::Command,
@@ -19,8 +19,9 @@ use std::{
 
 use fondation_proto::pb::{self, admin_client::AdminClient};
 use fondation_testkit::{
-    fixture_cli::{read_run_log, RunEventKind, RunRecord},
+    fixture_cli::{read_run_log_if_any, starts_and_successes, RunRecord},
     support::{
+        cluster::wait_runs_started_in,
         compose::{self, docker, repo_root},
         free_port, wait,
     },
@@ -444,65 +445,25 @@ impl Deployment {
     }
 
     async fn wait_completed(&self, job_ids: &[String]) {
-        let what = format!("{} job(s) to complete", job_ids.len());
-        wait::until(&what, JOBS_TIMEOUT, || async move {
-            let mut admin = self.admin().await?;
-            let mut pending = BTreeMap::new();
-            for job_id in job_ids {
-                let job = admin.job(job_id).await?;
-                assert!(
-                    !["failed", "dead", "canceled"].contains(&job.status.as_str()),
-                    "job {job_id} ended {}: {}",
-                    job.status,
-                    job.error
-                );
-                if job.status != "completed" {
-                    pending.insert(job_id.clone(), job.status);
-                }
-            }
-            if pending.is_empty() {
-                Ok(Some(()))
-            } else {
-                Err(format!("not completed: {pending:?}"))
-            }
+        wait::all_completed(job_ids, JOBS_TIMEOUT, async |job_id| {
+            let job = self.admin().await?.job(job_id).await?;
+            Ok((job.status, job.error))
         })
         .await
     }
 
     fn runs(&self) -> Vec<RunRecord> {
-        if !self.run_log.exists() {
-            return Vec::new();
-        }
-        read_run_log(&self.run_log).expect("the fixture CLI's run log parses")
+        read_run_log_if_any(&self.run_log).expect("the fixture CLI's run log parses")
     }
 
     async fn wait_run_started(&self, job_id: &str) -> String {
-        wait::until(
-            &format!("the fixture CLI to start job {job_id}"),
-            Duration::from_secs(60),
-            || async move {
-                Ok(self
-                    .runs()
-                    .into_iter()
-                    .find(|r| r.kind == RunEventKind::Start && r.job_id == job_id)
-                    .map(|r| r.agent))
-            },
-        )
-        .await
+        let started = wait_runs_started_in(&self.run_log, job_id, 1, Duration::from_secs(60)).await;
+        started[0].agent.clone()
     }
 
     /// Starts and successful ends of the CLI for `job_id`.
     fn counts(&self, job_id: &str) -> (usize, usize) {
-        let runs = self.runs();
-        let starts = runs
-            .iter()
-            .filter(|r| r.kind == RunEventKind::Start && r.job_id == job_id)
-            .count();
-        let successes = runs
-            .iter()
-            .filter(|r| r.kind == RunEventKind::End && r.job_id == job_id && r.exit_code == Some(0))
-            .count();
-        (starts, successes)
+        starts_and_successes(&self.runs(), job_id)
     }
 
     async fn wait_update_completed(&self, service: &str) {

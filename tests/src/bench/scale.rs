@@ -27,7 +27,7 @@ use crate::{
     support::{
         cluster::{Admin, AgentProc, CoordinatorProc, Sandbox, ANY_PORT},
         convex_world::ConvexWorld,
-        free_port, wait,
+        free_port,
     },
 };
 
@@ -77,29 +77,9 @@ impl SimFleet {
                 tokio::spawn(agent.run(AgentGatewayClient::new(channel)));
             }
         }
-        let client = admin.client.clone();
-        wait::until(
-            &format!("{size} simulated agents to register"),
-            Duration::from_secs(120),
-            || {
-                let mut client = client.clone();
-                async move {
-                    let listed = client
-                        .list_agents(pb::ListAgentsRequest {})
-                        .await
-                        .map_err(|e| e.to_string())?
-                        .into_inner()
-                        .agents
-                        .len();
-                    if listed >= size {
-                        Ok(Some(()))
-                    } else {
-                        Err(format!("{listed} listed"))
-                    }
-                }
-            },
-        )
-        .await;
+        admin
+            .wait_agents_listed(size, Duration::from_secs(120))
+            .await;
         Ok(SimFleet {
             stop,
             assigned,

@@ -9,10 +9,7 @@ use std::{
 use anyhow::{bail, Context as _};
 use fondation_proto::pb;
 
-use crate::support::{
-    cluster::{Admin, AgentOptions, AgentProc, CoordinatorProc, Sandbox, ANY_PORT},
-    wait,
-};
+use crate::support::cluster::{Admin, AgentOptions, AgentProc, CoordinatorProc, Sandbox, ANY_PORT};
 
 use super::{peak_rss_kib, MemoryLine};
 
@@ -65,26 +62,9 @@ impl Cluster {
             })
             .collect();
         let mut admin = coordinator.admin().await;
-        let expected = agents.len();
-        let client = admin.client.clone();
-        wait::until(
-            &format!("{expected} agents to connect"),
-            Duration::from_secs(30),
-            || {
-                let mut client = client.clone();
-                async move {
-                    let connected = client
-                        .list_agents(pb::ListAgentsRequest {})
-                        .await
-                        .map_err(|e| e.to_string())?
-                        .into_inner()
-                        .agents
-                        .len();
-                    Ok((connected == expected).then_some(()))
-                }
-            },
-        )
-        .await;
+        admin
+            .wait_agents_listed(agents.len(), Duration::from_secs(30))
+            .await;
         // Make sure the admin channel is warm before anything is timed.
         admin.agents().await;
         Ok(Self {

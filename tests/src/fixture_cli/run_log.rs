@@ -73,6 +73,24 @@ fn parse_line(line: &str) -> Option<RunRecord> {
     })
 }
 
+/// The records of the run log at `path`; none while it does not exist (no run has started).
+pub fn read_run_log_if_any(path: &Path) -> io::Result<Vec<RunRecord>> {
+    match read_run_log(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+        other => other,
+    }
+}
+
+/// How many runs of `job_id` started, and how many of them ended with exit status 0.
+pub fn starts_and_successes(records: &[RunRecord], job_id: &str) -> (usize, usize) {
+    let of_job = || records.iter().filter(|r| r.job_id == job_id);
+    let starts = of_job().filter(|r| r.kind == RunEventKind::Start).count();
+    let successes = of_job()
+        .filter(|r| r.kind == RunEventKind::End && r.exit_code == Some(0))
+        .count();
+    (starts, successes)
+}
+
 /// Number of runs started per job id.
 pub fn runs_per_job(records: &[RunRecord]) -> BTreeMap<String, usize> {
     let mut runs = BTreeMap::new();

@@ -482,6 +482,31 @@ impl Admin {
         .await
     }
 
+    /// Waits until ListAgents shows at least `count` agents.
+    pub async fn wait_agents_listed(&self, count: usize, timeout: Duration) {
+        let client = self.client.clone();
+        let token = self.token.clone();
+        wait::until(&format!("{count} agents to be listed"), timeout, || {
+            let mut client = client.clone();
+            let request = with_token(token.as_deref(), pb::ListAgentsRequest {});
+            async move {
+                let listed = client
+                    .list_agents(request)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .into_inner()
+                    .agents
+                    .len();
+                if listed >= count {
+                    Ok(Some(()))
+                } else {
+                    Err(format!("{listed} listed"))
+                }
+            }
+        })
+        .await;
+    }
+
     pub async fn agents(&mut self) -> Vec<pb::AgentInfo> {
         let request = self.request(pb::ListAgentsRequest {});
         self.client
@@ -523,13 +548,20 @@ pub async fn wait_runs_started(
     count: usize,
     timeout: Duration,
 ) -> Vec<crate::fixture_cli::RunRecord> {
+    wait_runs_started_in(&sandbox.run_log, job_id, count, timeout).await
+}
+
+/// Like [`wait_runs_started`], for the run log at `run_log` (a container's, shared with the host).
+pub async fn wait_runs_started_in(
+    run_log: &Path,
+    job_id: &str,
+    count: usize,
+    timeout: Duration,
+) -> Vec<crate::fixture_cli::RunRecord> {
     let what = format!("{count} run(s) of job {job_id} to start");
     wait::until(&what, timeout, || async {
-        let records = match crate::fixture_cli::read_run_log(&sandbox.run_log) {
-            Ok(records) => records,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(e.to_string()),
-        };
+        let records =
+            crate::fixture_cli::read_run_log_if_any(run_log).map_err(|e| e.to_string())?;
         let starts: Vec<_> = records
             .into_iter()
             .filter(|r| r.kind == crate::fixture_cli::RunEventKind::Start && r.job_id == job_id)
