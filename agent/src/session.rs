@@ -26,6 +26,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::{
     health::HealthState,
+    metrics::RunTimer,
     runner::{run_assignment, RunnerContext},
     self_check::Readiness,
 };
@@ -63,6 +64,8 @@ struct RunEntry {
     result: Option<Vec<RunReport>>,
     /// Documents reported so far, collected into `result` when `Finished` arrives.
     partial: Vec<RunReport>,
+    /// Times the run's phases for the metrics.
+    timer: RunTimer,
 }
 
 /// How a session ended.
@@ -159,6 +162,7 @@ impl Agent {
                 Ok((outbound, inbound, heartbeat)) => {
                     backoff = self.backoff();
                     self.health.set_connected(true).await;
+                    let _session = self.ctx.metrics.session_opened();
                     let end = self.serve(outbound, inbound, heartbeat, &shutdown).await;
                     self.health.set_connected(false).await;
                     offline_since = tokio::time::Instant::now();
@@ -445,7 +449,8 @@ impl Agent {
                 None => debug!(assignment_id = %cancel.assignment_id, "cancel for an unknown run"),
             },
             ToAgent::ResultAck(ack) => {
-                if let Some(run) = self.runs.remove(&ack.assignment_id) {
+                if let Some(mut run) = self.runs.remove(&ack.assignment_id) {
+                    run.timer.acknowledged();
                     run.cancel.cancel();
                     if ack.accepted {
                         info!(job_id = %run.job_id, "result acknowledged");
@@ -504,6 +509,7 @@ impl Agent {
                 cancel: cancel.clone(),
                 result: None,
                 partial: Vec::new(),
+                timer: self.ctx.metrics.run_started(),
             },
         );
         tokio::spawn(run_assignment(
@@ -519,6 +525,7 @@ impl Agent {
         let Some(run) = self.runs.get_mut(&report.assignment_id) else {
             return;
         };
+        run.timer.observe(&report.event);
         match &report.event {
             RunEvent::Document { .. } => run.partial.push(report.clone()),
             RunEvent::Finished(outcome) => {

@@ -190,6 +190,9 @@ impl Keeper {
         match event {
             JobEvent::Run(RunEvent::Accepted) => {
                 info!(job_id = %self.record.job_id, agent_id = %self.record.agent_id, "assignment accepted");
+                self.ctx
+                    .metrics
+                    .assignment_accepted(self.ctx.assignments.age(&self.record.assignment_id));
                 let text = self.ctx.config.progress_language.started();
                 self.set_status(ActiveStatus::Running, text.to_owned())
                     .await
@@ -306,6 +309,7 @@ impl Keeper {
             }
             JobSourceError::Canceled(_) | JobSourceError::NotFound(_) => {
                 info!(job_id = %self.record.job_id, "job canceled; stopping the run");
+                self.ctx.metrics.job_canceled();
                 Some(End::StopRun {
                     reason: "the job was canceled".into(),
                 })
@@ -334,6 +338,7 @@ impl Keeper {
         };
         if is_cancel_signal(&view) {
             info!(job_id = %self.record.job_id, status = %view.status, "job canceled; stopping the run");
+            self.ctx.metrics.job_canceled();
             return Some(End::StopRun {
                 reason: "the job was canceled".into(),
             });
@@ -539,6 +544,7 @@ impl Keeper {
         match error {
             JobSourceError::Canceled(_) => {
                 info!(job_id = %self.record.job_id, "job was canceled before its end was recorded");
+                self.ctx.metrics.job_canceled();
             }
             JobSourceError::NotOwned { .. } => {
                 warn!(job_id = %self.record.job_id, "job was taken over before its end was recorded; result dropped");
