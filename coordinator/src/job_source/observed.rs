@@ -4,6 +4,10 @@
 //! ([`crate::source_health`]). The outcomes the source decides (completed, retried, dead,
 //! failed, released) and the leases a heartbeat renewed are counted here too, from the calls'
 //! replies, so that no other module has to.
+//!
+//! The optional queries (`next_due_at`, `count_by_status`, `pending_count`) are answered `None`
+//! without any call by a source that cannot answer them (Convex): a `None` is not recorded, or
+//! every idle poll would count as a successful call to a deployment that may be down.
 
 use std::{future::Future, sync::Arc, time::Duration};
 
@@ -11,8 +15,8 @@ use async_trait::async_trait;
 use tokio::time::Instant;
 
 use super::{
-    ClaimedJob, FailOutcome, JobId, JobResult, JobSource, JobStatus, JobView, NewJob,
-    ProgressUpdate, ReclaimCounts, Result,
+    ClaimedJob, FailOutcome, JobId, JobResult, JobSource, JobSourceError, JobStatus, JobView,
+    NewJob, ProgressUpdate, ReclaimCounts, Result,
 };
 use crate::{
     journal::PlannedAssignment,
@@ -47,13 +51,30 @@ impl ObservedSource {
     ) -> Result<T> {
         let started = Instant::now();
         let result = call.await;
-        let error = result.as_ref().err();
+        self.record(function, started, result.as_ref().err());
+        result
+    }
+
+    /// Like [`Self::observe`] for an optional query: a `None` reply is not recorded.
+    async fn observe_optional<T>(
+        &self,
+        function: &'static str,
+        call: impl Future<Output = Result<Option<T>>>,
+    ) -> Result<Option<T>> {
+        let started = Instant::now();
+        let result = call.await;
+        if !matches!(result, Ok(None)) {
+            self.record(function, started, result.as_ref().err());
+        }
+        result
+    }
+
+    fn record(&self, function: &'static str, started: Instant, error: Option<&JobSourceError>) {
         self.metrics.call(function, started, error);
         match error {
             None => self.health.record_success(),
             Some(error) => self.health.record_error(started, error),
         }
-        result
     }
 }
 
@@ -150,17 +171,17 @@ impl JobSource for ObservedSource {
     }
 
     async fn next_due_at_ms(&self) -> Result<Option<f64>> {
-        self.observe("next_due_at", self.inner.next_due_at_ms())
+        self.observe_optional("next_due_at", self.inner.next_due_at_ms())
             .await
     }
 
     async fn count_by_status(&self) -> Result<Option<Vec<(JobStatus, u64)>>> {
-        self.observe("count_by_status", self.inner.count_by_status())
+        self.observe_optional("count_by_status", self.inner.count_by_status())
             .await
     }
 
     async fn pending_count(&self) -> Result<Option<u64>> {
-        self.observe("pending_count", self.inner.pending_count())
+        self.observe_optional("pending_count", self.inner.pending_count())
             .await
     }
 
