@@ -340,3 +340,102 @@ impl fondation_runtime::metrics::Exposition for Scrape {
         fondation_runtime::metrics::encode(&metrics.registry)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        job_source::{observed::ObservedSource, JobResult, JobSource, ProgressUpdate},
+        source_health::SourceHealth,
+        testing::FakeSource,
+    };
+
+    fn calls(metrics: &SourceMetrics, function: &'static str, result: &'static str) -> u64 {
+        metrics
+            .calls
+            .get(&CallLabels { function, result })
+            .map_or(0, |counter| counter.get())
+    }
+
+    fn jobs(metrics: &SourceMetrics, outcome: JobOutcome) -> u64 {
+        metrics
+            .jobs
+            .get(&OutcomeLabels {
+                outcome: outcome.as_str(),
+            })
+            .map_or(0, |counter| counter.get())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_observed_source_counts_calls_outcomes_and_renewed_leases() {
+        let metrics = CoordinatorMetrics::new(false);
+        let health = Arc::new(SourceHealth::new("fake", Duration::from_secs(60)));
+        let fake = Arc::new(FakeSource::default());
+        fake.heartbeat_replies
+            .lock()
+            .unwrap()
+            .push_back(Err(JobSourceError::Canceled("job".into())));
+        fake.fail_replies.lock().unwrap().extend([
+            Ok(FailOutcome::Retrying {
+                attempts: 1,
+                next_run_at_ms: 0.0,
+            }),
+            Ok(FailOutcome::Dead { attempts: 5 }),
+            Err(JobSourceError::Unavailable("down".into())),
+        ]);
+        let source = ObservedSource::new(fake, metrics.source(), health.clone());
+        let update = ProgressUpdate::default();
+        let lease = Duration::from_secs(60);
+        assert!(source.heartbeat("job", "w", &update, lease).await.is_err());
+        source.heartbeat("job", "w", &update, lease).await.unwrap();
+        for _ in 0..3 {
+            let _ = source.fail("job", "w", "boom", true).await;
+        }
+        let result = JobResult {
+            run_id: "run".into(),
+            message: String::new(),
+            documents: Vec::new(),
+        };
+        source.complete("job", "w", &result).await.unwrap();
+        // Answered without a call by a source that cannot tell: not recorded.
+        assert_eq!(source.next_due_at_ms().await.unwrap(), None);
+
+        let counted = &metrics.source;
+        assert_eq!(calls(counted, "heartbeat", "refused"), 1);
+        assert_eq!(calls(counted, "heartbeat", "ok"), 1);
+        assert_eq!(
+            counted.leases_renewed.get(),
+            1,
+            "only the heartbeat that succeeded"
+        );
+        assert_eq!(calls(counted, "fail", "ok"), 2);
+        assert_eq!(calls(counted, "fail", "error"), 1);
+        assert_eq!(jobs(counted, JobOutcome::Retried), 1);
+        assert_eq!(jobs(counted, JobOutcome::Dead), 1);
+        assert_eq!(jobs(counted, JobOutcome::Completed), 1);
+        assert_eq!(jobs(counted, JobOutcome::Failed), 0);
+        assert_eq!(calls(counted, "next_due_at", "ok"), 0);
+        let heartbeat_latency = counted
+            .call_duration
+            .get_or_create(&FunctionLabels {
+                function: "heartbeat",
+            })
+            .count();
+        assert_eq!(heartbeat_latency, 2);
+        let unavailable = counted
+            .errors
+            .get(&ErrorLabels {
+                function: "fail",
+                kind: "unavailable",
+            })
+            .map_or(0, |counter| counter.get());
+        assert_eq!(unavailable, 1);
+        // The refusal is the source answering; the outage after the last success counts.
+        let snapshot = health.snapshot();
+        assert_eq!(
+            snapshot.consecutive_errors, 0,
+            "the complete after it succeeded"
+        );
+        assert!(snapshot.last_error.unwrap().contains("down"));
+    }
+}
