@@ -12,7 +12,7 @@
 //! cannot hold file descriptors for ever. A scraper reconnects at its next scrape.
 
 use std::{
-    future::Future,
+    future::{Future, IntoFuture as _},
     net::SocketAddr,
     path::Path,
     pin::Pin,
@@ -39,6 +39,9 @@ pub const MAX_CONNECTIONS: usize = 32;
 /// A connection that sends nothing for this long is closed: longer than a scraper takes to
 /// send its request, shorter than a typical scrape interval's idle keep-alive is worth holding.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long open scrapes may go on after shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 /// A binary's metrics, rendered for one scrape.
 pub trait Exposition: Send + Sync + 'static {
@@ -85,9 +88,21 @@ pub async fn serve<E: Exposition>(
             )
         }),
     );
-    axum::serve(Bounded::new(listener), app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    // Open scrapes may finish after `shutdown`, within SHUTDOWN_GRACE: one waiting on a busy
+    // database, or a client slow to read, must not hold up the process's exit.
+    let (stopping, mut stopped) = tokio::sync::watch::channel(false);
+    let server = axum::serve(Bounded::new(listener), app).with_graceful_shutdown(async move {
+        shutdown.await;
+        let _ = stopping.send(true);
+    });
+    tokio::select! {
+        result = server.into_future() => result,
+        _ = async {
+            // The sender lives inside the server future: it is there while this waits.
+            let _ = stopped.wait_for(|stopped| *stopped).await;
+            sleep(SHUTDOWN_GRACE).await;
+        } => Ok(()),
+    }
 }
 
 /// The metrics listener under its bounds: at most [`MAX_CONNECTIONS`] open, each closed after
@@ -276,6 +291,40 @@ mod tests {
         (tx, async move {
             let _ = rx.await;
         })
+    }
+
+    /// A registry whose rendering never ends (a scrape waiting on a stuck database).
+    struct Stuck(tokio::sync::Notify);
+
+    impl Exposition for Stuck {
+        async fn render(&self) -> String {
+            self.0.notify_one();
+            std::future::pending().await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_scrape_that_never_ends_does_not_hold_up_shutdown() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, signal) = shutdown_trigger();
+        let stuck = Arc::new(Stuck(tokio::sync::Notify::new()));
+        let server = tokio::spawn(serve(listener, stuck.clone(), signal));
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client
+            .write_all(b"GET /metrics HTTP/1.1\r\nhost: test\r\n\r\n")
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(10), stuck.0.notified())
+            .await
+            .expect("the scrape reaches the registry");
+
+        stop.send(()).unwrap();
+        tokio::time::timeout(SHUTDOWN_GRACE + Duration::from_secs(5), server)
+            .await
+            .expect("the server stops within its shutdown grace")
+            .unwrap()
+            .unwrap();
     }
 
     #[tokio::test(start_paused = true)]
