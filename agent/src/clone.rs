@@ -162,16 +162,21 @@ fn is_auth_refusal(message: &str) -> bool {
 /// The environment that makes git send the token (HTTP Basic with GitHub's `x-access-token`
 /// user) on its requests to the repository's host. Only for the clone's own git process.
 fn credential_env(credential: &CloneCredential) -> [(String, String); 3] {
-    let basic = base64::engine::general_purpose::STANDARD
-        .encode(format!("x-access-token:{}", credential.expose()));
     [
         ("GIT_CONFIG_COUNT".into(), "1".into()),
         ("GIT_CONFIG_KEY_0".into(), "http.extraHeader".into()),
         (
             "GIT_CONFIG_VALUE_0".into(),
-            format!("Authorization: Basic {basic}"),
+            format!("Authorization: Basic {}", basic_credential(credential)),
         ),
     ]
+}
+
+/// The token as git sends it (HTTP Basic, base64 of `x-access-token:<token>`): a secret in its
+/// own right, which [`crate::redact`] hides as well as the token.
+pub fn basic_credential(credential: &CloneCredential) -> String {
+    base64::engine::general_purpose::STANDARD
+        .encode(format!("x-access-token:{}", credential.expose()))
 }
 
 /// Clones `spec.branch` of `spec.url` into `spec.dest`, shallow and single-branch.

@@ -8,6 +8,8 @@
 //! - [`clone`]: the checked `git clone`; [`process`]: child processes in their own group;
 //! - [`analyzer`]: the `ANALYZER_COMMAND` template; [`progress`]: reading the CLI's progress;
 //! - [`collector`]: the output folder turned into documents;
+//! - [`output_tail`]: the analyzer's output lines kept and sent for the job's logs, with
+//!   [`redact`] taking the secrets out of them;
 //! - [`sandbox`]: the analyzer's environment allow-list, per-slot users and process sweep;
 //! - [`self_check`]: what every job needs, checked before taking work and after agent failures;
 //! - [`health`]: the agent's own gRPC health service;
@@ -19,8 +21,10 @@ pub mod collector;
 pub mod config;
 pub mod health;
 pub mod metrics;
+pub mod output_tail;
 pub mod process;
 pub mod progress;
+pub mod redact;
 pub mod runner;
 pub mod sandbox;
 pub mod self_check;

@@ -7,7 +7,7 @@
 use std::{path::Path, sync::Arc, time::Duration};
 
 use fondation_proto::{
-    model::{Assignment, Document, Phase, RunEvent, RunOutcome, RunReport},
+    model::{Assignment, Document, OutputStream, Phase, RunEvent, RunOutcome, RunReport},
     validate,
 };
 use fondation_runtime::logging::escaped;
@@ -21,6 +21,7 @@ use crate::{
     collector::{self, CollectLimits, CollectedDocument},
     config::AgentConfig,
     metrics::AgentMetrics,
+    output_tail::OutputTail,
     process::{self, ExitStatusKind, OutputLine, ProcessEnd, ProcessError, ProcessSpec},
     progress::{self, TOTAL_STEPS},
     sandbox::Sandbox,
@@ -123,17 +124,20 @@ fn clone_failed_on_agent(error: &CloneError) -> bool {
     }
 }
 
-/// Runs one assignment and reports everything about it on `reports`, ending with `Finished`.
+/// Runs one assignment and reports everything about it on `reports`, ending with `Finished`;
+/// the analyzer's output lines go to `output` (the session sends them).
 pub async fn run_assignment(
     ctx: Arc<RunnerContext>,
     assignment: Assignment,
     reports: ReportSink,
+    output: OutputTail,
     cancel: CancellationToken,
 ) {
     let reporter = Reporter {
         assignment_id: assignment.assignment_id.clone(),
         epoch: assignment.epoch,
         sink: reports,
+        output,
     };
     reporter.send(RunEvent::Accepted);
     info!(job_id = %assignment.job_id, attempt = assignment.attempt, "run started");
@@ -154,9 +158,11 @@ pub async fn run_assignment(
             }
         }
         Err(failure) => {
-            warn!(job_id = %assignment.job_id, error = %escaped(&failure.message), retryable = failure.retryable, agent_fault = failure.agent_fault, "run failed");
+            // The error quotes the analyzer's last lines: no secret of theirs goes further.
+            let message = reporter.output.redact(&failure.message).into_owned();
+            warn!(job_id = %assignment.job_id, error = %escaped(&message), retryable = failure.retryable, agent_fault = failure.agent_fault, "run failed");
             RunOutcome::Failed {
-                message: failure.message,
+                message,
                 retryable: failure.retryable,
                 agent_fault: failure.agent_fault,
             }
@@ -169,6 +175,8 @@ struct Reporter {
     assignment_id: String,
     epoch: u64,
     sink: ReportSink,
+    /// The analyzer's output lines, for the job's logs.
+    output: OutputTail,
 }
 
 impl Reporter {
@@ -326,6 +334,7 @@ async fn analyze(
                     if let Some(report) = progress::parse_line(&line.text) {
                         tracker.on_report(report.step, report.message, reporter);
                     }
+                    keep_output(reporter, &line);
                 }
                 None => lines_open = false,
             },
@@ -343,6 +352,7 @@ async fn analyze(
         if let Some(report) = progress::parse_line(&line.text) {
             tracker.on_report(report.step, report.message, reporter);
         }
+        keep_output(reporter, &line);
     }
     let dir = output_dir.to_path_buf();
     if let Ok(Some(step)) =
@@ -389,6 +399,15 @@ async fn analyze(
         ))),
         ProcessEnd::Canceled { .. } => Err(RunFailure::transient(STOPPED)),
     }
+}
+
+/// One line of the analyzer's output into the job's logs.
+fn keep_output(reporter: &Reporter, line: &OutputLine) {
+    let stream = match line.stream {
+        process::OutputStream::Stdout => OutputStream::Stdout,
+        process::OutputStream::Stderr => OutputStream::Stderr,
+    };
+    reporter.output.push(stream, &line.text);
 }
 
 /// Whether `dir` holds anything (an unreadable folder counts as written: not the agent's fault).

@@ -9,12 +9,13 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use fondation_proto::{
+    limits::MAX_OUTPUT_LINES_PER_MESSAGE,
     model::{Assignment, FromAgent, HeldRun, Hello, RunEvent, RunOutcome, RunReport, ToAgent},
     pb::{self, agent_gateway_client::AgentGatewayClient},
 };
 use fondation_runtime::logging::escaped;
 use futures::{Stream, StreamExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{
@@ -27,6 +28,8 @@ use tracing::{debug, error, info, warn};
 use crate::{
     health::HealthState,
     metrics::RunTimer,
+    output_tail::OutputTail,
+    redact::Redactor,
     runner::{run_assignment, RunnerContext},
     self_check::Readiness,
 };
@@ -39,6 +42,11 @@ const GOODBYE_TIMEOUT: Duration = Duration::from_secs(2);
 const OUTBOUND_QUEUE: usize = 256;
 /// Shortest heartbeat interval honoured, whatever `Welcome` asks for.
 const MIN_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(100);
+/// Followed output is sent only while the outbound queue holds at most this many messages: a
+/// flood of lines never queues ahead of heartbeats and results, nor piles up in memory (each
+/// batch is up to 200 lines of 4 KiB); what the stream cannot take is dropped by the run's
+/// bounded tail instead ([`crate::output_tail`]).
+const OUTPUT_MESSAGES_QUEUED: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -62,10 +70,13 @@ struct RunEntry {
     /// The run's documents and its `Finished`, once it has ended: re-sent after a reconnect until
     /// the coordinator acknowledges them.
     result: Option<Vec<RunReport>>,
-    /// Documents reported so far, collected into `result` when `Finished` arrives.
+    /// Documents (and the last output lines) reported so far, collected into `result` when
+    /// `Finished` arrives.
     partial: Vec<RunReport>,
     /// Times the run's phases for the metrics.
     timer: RunTimer,
+    /// The analyzer's output lines, sent while the coordinator follows the run and before its end.
+    output: OutputTail,
 }
 
 /// How a session ended.
@@ -90,6 +101,8 @@ pub struct Agent {
     runs: HashMap<String, RunEntry>,
     reports_tx: mpsc::UnboundedSender<RunReport>,
     reports: mpsc::UnboundedReceiver<RunReport>,
+    /// Notified when a followed run has new output lines to send.
+    output_ready: Arc<Notify>,
     /// No new assignments: drained by an operator or shutting down.
     draining: bool,
     /// Running jobs were told to stop (grace over, or a second signal).
@@ -124,6 +137,7 @@ impl Agent {
             runs: HashMap::new(),
             reports_tx,
             reports,
+            output_ready: Arc::new(Notify::new()),
             draining: false,
             stopping_all: false,
         }
@@ -256,7 +270,10 @@ impl Agent {
                 _ = tokio::time::sleep_until(until) => return false,
                 _ = shutdown.drain.cancelled(), if !self.draining => {}
                 _ = shutdown.now.cancelled(), if !self.stopping_all => {}
-                Some(report) = self.reports.recv() => self.record(&report),
+                Some(report) = self.reports.recv() => {
+                    // Held with the result; sent once the coordinator is back.
+                    self.record_report(report);
+                }
             }
             self.on_shutdown_signal(shutdown).await;
             if self.draining && self.runs.values().all(|run| run.result.is_some()) {
@@ -375,6 +392,10 @@ impl Agent {
         heartbeat_every: Duration,
         shutdown: &Shutdown,
     ) -> SessionEnd {
+        // The coordinator follows nothing on a new session, and may have lost lines of the last.
+        for run in self.runs.values() {
+            run.output.new_session();
+        }
         // Results that ended while we were away go out again.
         for report in self.held_results() {
             debug!(assignment_id = %report.assignment_id, "re-sending a held result");
@@ -395,6 +416,15 @@ impl Agent {
                 let _ = tokio::time::timeout(GOODBYE_TIMEOUT, goodbye).await;
                 return SessionEnd::Done;
             }
+            let forwarding = self
+                .runs
+                .values()
+                .any(|run| run.output.has_lines_to_forward());
+            // Free room in the outbound queue that leaves at most OUTPUT_MESSAGES_QUEUED in it.
+            let room = outbound
+                .max_capacity()
+                .saturating_sub(OUTPUT_MESSAGES_QUEUED)
+                .max(1);
             tokio::select! {
                 message = inbound.next() => match message.map(|m| m.map(ToAgent::try_from)) {
                     Some(Ok(Ok(message))) => self.on_message(message, &outbound).await,
@@ -404,7 +434,7 @@ impl Agent {
                     Some(Err(status)) => return SessionEnd::Lost(format!("stream error: {}", status.message())),
                 },
                 Some(report) = self.reports.recv() => {
-                    self.record(&report);
+                    let reports = self.record_report(report);
                     // A run that failed for a reason of the agent made it unready: the coordinator
                     // hears that before the failure, so it does not hand this agent the next job.
                     if readiness.has_changed().unwrap_or(false) {
@@ -413,7 +443,17 @@ impl Agent {
                             return SessionEnd::Lost("the outbound stream closed".into());
                         }
                     }
-                    if outbound.send(report.into()).await.is_err() {
+                    for report in reports {
+                        if outbound.send(report.into()).await.is_err() {
+                            return SessionEnd::Lost("the outbound stream closed".into());
+                        }
+                    }
+                }
+                // New lines of a followed run: looked at on the next turn.
+                _ = self.output_ready.notified() => {}
+                Ok(permits) = outbound.reserve_many(room), if forwarding => {
+                    drop(permits);
+                    if !self.forward_output(&outbound).await {
                         return SessionEnd::Lost("the outbound stream closed".into());
                     }
                 }
@@ -465,7 +505,16 @@ impl Agent {
                 self.health.set_draining().await;
             }
             ToAgent::Welcome(_) => warn!("unexpected Welcome mid-session; ignored"),
-            ToAgent::FollowOutput(_) => debug!("output forwarding is not built yet; ignored"),
+            ToAgent::FollowOutput(follow) => match self.runs.get(&follow.assignment_id) {
+                // An ended run already sent its last lines.
+                Some(run) if run.epoch == follow.epoch && run.result.is_none() => {
+                    debug!(job_id = %run.job_id, follow = follow.follow, "output follow changed");
+                    run.output.follow(follow.follow);
+                }
+                _ => {
+                    debug!(assignment_id = %follow.assignment_id, "follow request for no running run")
+                }
+            },
         }
     }
 
@@ -501,6 +550,16 @@ impl Agent {
             return;
         }
         let cancel = CancellationToken::new();
+        let redactor = Redactor::for_run(
+            self.ctx
+                .config
+                .agent_token
+                .as_ref()
+                .map(|token| token.expose()),
+            assignment.clone_credential.as_ref(),
+            &self.ctx.sandbox.analyzer_env(&self.ctx.workspace_root, 0),
+        );
+        let output = OutputTail::new(redactor, self.output_ready.clone());
         self.runs.insert(
             assignment.assignment_id.clone(),
             RunEntry {
@@ -510,24 +569,73 @@ impl Agent {
                 result: None,
                 partial: Vec::new(),
                 timer: self.ctx.metrics.run_started(),
+                output: output.clone(),
             },
         );
         tokio::spawn(run_assignment(
             self.ctx.clone(),
             assignment,
             self.reports_tx.clone(),
+            output,
             cancel,
         ));
     }
 
-    /// Keeps what must survive a disconnect: the documents and the end of each run.
+    /// Sends one batch of new output lines of each followed run; false when the stream closed.
+    async fn forward_output(&self, outbound: &mpsc::Sender<pb::AgentMessage>) -> bool {
+        for (assignment_id, run) in &self.runs {
+            if !run.output.has_lines_to_forward() {
+                continue;
+            }
+            let lines = run.output.take_unsent(MAX_OUTPUT_LINES_PER_MESSAGE);
+            let report = RunReport {
+                assignment_id: assignment_id.clone(),
+                epoch: run.epoch,
+                event: RunEvent::Output(lines),
+            };
+            if outbound.send(report.into()).await.is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Records a run's report, preceded by the run's output lines not sent yet when it is the
+    /// run's `Finished` (so the coordinator keeps the last lines of every run); returns the
+    /// reports to send, in order.
+    fn record_report(&mut self, report: RunReport) -> Vec<RunReport> {
+        let mut reports = Vec::new();
+        if let (RunEvent::Finished(_), Some(run)) =
+            (&report.event, self.runs.get(&report.assignment_id))
+        {
+            loop {
+                let lines = run.output.take_unsent(MAX_OUTPUT_LINES_PER_MESSAGE);
+                if lines.is_empty() {
+                    break;
+                }
+                reports.push(RunReport {
+                    assignment_id: report.assignment_id.clone(),
+                    epoch: report.epoch,
+                    event: RunEvent::Output(lines),
+                });
+            }
+        }
+        reports.push(report);
+        for report in &reports {
+            self.record(report);
+        }
+        reports
+    }
+
+    /// Keeps what must survive a disconnect: the documents, the last output lines and the end
+    /// of each run.
     fn record(&mut self, report: &RunReport) {
         let Some(run) = self.runs.get_mut(&report.assignment_id) else {
             return;
         };
         run.timer.observe(&report.event);
         match &report.event {
-            RunEvent::Document { .. } => run.partial.push(report.clone()),
+            RunEvent::Document { .. } | RunEvent::Output(_) => run.partial.push(report.clone()),
             RunEvent::Finished(outcome) => {
                 if let RunOutcome::Failed {
                     message,

@@ -1,9 +1,10 @@
 //! `fondation.v1.Admin`: what operators see and do with grpcurl.
 //!
 //! With `ADMIN_TOKEN` set every call needs it, or `ADMIN_READ_TOKEN` for the read-only ones
-//! (GetJob, ListJobs, ListAgents). Jobs are submitted only with the inputs dispatch would accept
-//! (same checks, same messages), so nothing unbounded or credentialed is stored; repository URLs
-//! and errors are redacted again on the way out, since a job source may hold older data.
+//! (GetJob, ListJobs, ListAgents, GetJobLogs). Jobs are submitted only with the inputs dispatch
+//! would accept (same checks, same messages), so nothing unbounded or credentialed is stored;
+//! repository URLs and errors are redacted again on the way out, since a job source may hold
+//! older data.
 
 use std::sync::Arc;
 
@@ -13,18 +14,22 @@ use fondation_proto::{
     validate::{self, redact_credentials},
 };
 use fondation_runtime::settings::Secret;
+use futures::StreamExt;
 use tonic::{Request, Response, Status};
 use tracing::info;
 
 use crate::{
     auth::{check_admin, Access},
     context::Context,
+    job_logs::{JobLogs, LogLine},
     job_source::{JobSourceError, JobStatus, JobView, NewJob},
     lease::JobEvent,
 };
 
 const DEFAULT_LIST_LIMIT: usize = 100;
-use fondation_proto::limits::{MAX_JOB_ID_BYTES, MAX_LIST_JOBS as MAX_LIST_LIMIT};
+use fondation_proto::limits::{
+    DEFAULT_LOG_TAIL, MAX_JOB_ID_BYTES, MAX_LIST_JOBS as MAX_LIST_LIMIT, MAX_LOG_TAIL,
+};
 
 /// `ListJobs` page tokens: this prefix and the offset of the page. Opaque to callers; the prefix
 /// lets a token from elsewhere be refused clearly.
@@ -312,9 +317,44 @@ impl pb::admin_server::Admin for Admin {
         request: Request<pb::GetJobLogsRequest>,
     ) -> Result<Response<Self::GetJobLogsStream>, Status> {
         self.authorize(&request, Access::Read)?;
-        Err(Status::unimplemented(
-            "GetJobLogs: contract only, being built",
-        ))
+        let request = request.into_inner();
+        let job_id = request.job_id;
+        validate::check_job_id(&job_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let tail = match request.tail {
+            0 => DEFAULT_LOG_TAIL,
+            tail => tail.min(MAX_LOG_TAIL),
+        } as usize;
+        let logs = JobLogs::read(&self.ctx, &job_id, tail, request.follow)
+            .await
+            .map_err(|error| Status::internal(format!("reading the job's logs: {error}")))?;
+        // No lines and no run: an unknown job is an error, a quiet one an empty answer.
+        if logs.lines.is_empty()
+            && !self.ctx.job_logs.is_running(&job_id)
+            && self.ctx.source.get_job(&job_id, false).await?.is_none()
+        {
+            return Err(Status::not_found(format!(
+                "job {:?} not found",
+                shown_id(&job_id)
+            )));
+        }
+        let kept = futures::stream::iter(logs.lines.into_iter().map(|line| Ok(log_line(&line))));
+        let new = futures::stream::unfold(logs.follow, |follow| async move {
+            let mut follow = follow?;
+            let line = follow.next().await?;
+            Some((Ok(log_line(&line)), Some(follow)))
+        });
+        Ok(Response::new(Box::pin(kept.chain(new))))
+    }
+}
+
+/// A kept line as the Admin API shows it.
+fn log_line(line: &LogLine) -> pb::LogLine {
+    pb::LogLine {
+        seq: line.seq,
+        attempt: line.attempt,
+        stream: line.stream.as_str().to_owned(),
+        text: line.text.clone(),
+        time: Some(timestamp_from_ms(line.received_ms)),
     }
 }
 

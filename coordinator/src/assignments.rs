@@ -178,6 +178,24 @@ impl AssignmentTable {
         agent_id: &str,
         event: JobEvent,
     ) -> Result<(), RouteError> {
+        let entry = self.checked(assignment_id, epoch, agent_id)?;
+        // A keeper that already ended has nothing left to do with the report.
+        let _ = entry.events.send(event);
+        Ok(())
+    }
+
+    /// Checks a report's fencing token and reporting agent, as [`AssignmentTable::route`] does,
+    /// for a report handled without the keeper (output lines).
+    pub fn check(&self, assignment_id: &str, epoch: u64, agent_id: &str) -> Result<(), RouteError> {
+        self.checked(assignment_id, epoch, agent_id).map(|_| ())
+    }
+
+    fn checked(
+        &self,
+        assignment_id: &str,
+        epoch: u64,
+        agent_id: &str,
+    ) -> Result<Entry, RouteError> {
         let entry = self
             .lock()
             .get(assignment_id)
@@ -197,9 +215,7 @@ impl AssignmentTable {
                 reporter: agent_id.to_string(),
             });
         }
-        // A keeper that already ended has nothing left to do with the report.
-        let _ = entry.events.send(event);
-        Ok(())
+        Ok(entry)
     }
 
     /// Delivers an event that needs no fencing check (agent gone, cancel requested...).

@@ -155,8 +155,8 @@ pub struct CoordinatorConfig {
     #[arg(long, env = "ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
 
-    /// Token that allows the read-only Admin calls alone (GetJob, ListJobs, ListAgents, GetStats), for
-    /// dashboards; needs ADMIN_TOKEN.
+    /// Token that allows the read-only Admin calls alone (GetJob, ListJobs, ListAgents, GetJobLogs,
+    /// GetStats), for dashboards; needs ADMIN_TOKEN.
     #[arg(long, env = "ADMIN_READ_TOKEN", hide_env_values = true)]
     pub admin_read_token: Option<Secret>,
 

@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     agents::AgentRegistry, assignments::AssignmentTable, config::CoordinatorConfig,
-    job_source::JobSource, journal::Journal, metrics::CoordinatorMetrics,
+    job_logs::JobLogs, job_source::JobSource, journal::Journal, metrics::CoordinatorMetrics,
     source_health::SourceHealth,
 };
 
@@ -28,6 +28,8 @@ pub struct Context {
     /// Durable record of in-flight assignments and undelivered results.
     pub journal: Journal,
     pub assignments: AssignmentTable,
+    /// The analyzer's output lines of running and ended jobs.
+    pub job_logs: JobLogs,
     /// Wakes the claim loop early (a job was submitted).
     pub wake_claimer: Notify,
     /// Cancelled when the coordinator shuts down.

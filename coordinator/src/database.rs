@@ -119,6 +119,7 @@ impl Database {
         configure(&conn)?;
         crate::journal::create_tables(&mut conn)?;
         crate::job_source::embedded_store::create_tables(&mut conn)?;
+        crate::job_logs::create_tables(&mut conn)?;
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
 
         let (requests, receiver) = mpsc::channel();
@@ -284,6 +285,9 @@ fn run_batch(conn: &Connection, batch: impl Iterator<Item = Request>, commits: &
         }
     }
     let wrote = conn.total_changes() != changes_before;
+    if wrote && answers.len() > 1 {
+        crate::failpoint::hit("mid-group-commit");
+    }
     let commit = conn.execute_batch("COMMIT");
     if let Err(error) = &commit {
         warn!(%error, requests = answers.len(), "the database commit failed; the batch is lost");

@@ -44,38 +44,15 @@ pub async fn run_claim_loop(ctx: Arc<Context>) {
         if shutdown.is_cancelled() {
             return;
         }
-        // Raced against shutdown: during a job-source outage a claim retries for up to its retry
-        // budget, and a stopping coordinator must not wait that out. A claim cut short may
-        // already have been applied by the source; like a claim whose reply was lost, that job
-        // stays under our lock until its lease is reclaimed (DESIGN.md section 2).
-        let assignment_id = uuid::Uuid::new_v4().to_string();
-        let wait = match ctx.agents.reserve_slot(&assignment_id, "") {
+        let Some(round) = claim_round(&ctx).await else {
+            return;
+        };
+        let wait = match round {
+            Round::AllClaimed => continue,
             // The free slot went away since it was counted; look again after a while.
-            None => ctx.config.poll_interval,
-            Some((agent_id, sender)) => {
-                let planned = PlannedAssignment {
-                    assignment_id,
-                    epoch: ctx.assignments.next_epoch(),
-                    agent_id,
-                };
-                let claimed = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    claimed = ctx.source.claim_journaled(&ctx.worker_id, ctx.config.lease_time, &planned) => claimed,
-                };
-                if let Ok(Some((job, journaled))) = claimed {
-                    dispatch(&ctx, job, planned, sender, journaled).await;
-                    continue;
-                }
-                ctx.agents
-                    .release(&planned.agent_id, &planned.assignment_id);
-                match claimed {
-                    Err(error) => {
-                        warn!(%error, source = ctx.source.kind(), "claiming a job failed; retrying after the poll interval");
-                        ctx.config.poll_interval
-                    }
-                    _ => idle_wait(&ctx).await,
-                }
-            }
+            Round::NoSlot => ctx.config.poll_interval,
+            Round::Failed => ctx.config.poll_interval,
+            Round::Drained => idle_wait(&ctx).await,
         };
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -83,6 +60,76 @@ pub async fn run_claim_loop(ctx: Arc<Context>) {
             _ = tokio::time::sleep(wait) => {}
         }
     }
+}
+
+/// How a round of claims went.
+enum Round {
+    /// Every claim of the round brought a job: claim again at once.
+    AllClaimed,
+    /// No slot could be reserved after all.
+    NoSlot,
+    /// A claim failed (the source is unreachable or refused).
+    Failed,
+    /// A claim came back empty: the queue has nothing due.
+    Drained,
+}
+
+/// Reserves as many free slots as the source takes parallel claims (at least one), claims a job
+/// for each at once (on the embedded store they share one commit), and dispatches what came.
+/// `None` when shutdown cut the claims short.
+async fn claim_round(ctx: &Arc<Context>) -> Option<Round> {
+    let wanted = ctx
+        .source
+        .parallel_claims()
+        .clamp(1, ctx.agents.free_slots().max(1) as usize);
+    let mut reserved = Vec::with_capacity(wanted);
+    for _ in 0..wanted {
+        let assignment_id = uuid::Uuid::new_v4().to_string();
+        let Some((agent_id, sender)) = ctx.agents.reserve_slot(&assignment_id, "") else {
+            break;
+        };
+        let planned = PlannedAssignment {
+            assignment_id,
+            epoch: ctx.assignments.next_epoch(),
+            agent_id,
+        };
+        reserved.push((planned, sender));
+    }
+    if reserved.is_empty() {
+        return Some(Round::NoSlot);
+    }
+    let claims = reserved.iter().map(|(planned, _)| {
+        ctx.source
+            .claim_journaled(&ctx.worker_id, ctx.config.lease_time, planned)
+    });
+    // Raced against shutdown: during a job-source outage a claim retries for up to its retry
+    // budget, and a stopping coordinator must not wait that out. A claim cut short may already
+    // have been applied by the source; like a claim whose reply was lost, that job stays under
+    // our lock until its lease is reclaimed (DESIGN.md section 2). What was claimed is
+    // dispatched whatever happens next.
+    let results = tokio::select! {
+        _ = ctx.shutdown.cancelled() => return None,
+        results = futures::future::join_all(claims) => results,
+    };
+    let mut round = Round::AllClaimed;
+    for ((planned, sender), claimed) in reserved.into_iter().zip(results) {
+        match claimed {
+            Ok(Some((job, journaled))) => dispatch(ctx, job, planned, sender, journaled).await,
+            other => {
+                ctx.agents
+                    .release(&planned.agent_id, &planned.assignment_id);
+                match other {
+                    Err(error) => {
+                        warn!(%error, source = ctx.source.kind(), "claiming a job failed; retrying after the poll interval");
+                        round = Round::Failed;
+                    }
+                    _ if !matches!(round, Round::Failed) => round = Round::Drained,
+                    _ => {}
+                }
+            }
+        }
+    }
+    Some(round)
 }
 
 /// How long to wait after an empty claim: the poll interval, or until the next retry is due.

@@ -306,10 +306,17 @@ async fn read_reports(
             }
         };
         let kind = EventKind::of(&event);
-        if let Err(error) =
-            ctx.assignments
-                .route(&assignment_id, epoch, agent_id, JobEvent::Run(event))
-        {
+        let routed = match event {
+            // Straight to the job logs: a flood of lines never queues behind the keeper's writes.
+            RunEvent::Output(lines) => ctx
+                .assignments
+                .check(&assignment_id, epoch, agent_id)
+                .map(|()| ctx.job_logs.append(&assignment_id, lines)),
+            event => ctx
+                .assignments
+                .route(&assignment_id, epoch, agent_id, JobEvent::Run(event)),
+        };
+        if let Err(error) = routed {
             match kind {
                 // Documents of a refused result: its `Finished` gets the one answer.
                 EventKind::Document => debug!(agent_id, %error, "document of a stale run ignored"),

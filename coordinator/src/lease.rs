@@ -24,6 +24,7 @@ use tracing::{debug, info, warn};
 use crate::{
     assignments::AssignmentRecord,
     context::Context,
+    job_logs::JobLogs,
     job_source::{
         is_cancel_signal, ActiveStatus, Document, FailOutcome, JobResult, JobSourceError,
         ProgressUpdate,
@@ -82,6 +83,8 @@ pub fn spawn_keeper(
         agent_gone_at: None,
         shown_step: None,
     };
+    // Before the task runs: the agent's first lines must find the run.
+    keeper.ctx.job_logs.run_started(&keeper.record);
     tokio::spawn(keeper.run(events, start))
 }
 
@@ -131,6 +134,10 @@ impl Keeper {
                 debug!(job_id = %self.record.job_id, "keeper suspended; the journal keeps the job");
             }
         }
+        self.ctx
+            .job_logs
+            .run_ended(&self.record.assignment_id)
+            .await;
         self.ctx.assignments.remove(&self.record.assignment_id);
         self.ctx
             .agents
@@ -228,7 +235,7 @@ impl Keeper {
                 None
             }
             JobEvent::Run(RunEvent::Finished(outcome)) => Some(self.finish(outcome).await),
-            // Job logs are not built yet: the contract is in place, the keeping is not.
+            // Never routed here: the gateway hands output lines to the job logs directly.
             JobEvent::Run(RunEvent::Output(_)) => None,
             JobEvent::AgentGone => {
                 warn!(job_id = %self.record.job_id, agent_id = %self.record.agent_id, "agent gone; waiting for it to re-attach");
@@ -242,6 +249,7 @@ impl Keeper {
             JobEvent::AgentBack => {
                 info!(job_id = %self.record.job_id, agent_id = %self.record.agent_id, "agent re-attached");
                 self.agent_gone_at = None;
+                JobLogs::agent_back(&self.ctx, &self.record.assignment_id);
                 None
             }
             JobEvent::AgentLostRun => {

@@ -15,11 +15,13 @@
 //! - [`assignments`]: in-flight assignments, their fencing epochs, and report routing;
 //! - [`lease`]: the lease keeper, one task per in-flight job, until its end is recorded;
 //! - [`journal`]: what a restart must not forget (assignments, undelivered results);
+//! - [`job_logs`]: the analyzer's output lines of each job, live and kept after its end;
 //! - [`database`]: the one SQLite file the journal and the embedded store share;
 //! - [`reclaimer`]: takes back expired leases on Convex (a lost claim), after refreshing ours;
 //! - [`gateway`] and [`admin`]: the gRPC services; [`auth`]: their bearer tokens;
 //! - [`source_health`]: how the job source's calls fare, and the readiness that follows;
 //! - [`metrics`]: the Prometheus registry (`METRICS_ADDR`); [`stats`]: `Admin/GetStats`;
+//! - [`failpoint`]: test-only crash points (`FONDATION_FAILPOINT`);
 //! - [`server`]: builds all of it and serves until shutdown;
 //! - `testing` (tests only): a scripted job source and a context around it, for the in-process
 //!   tests of the keeper and the dispatcher.
@@ -32,9 +34,11 @@ pub mod config;
 pub mod context;
 pub mod database;
 pub mod dispatcher;
+pub mod failpoint;
 pub mod gateway;
 pub mod github_token;
 pub mod identity;
+pub mod job_logs;
 pub mod job_source;
 pub mod journal;
 pub mod lease;

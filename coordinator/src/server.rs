@@ -23,6 +23,7 @@ use crate::{
     dispatcher,
     gateway::Gateway,
     identity,
+    job_logs::JobLogs,
     job_source::{
         convex::{ConvexConfig, ConvexSource},
         embedded_store::{EmbeddedOptions, EmbeddedStore},
@@ -121,6 +122,7 @@ pub async fn run(
         metrics.source(),
         source_health.clone(),
     ));
+    let job_logs = JobLogs::new(db.clone());
     let journal = Journal::new(db);
     let metrics_listener =
         metrics_endpoint::bind(&config.metrics_addr, config.metrics_address_file.as_deref())
@@ -145,6 +147,7 @@ pub async fn run(
         agents: AgentRegistry::default(),
         journal,
         assignments: AssignmentTable::default(),
+        job_logs,
         wake_claimer: tokio::sync::Notify::new(),
         shutdown: shutdown.clone(),
         sessions_closed: CancellationToken::new(),

@@ -66,6 +66,8 @@ pub struct FakeSource {
     pub claims: Mutex<VecDeque<ClaimedJob>>,
     /// `claim` never answers (a job source in an outage, retrying within its budget).
     pub claims_hang: std::sync::atomic::AtomicBool,
+    /// What `parallel_claims` answers (1 when 0, the trait's default).
+    pub parallel_claims: std::sync::atomic::AtomicUsize,
     pub heartbeat_replies: Mutex<VecDeque<Result<()>>>,
     pub complete_replies: Mutex<VecDeque<Result<()>>>,
     pub fail_replies: Mutex<VecDeque<Result<FailOutcome>>>,
@@ -91,6 +93,12 @@ impl FakeSource {
 impl JobSource for FakeSource {
     fn kind(&self) -> &'static str {
         "fake"
+    }
+
+    fn parallel_claims(&self) -> usize {
+        self.parallel_claims
+            .load(std::sync::atomic::Ordering::SeqCst)
+            .max(1)
     }
 
     async fn claim(&self, _worker_id: &str, _lease: Duration) -> Result<Option<ClaimedJob>> {
@@ -222,9 +230,9 @@ impl Harness {
             .config;
         configure(&mut config);
         let data_dir = tempfile::tempdir().expect("a temporary folder");
-        let journal = Journal::new(
-            crate::database::Database::open(data_dir.path()).expect("the database opens"),
-        );
+        let db = crate::database::Database::open(data_dir.path()).expect("the database opens");
+        let job_logs = crate::job_logs::JobLogs::new(db.clone());
+        let journal = Journal::new(db);
         let (calls_tx, calls) = mpsc::unbounded_channel();
         let source = Arc::new(FakeSource::default());
         *source.calls.lock().unwrap() = Some(calls_tx);
@@ -242,6 +250,7 @@ impl Harness {
             agents: AgentRegistry::default(),
             journal,
             assignments: AssignmentTable::default(),
+            job_logs,
             wake_claimer: Notify::new(),
             shutdown: CancellationToken::new(),
             sessions_closed: CancellationToken::new(),

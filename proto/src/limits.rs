@@ -156,6 +156,39 @@ pub const MAX_OUTPUT_LINE_BYTES: usize = 4 * KIB;
 /// under 1 MiB, far below [`MAX_AGENT_INBOUND_MESSAGE_BYTES`].
 pub const MAX_OUTPUT_LINES_PER_MESSAGE: usize = 200;
 
+// ---- Job logs (the analyzer's output, kept for GetJobLogs) ----
+
+/// Lines of a run's output the agent keeps: while nobody follows the run, and for the tail it
+/// sends before the run's end. Enough for the last minutes of a chatty analyzer, the part an
+/// operator reads when a job fails, while a flooding analyzer costs each slot a fixed amount.
+pub const OUTPUT_TAIL_LINES: usize = 1000;
+
+/// Bytes of text in that tail: long lines fill it before the line count does (1000 lines of
+/// [`MAX_OUTPUT_LINE_BYTES`] would be 4 MiB per slot, and as much in the coordinator per job).
+pub const OUTPUT_TAIL_BYTES: usize = 256 * KIB;
+
+/// Lines of one job's output the coordinator keeps, while it runs and after it ended (all its
+/// attempts together): the agent's whole tail fits.
+pub const JOB_LOG_LINES: usize = OUTPUT_TAIL_LINES;
+
+/// Bytes of text of one job's kept lines.
+pub const JOB_LOG_BYTES: usize = OUTPUT_TAIL_BYTES;
+
+/// Bytes of the kept lines of all finished jobs together, as stored in the coordinator's
+/// database in `DATA_DIR`; past it the lines of the jobs that ended first go. 256 jobs' full
+/// tails: the logs never crowd out the journal and the job store on the volume.
+pub const JOB_LOGS_TOTAL_BYTES: usize = 64 * MIB;
+
+/// Finished jobs whose lines are kept, however small: bounds the rows the eviction looks at
+/// after every job's end.
+pub const JOB_LOGS_MAX_JOBS: usize = 5000;
+
+/// `GetJobLogs` lines returned first when the request leaves `tail` at 0.
+pub const DEFAULT_LOG_TAIL: u32 = 100;
+
+/// The largest `tail` honoured: everything kept of a job.
+pub const MAX_LOG_TAIL: u32 = JOB_LOG_LINES as u32;
+
 // ---- Agents and the Admin API ----
 
 /// Slots one agent may announce (`MAX_CONCURRENT_JOBS`): each slot is a CLI process of tens of

@@ -4,11 +4,14 @@
 //! Layout: `jobs` (latency and throughput, system and baseline interleaved), `direct` (their
 //! baseline: clone, fixture CLI and reading its output as plain child processes), `system` (the
 //! same jobs through a coordinator and agents started as processes), `micro` (progress parsing
-//! and collection, in-process), and here the settings, statistics, peak RSS and the report.
+//! and collection, in-process), `scale` (a coordinator process with up to 1,000 simulated
+//! agents: memory, CPU, assignment latency, zero-work throughput, job-source calls), and here the
+//! settings, statistics, peak RSS and the report.
 
 mod direct;
 mod jobs;
 mod micro;
+pub mod scale;
 mod system;
 
 use std::{

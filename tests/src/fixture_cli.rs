@@ -313,8 +313,14 @@ fn analyze(args: &AnalyzeArgs, config: &RunConfig<'_>) -> u8 {
         return 1;
     }
 
+    for text in &directives.say {
+        console.plain(text);
+    }
     let mut flood_line = 0;
     for step in 1..=STEP_MESSAGES.len() {
+        if let Some(gate) = &directives.gate {
+            wait_at_gate(Path::new(gate), step, &console);
+        }
         if delay > 0 {
             std::thread::sleep(Duration::from_millis(delay));
         }
@@ -325,6 +331,9 @@ fn analyze(args: &AnalyzeArgs, config: &RunConfig<'_>) -> u8 {
         for _ in 0..flood_share(directives.flood, step) {
             flood_line += 1;
             console.info(&format!("processing file {flood_line}"));
+        }
+        for line in 1..=directives.numbered {
+            console.info(&numbered_line(step, line));
         }
         if directives.hang {
             loop {
@@ -352,6 +361,37 @@ fn analyze(args: &AnalyzeArgs, config: &RunConfig<'_>) -> u8 {
     }
     console.info(COMPLETE_MESSAGE);
     directives.exit_code.unwrap_or(0)
+}
+
+/// The text of numbered line `line` of step `step` (the `numbered=` directive).
+pub fn numbered_line(step: usize, line: u64) -> String {
+    format!("fixture line {step}.{line}")
+}
+
+/// What the run says on stderr when step `step` waits at its gate.
+pub fn gate_note(step: usize) -> String {
+    format!("fixture: step {step} waits at the gate")
+}
+
+/// How often a closed gate is looked at.
+const GATE_POLL: Duration = Duration::from_millis(20);
+
+/// Waits until the gate file says at least `step` (the `gate=` directive); says so on stderr
+/// when it has to wait.
+fn wait_at_gate(gate: &Path, step: usize, console: &Console) {
+    let open = || {
+        fs::read_to_string(gate)
+            .ok()
+            .and_then(|text| text.trim().parse::<usize>().ok())
+            .is_some_and(|allowed| allowed >= step)
+    };
+    if open() {
+        return;
+    }
+    console.note(&gate_note(step));
+    while !open() {
+        std::thread::sleep(GATE_POLL);
+    }
 }
 
 /// Proof that the clone happened: an existing directory holding `.git`.

@@ -416,6 +416,23 @@ async fn compose_cluster_builds_offline_scales_and_survives_kills_and_restarts()
         listed, all_agents,
         "ListAgents shows the 6 agent containers"
     );
+    // The operators' command ships in the coordinator's image and reads its settings.
+    let shown = cluster.project.must(&[
+        "exec",
+        "-T",
+        "coordinator",
+        "fondation",
+        "--output",
+        "json",
+        "agents",
+    ]);
+    let shown: serde_json::Value = serde_json::from_str(shown.trim())
+        .unwrap_or_else(|e| panic!("`fondation agents` printed {shown:?}: {e}"));
+    assert_eq!(
+        shown["agents"].as_array().map(Vec::len),
+        Some(6),
+        "`fondation agents` in the coordinator's container: {shown}"
+    );
     let addr = cluster.coordinator_addr().expect("the coordinator's port");
     let health = grpcurl::call(&addr, "grpc.health.v1.Health/Check", None).unwrap();
     assert_eq!(health["status"], "SERVING", "{health}");

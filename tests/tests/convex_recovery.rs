@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use fondation_coordinator::job_source::convex::{FAILPOINT_ENV, FAILPOINT_EXIT_CODE};
+use fondation_coordinator::failpoint::{FAILPOINT_ENV, FAILPOINT_EXIT_CODE};
 use fondation_testkit::{
     fake_convex::{CallOutcome, CallRecord, FakeConvexClient, FakeOptions, FaultKind, FaultSpec},
     support::{

@@ -4,7 +4,10 @@ use std::time::Duration;
 
 use clap::Parser;
 use fondation_proto::{
-    model::{Assignment, Drain, FromAgent, ResultAck, RunEvent, RunOutcome, RunReport, ToAgent},
+    model::{
+        Assignment, Drain, FollowOutput, FromAgent, OutputStream, ResultAck, RunEvent, RunOutcome,
+        RunReport, ToAgent,
+    },
     pb,
 };
 use tokio::{sync::mpsc, task::JoinHandle, time::Instant};
@@ -12,10 +15,12 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
-use super::{Agent, SessionEnd, Shutdown};
+use super::{Agent, RunEntry, SessionEnd, Shutdown, OUTPUT_MESSAGES_QUEUED};
 use crate::{
     analyzer::CommandTemplate,
     config::Cli,
+    output_tail::OutputTail,
+    redact::Redactor,
     runner::RunnerContext,
     sandbox::{EnvAllowlist, IsolationMode, Sandbox},
 };
@@ -233,4 +238,155 @@ async fn a_drained_agent_with_nothing_running_ends_its_session_cleanly() {
         .expect("the session ends")
         .expect("no panic");
     assert!(matches!(end, SessionEnd::Done));
+}
+
+/// A run of the agent that prints what the test pushes into its tail; no runner behind it.
+fn printing_run(agent: &mut Agent, assignment_id: &str) -> OutputTail {
+    let output = OutputTail::new(Redactor::default(), agent.output_ready.clone());
+    agent.runs.insert(
+        assignment_id.into(),
+        RunEntry {
+            job_id: "job-1".into(),
+            epoch: 42,
+            cancel: CancellationToken::new(),
+            result: None,
+            partial: Vec::new(),
+            timer: agent.ctx.metrics.run_started(),
+            output: output.clone(),
+        },
+    );
+    output
+}
+
+fn print(output: &OutputTail, lines: std::ops::Range<u64>) {
+    for n in lines {
+        output.push(OutputStream::Stdout, &format!("line {n}"));
+    }
+}
+
+fn follow(assignment_id: &str, follow: bool) -> ToAgent {
+    ToAgent::FollowOutput(FollowOutput {
+        assignment_id: assignment_id.into(),
+        epoch: 42,
+        follow,
+    })
+}
+
+/// The `seq`s of an `Output` report.
+fn output_seqs(report: &RunReport) -> Vec<u64> {
+    match &report.event {
+        RunEvent::Output(lines) => lines.iter().map(|line| line.seq).collect(),
+        other => panic!("expected output lines, got {other:?}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn output_goes_up_while_followed_and_the_rest_before_the_runs_end() {
+    let workspace = tempfile::tempdir().unwrap();
+    let mut agent = agent(workspace.path()).await;
+    let output = printing_run(&mut agent, "as-1");
+    let reports = agent.reports_tx.clone();
+    print(&output, 0..3);
+    let mut session = serve(agent, Shutdown::default());
+    // Two heartbeats and nothing else: lines stay on the agent while nobody follows.
+    for _ in 0..2 {
+        let message = session.next("a heartbeat").await;
+        assert!(
+            matches!(message, FromAgent::Heartbeat { .. }),
+            "{message:?}"
+        );
+    }
+
+    // Followed: the kept tail first, then new lines, at most 200 to a message.
+    session.send(follow("as-1", true)).await;
+    let tail = session.next_report("the kept tail").await;
+    assert_eq!(output_seqs(&tail), [0, 1, 2]);
+    print(&output, 3..253);
+    let mut seen = Vec::new();
+    while seen.len() < 250 {
+        let batch = output_seqs(&session.next_report("new lines").await);
+        assert!(batch.len() <= 200, "{} lines in one message", batch.len());
+        seen.extend(batch);
+    }
+    assert_eq!(seen, (3..253).collect::<Vec<_>>());
+
+    // Not followed any more: the last lines go once, right before the run's end.
+    session.send(follow("as-1", false)).await;
+    print(&output, 253..255);
+    reports
+        .send(RunReport {
+            assignment_id: "as-1".into(),
+            epoch: 42,
+            event: RunEvent::Finished(RunOutcome::Succeeded {
+                document_count: 0,
+                message: "done".into(),
+            }),
+        })
+        .expect("the session takes reports");
+    let last = session.next_report("the unsent tail").await;
+    assert_eq!(output_seqs(&last), [253, 254]);
+    let finished = session.next_report("the end").await;
+    assert!(matches!(finished.event, RunEvent::Finished(_)));
+
+    // Held with the result: a new session sends both again, in order.
+    let agent = session.lose().await;
+    let held = agent.held_results();
+    assert_eq!(held.len(), 2);
+    assert_eq!(held[0], last);
+    assert_eq!(held[1], finished);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_flood_the_stream_cannot_take_is_dropped_not_queued() {
+    let workspace = tempfile::tempdir().unwrap();
+    let mut agent = agent(workspace.path()).await;
+    let output = printing_run(&mut agent, "as-1");
+    let mut session = serve(agent, Shutdown::default());
+    session.send(follow("as-1", true)).await;
+    // Two floods while nobody reads the stream.
+    const FLOOD: u64 = 5000;
+    print(&output, 0..FLOOD);
+    tokio::time::sleep(HEARTBEAT * 3).await;
+    print(&output, FLOOD..2 * FLOOD);
+    tokio::time::sleep(HEARTBEAT * 3).await;
+    let mut queued = Vec::new();
+    while let Ok(message) = session.up.try_recv() {
+        queued.push(FromAgent::try_from(message).expect("valid"));
+    }
+    let outputs: Vec<Vec<u64>> = queued
+        .iter()
+        .filter_map(|message| match message {
+            FromAgent::Report(report) => Some(output_seqs(report)),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        outputs.len() <= OUTPUT_MESSAGES_QUEUED + 1,
+        "{} output messages queued while the stream was stuck",
+        outputs.len()
+    );
+    // Reading again: the lines the tail still has come, in order; the rest is a gap.
+    let mut seen: Vec<u64> = outputs.into_iter().flatten().collect();
+    while seen.last() != Some(&(2 * FLOOD - 1)) {
+        seen.extend(output_seqs(
+            &session.next_report("the rest of the tail").await,
+        ));
+    }
+    assert!(
+        seen.windows(2).all(|pair| pair[0] < pair[1]),
+        "in order, each once"
+    );
+    let tail = fondation_proto::limits::OUTPUT_TAIL_LINES;
+    assert!(
+        seen.len() <= 2 * tail,
+        "{} lines arrived of {}: the tail bounds what is held",
+        seen.len(),
+        2 * FLOOD
+    );
+    assert_eq!(
+        seen[seen.len() - tail..],
+        (2 * FLOOD - tail as u64..2 * FLOOD).collect::<Vec<_>>(),
+        "the last lines all arrive"
+    );
+    session.lose().await;
 }

@@ -107,3 +107,29 @@ async fn a_job_failing_its_checks_is_refused_without_an_assignment() {
     assert_eq!(harness.ctx.agents.free_slots(), 1);
     stopped(&harness, handle, "after a refusal").await;
 }
+
+/// A source that batches claims (the embedded store: one commit for all) gets as many claims at
+/// once as slots are free, up to what it takes; one that does not gets them one at a time.
+#[tokio::test(start_paused = true)]
+async fn free_slots_are_claimed_for_together_when_the_source_batches_claims() {
+    for (parallel, expected) in [(1, 1), (3, 3), (8, 4)] {
+        let mut harness = Harness::new(|_| {});
+        harness.source.claims_hang.store(true, Ordering::SeqCst);
+        harness
+            .source
+            .parallel_claims
+            .store(parallel, Ordering::SeqCst);
+        let _agent = harness.connect_agent("agent-1", 4);
+        let handle = start(&harness);
+        let (first, call) = harness.next_call("the first claim").await;
+        assert_eq!(call, Call::Claim);
+        // The claims hang: every claim of the round is in flight now, and no other comes.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let in_flight = 1 + claims(&harness.pending_calls());
+        assert_eq!(
+            in_flight, expected,
+            "{parallel} parallel claims with 4 free slots (first at {first:?})"
+        );
+        stopped(&harness, handle, "hanging claims").await;
+    }
+}

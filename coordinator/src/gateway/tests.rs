@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use fondation_proto::{
-    model::{FromAgent, Hello, ToAgent},
+    model::{FromAgent, Hello, OutputLine, OutputStream, RunEvent, RunReport, ToAgent},
     pb::{
         self, agent_gateway_client::AgentGatewayClient, agent_gateway_server::AgentGatewayServer,
     },
@@ -169,4 +169,54 @@ async fn another_instance_is_refused_and_the_same_instance_replaces_its_session(
     let (_tx, slots) = open(&harness, hello_of("instance-1", 65)).await;
     let status = slots.expect_err("more slots than MAX_AGENT_SLOTS");
     assert!(status.message().contains("MAX_AGENT_SLOTS"), "{status:?}");
+}
+
+#[tokio::test]
+async fn output_lines_go_to_the_job_logs_and_a_stale_runs_are_refused() {
+    let harness = Harness::new(|_| {});
+    let ctx = &harness.ctx;
+    let (tx, inbound) = open(&harness, hello()).await;
+    let mut inbound = inbound.expect("the session opens");
+    welcomed(&mut inbound).await;
+    let record = crate::assignments::AssignmentRecord {
+        assignment_id: "as-1".into(),
+        job_id: "job-1".into(),
+        epoch: 5,
+        attempt: 1,
+        agent_id: "agent-1".into(),
+    };
+    let (events, _events_rx) = mpsc::unbounded_channel();
+    ctx.assignments.insert(record.clone(), events);
+    ctx.job_logs.run_started(&record);
+
+    let output = |epoch: u64, text: &str| -> pb::AgentMessage {
+        FromAgent::Report(RunReport {
+            assignment_id: "as-1".into(),
+            epoch,
+            event: RunEvent::Output(vec![OutputLine {
+                seq: 0,
+                stream: OutputStream::Stdout,
+                text: text.into(),
+            }]),
+        })
+        .into()
+    };
+    tx.send(output(5, "kept")).await.expect("queued");
+    // A stale epoch is refused like any other report: the agent is told to stop that run.
+    tx.send(output(4, "stale")).await.expect("queued");
+    let refusal = tokio::time::timeout(DEADLINE, inbound.message())
+        .await
+        .expect("an answer within 10 s")
+        .expect("no error")
+        .expect("a message");
+    assert!(
+        matches!(ToAgent::try_from(refusal), Ok(ToAgent::Cancel(cancel)) if cancel.assignment_id == "as-1"),
+        "a stale run's lines are refused"
+    );
+    // Reports are handled in order: the first was kept before the refusal went out.
+    let logs = crate::job_logs::JobLogs::read(ctx, "job-1", 10, false)
+        .await
+        .expect("read");
+    let texts: Vec<&str> = logs.lines.iter().map(|line| line.text.as_str()).collect();
+    assert_eq!(texts, ["kept"]);
 }

@@ -39,6 +39,11 @@ use super::{
 const SCHEMA_VERSION: i64 = 1;
 
 /// Convex id alphabet: lowercase Crockford base32 (no i, l, o, u).
+/// Claims the dispatcher may have in flight at once on this store: enough to fill a burst of
+/// free slots in one commit, few enough that a batch stays a fraction of the database thread's
+/// `MAX_BATCH`.
+const PARALLEL_CLAIMS: usize = 16;
+
 const ID_ALPHABET: &[u8; 32] = b"0123456789abcdefghjkmnpqrstvwxyz";
 const ID_LENGTH: usize = 32;
 
@@ -206,6 +211,12 @@ impl JobSource for EmbeddedStore {
 
     fn kind(&self) -> &'static str {
         "embedded"
+    }
+
+    /// Concurrent claims share the database thread's transaction: several free slots cost one
+    /// commit, not one each.
+    fn parallel_claims(&self) -> usize {
+        PARALLEL_CLAIMS
     }
 
     async fn claim(&self, worker_id: &str, lease: Duration) -> Result<Option<ClaimedJob>> {

@@ -285,6 +285,14 @@ pub trait JobSource: Send + Sync + 'static {
     /// Short name for logs and health ("embedded", "convex").
     fn kind(&self) -> &'static str;
 
+    /// How many claims the dispatcher may have in flight at once when that many slots are free.
+    /// A source in the coordinator's own database answers concurrent claims in one transaction
+    /// (one commit for all of them); a remote source gains nothing from parallel claims that
+    /// mostly come back empty, so the default is one.
+    fn parallel_claims(&self) -> usize {
+        1
+    }
+
     /// Claims the oldest due pending job, leasing it to `worker_id` for `lease`.
     async fn claim(&self, worker_id: &str, lease: Duration) -> Result<Option<ClaimedJob>>;
 

@@ -66,8 +66,13 @@ impl Args {
 }
 
 fn main() -> ExitCode {
-    let settings = Args::parse().settings();
-    match run(settings) {
+    let args = Args::parse();
+    let scale = if args.quick {
+        bench::scale::ScaleSettings::QUICK
+    } else {
+        bench::scale::ScaleSettings::FULL
+    };
+    match run(args.settings(), scale) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("fondation-bench: {error:#}");
@@ -76,7 +81,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(settings: Settings) -> anyhow::Result<()> {
+fn run(settings: Settings, scale: bench::scale::ScaleSettings) -> anyhow::Result<()> {
     let bin_dir = check_prerequisites()?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let started = Instant::now();
@@ -159,7 +164,13 @@ fn run(settings: Settings) -> anyhow::Result<()> {
         load_before,
         bench::load_average()
     );
+    eprintln!(
+        "[scale] up to {} simulated agents",
+        scale.fleets.last().copied().unwrap_or(0)
+    );
+    let scale_rows = runtime.block_on(bench::scale::run(scale))?;
     println!("{}", bench::render(&title, &comparisons, &memory));
+    println!("{}", bench::scale::render(&scale_rows));
     eprintln!("done in {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
 }

@@ -1,5 +1,7 @@
 //! The README's first command: a coordinator and two agents on the embedded store, in one process,
-//! run one job on a demo repository to completion, showing its progress and its documents.
+//! run one job on a demo repository to completion, showing its progress (the `fondation`
+//! command's progress bar on a terminal) and its documents. `RUST_LOG=info` adds the processes'
+//! logs.
 //!
 //! The fixture CLI stands in for the real analyzer (which needs Node and Claude credentials):
 //! this binary runs it itself when invoked as `fondation-demo analyze ...`.
@@ -8,7 +10,11 @@ use std::{process::ExitCode, time::Duration};
 
 use anyhow::{bail, Context as _};
 use clap::Parser;
-use fondation_proto::pb::{self, admin_client::AdminClient};
+use fondation_cli::{
+    args::{ConnectionArgs, OutputFormat},
+    connection, follow,
+};
+use fondation_proto::pb;
 use fondation_testkit::{fixture_cli, support::git::GitFixture};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -25,7 +31,11 @@ fn main() -> anyhow::Result<ExitCode> {
 }
 
 async fn demo() -> anyhow::Result<ExitCode> {
-    fondation_runtime::logging::init(fondation_runtime::logging::LogFormat::Plain);
+    // Errors only unless asked: the terminal is the progress bar's.
+    fondation_runtime::logging::init_with_default(
+        fondation_runtime::logging::LogFormat::Plain,
+        "error",
+    );
     let root = tempfile::tempdir().context("creating a temp folder for the demo")?;
     // Analyzers run as slot users when the demo runs as root: they pass through this folder.
     std::fs::set_permissions(
@@ -96,7 +106,8 @@ async fn demo() -> anyhow::Result<ExitCode> {
         )));
     }
 
-    let mut admin = connect(&coordinator_url).await?;
+    let connection = ConnectionArgs::plain(&coordinator_url);
+    let mut admin = connection::connect(&connection).await?;
     // Agents connect within a moment; wait for them so the job starts at once.
     for _ in 0..100 {
         let connected = admin
@@ -120,36 +131,15 @@ async fn demo() -> anyhow::Result<ExitCode> {
         .into_inner()
         .job_id;
     println!("submitted job {job_id} for {}", repo.url);
-
-    let mut last = String::new();
-    let job = loop {
-        let job = admin
-            .get_job(pb::GetJobRequest {
-                job_id: job_id.clone(),
-                include_content: false,
-            })
-            .await?
-            .into_inner();
-        let line = format!(
-            "  {:<10} step {}/6  {}{}",
-            job.status,
-            job.current_step,
-            job.progress,
-            if job.agent_id.is_empty() {
-                String::new()
-            } else {
-                format!("  (on {})", job.agent_id)
-            }
-        );
-        if line != last {
-            println!("{line}");
-            last = line;
-        }
-        if ["completed", "failed", "dead", "canceled"].contains(&job.status.as_str()) {
-            break job;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    // The job's error, when it fails, is printed below with the rest.
+    let _ = follow::follow_job(&mut admin, &coordinator_url, &job_id, OutputFormat::Text).await;
+    let job = admin
+        .get_job(pb::GetJobRequest {
+            job_id: job_id.clone(),
+            include_content: false,
+        })
+        .await?
+        .into_inner();
 
     println!(
         "\njob {} is {} after {} attempt(s)",
@@ -177,14 +167,4 @@ async fn demo() -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
-}
-
-async fn connect(url: &str) -> anyhow::Result<AdminClient<tonic::transport::Channel>> {
-    for _ in 0..50 {
-        if let Ok(client) = AdminClient::connect(url.to_string()).await {
-            return Ok(client);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    bail!("the coordinator at {url} did not come up")
 }

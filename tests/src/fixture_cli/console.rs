@@ -104,6 +104,16 @@ impl Console {
         self.stderr(b"warning: \xff\xfe invalid bytes on stderr");
     }
 
+    /// A line printed as given on stdout, whatever the format.
+    pub(super) fn plain(&self, text: &str) {
+        self.stdout(text.as_bytes());
+    }
+
+    /// A note on stderr, whatever the format.
+    pub(super) fn note(&self, text: &str) {
+        self.stderr(text.as_bytes());
+    }
+
     /// The `level` value, as JSON, of this format's lines.
     fn level(&self, level: Level) -> &'static str {
         match (self.format, level) {

@@ -67,6 +67,13 @@ pub struct Directives {
     pub escape: Option<String>,
     /// Print error lines that would forge a log line if logged raw, then fail.
     pub forge_log: bool,
+    /// Lines printed as given on stdout before step 1 (`say=<text>`, repeatable).
+    pub say: Vec<String>,
+    /// Numbered lines (`fixture line <step>.<n>`) printed at each step.
+    pub numbered: u64,
+    /// A file holding a step number: each step waits until the file says at least its number
+    /// (missing or unreadable: 0), so a test can hold the run between steps.
+    pub gate: Option<String>,
 }
 
 /// A directive that could not be understood.
@@ -129,6 +136,9 @@ impl Directives {
             ("probe", secret) => self.probe = Some(secret.map(str::to_owned)),
             ("escape", Some(marker)) if !marker.is_empty() => self.escape = Some(marker.to_owned()),
             ("forge-log", None) => self.forge_log = true,
+            ("say", Some(text)) => self.say.push(text.to_owned()),
+            ("numbered", Some(value)) => self.numbered = number(token, value)?,
+            ("gate", Some(path)) if !path.is_empty() => self.gate = Some(path.to_owned()),
             _ => {
                 return Err(DirectiveError(format!(
                     "unknown fixture directive {token:?}"
@@ -178,6 +188,20 @@ mod tests {
         assert_eq!(directives.format, Format::Bracket);
         assert_eq!(directives.slow_ms, Some(5));
         assert!(directives.symlink && directives.fail);
+    }
+
+    #[test]
+    fn say_repeats_and_numbered_and_gate_take_values() {
+        let directives = Directives::collect(
+            Some("numbered=3"),
+            Some("fixture:say=one fixture:say=two fixture:gate=/tmp/gate"),
+        )
+        .expect("valid directives");
+        assert_eq!(directives.say, ["one", "two"]);
+        assert_eq!(directives.numbered, 3);
+        assert_eq!(directives.gate.as_deref(), Some("/tmp/gate"));
+        assert!(Directives::collect(None, Some("fixture:gate=")).is_err());
+        assert!(Directives::collect(None, Some("fixture:numbered=x")).is_err());
     }
 
     #[test]

@@ -69,13 +69,6 @@ use super::{
     JobStatus, JobView, NewJob, ProgressUpdate, ReclaimCounts, RepoTarget, Result,
 };
 
-/// The environment variable naming a test-only crash point (`after-claim`: exit right after a
-/// `queue:claimOne` reply, before anything is journaled).
-pub const FAILPOINT_ENV: &str = "FONDATION_FAILPOINT";
-
-/// Exit status of a process stopped at a failpoint.
-pub const FAILPOINT_EXIT_CODE: i32 = 86;
-
 /// Where a repository is cloned from, `{fullName}` being the repository document's `owner/name`.
 pub const DEFAULT_CLONE_URL_TEMPLATE: &str = "https://github.com/{fullName}.git";
 
@@ -427,7 +420,7 @@ impl JobSource for ConvexSource {
         match self.client.call::<ClaimOne>(&args).await {
             Ok(None) => Ok(None),
             Ok(Some(raw)) => {
-                failpoint("after-claim");
+                crate::failpoint::hit("after-claim");
                 self.claimed_job(raw).await.map(Some)
             }
             Err(error @ CallError::Ambiguous { .. }) => {
@@ -702,15 +695,6 @@ fn writable(doc: &JobDoc, worker_id: &str) -> Result<()> {
         return Err(not_owned(&doc.id, worker_id));
     }
     Ok(())
-}
-
-/// Test-only crash points: when `FONDATION_FAILPOINT` names this point, the process exits at
-/// once, as a crash would (no clean-up, no journal entry). Unset in production.
-fn failpoint(name: &str) {
-    if std::env::var(FAILPOINT_ENV).is_ok_and(|value| value == name) {
-        eprintln!("failpoint {name}: exiting");
-        std::process::exit(FAILPOINT_EXIT_CODE);
-    }
 }
 
 fn not_owned(job_id: &str, worker_id: &str) -> JobSourceError {
