@@ -62,6 +62,14 @@ pub struct AgentConfig {
     #[arg(long, env = "ADDRESS_FILE")]
     pub address_file: Option<PathBuf>,
 
+    /// Address of the Prometheus `/metrics` endpoint (plain HTTP); off when empty.
+    #[arg(long, env = "METRICS_ADDR", default_value = "")]
+    pub metrics_addr: String,
+
+    /// File to write the bound METRICS_ADDR to once listening (useful with port 0).
+    #[arg(long, env = "METRICS_ADDRESS_FILE")]
+    pub metrics_address_file: Option<PathBuf>,
+
     /// Jobs this agent runs at once.
     #[arg(long, env = "MAX_CONCURRENT_JOBS", default_value = "1")]
     pub max_concurrent_jobs: u32,

@@ -12,13 +12,15 @@
 //!   [`redact`] taking the secrets out of them;
 //! - [`sandbox`]: the analyzer's environment allow-list, per-slot users and process sweep;
 //! - [`self_check`]: what every job needs, checked before taking work and after agent failures;
-//! - [`health`]: the agent's own gRPC health service.
+//! - [`health`]: the agent's own gRPC health service;
+//! - [`metrics`]: the agent's Prometheus registry (`METRICS_ADDR`) and each run's timer.
 
 pub mod analyzer;
 pub mod clone;
 pub mod collector;
 pub mod config;
 pub mod health;
+pub mod metrics;
 pub mod output_tail;
 pub mod process;
 pub mod progress;
@@ -45,6 +47,8 @@ pub enum AgentError {
     Sandbox(#[from] sandbox::SandboxError),
     #[error(transparent)]
     Serving(#[from] fondation_runtime::serving::ServingError),
+    #[error(transparent)]
+    Listen(#[from] fondation_runtime::listener::ListenError),
 }
 
 /// Runs the agent until `shutdown.drain` is cancelled and its jobs have ended, or were handed back
@@ -68,8 +72,22 @@ pub async fn run(
     )?;
     // A previous instance may have been killed with its analyzers running: none may go on.
     sandbox.sweep_all().await;
+    let metrics_listener = fondation_runtime::metrics::bind(
+        &config.metrics_addr,
+        config.metrics_address_file.as_deref(),
+    )
+    .await?;
     let stop_health = CancellationToken::new();
     let (health, health_task) = health::serve(health_listener, stop_health.clone()).await?;
+    let metrics = metrics::AgentMetrics::new(config.max_concurrent_jobs);
+    // Served until the very end, like health: a draining agent's last runs are still counted.
+    let metrics_task = metrics_listener.map(|listener| {
+        tokio::spawn(fondation_runtime::metrics::serve(
+            listener,
+            metrics.clone(),
+            stop_health.clone().cancelled_owned(),
+        ))
+    });
     tracing::info!(agent_id = %checked.agent_id, coordinator = %config.coordinator_url, slots = config.max_concurrent_jobs, "agent starting");
     let check = self_check::SelfCheck {
         workspace_root: workspace_root.clone(),
@@ -94,6 +112,7 @@ pub async fn run(
         allowlist: checked.allowlist,
         template: checked.template,
         sandbox,
+        metrics,
     });
     let grace = ctx.config.shutdown_grace;
     let grace_timer = {
@@ -112,6 +131,11 @@ pub async fn run(
     grace_timer.abort();
     stop_health.cancel();
     let _ = health_task.await;
+    if let Some(task) = metrics_task {
+        if let Ok(Err(error)) = task.await {
+            tracing::warn!(%error, "the metrics endpoint failed");
+        }
+    }
     let _ = checker.await;
     Ok(())
 }

@@ -20,6 +20,7 @@ use crate::{
     clone::{clone_repo, CloneError, CloneSpec},
     collector::{self, CollectLimits, CollectedDocument},
     config::AgentConfig,
+    metrics::AgentMetrics,
     output_tail::OutputTail,
     process::{self, ExitStatusKind, OutputLine, ProcessEnd, ProcessError, ProcessSpec},
     progress::{self, TOTAL_STEPS},
@@ -57,6 +58,7 @@ pub struct RunnerContext {
     pub template: CommandTemplate,
     /// The analyzer's environment, slot users and sweeps.
     pub sandbox: Sandbox,
+    pub metrics: Arc<AgentMetrics>,
 }
 
 /// Why a run failed.
@@ -360,6 +362,7 @@ async fn analyze(
         tracker.on_output_evidence(step, reporter);
     }
 
+    ctx.metrics.analyzer_ended(&end);
     let end = end.map_err(|e| match e {
         // Nothing of the job ran: the program or its working folder is missing on this agent.
         ProcessError::EmptyArgv | ProcessError::Workdir { .. } | ProcessError::Spawn { .. } => {

@@ -27,6 +27,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::{
     health::HealthState,
+    metrics::RunTimer,
     output_tail::OutputTail,
     redact::Redactor,
     runner::{run_assignment, RunnerContext},
@@ -72,6 +73,8 @@ struct RunEntry {
     /// Documents (and the last output lines) reported so far, collected into `result` when
     /// `Finished` arrives.
     partial: Vec<RunReport>,
+    /// Times the run's phases for the metrics.
+    timer: RunTimer,
     /// The analyzer's output lines, sent while the coordinator follows the run and before its end.
     output: OutputTail,
 }
@@ -173,6 +176,7 @@ impl Agent {
                 Ok((outbound, inbound, heartbeat)) => {
                     backoff = self.backoff();
                     self.health.set_connected(true).await;
+                    let _session = self.ctx.metrics.session_opened();
                     let end = self.serve(outbound, inbound, heartbeat, &shutdown).await;
                     self.health.set_connected(false).await;
                     offline_since = tokio::time::Instant::now();
@@ -485,7 +489,8 @@ impl Agent {
                 None => debug!(assignment_id = %cancel.assignment_id, "cancel for an unknown run"),
             },
             ToAgent::ResultAck(ack) => {
-                if let Some(run) = self.runs.remove(&ack.assignment_id) {
+                if let Some(mut run) = self.runs.remove(&ack.assignment_id) {
+                    run.timer.acknowledged();
                     run.cancel.cancel();
                     if ack.accepted {
                         info!(job_id = %run.job_id, "result acknowledged");
@@ -563,6 +568,7 @@ impl Agent {
                 cancel: cancel.clone(),
                 result: None,
                 partial: Vec::new(),
+                timer: self.ctx.metrics.run_started(),
                 output: output.clone(),
             },
         );
@@ -627,6 +633,7 @@ impl Agent {
         let Some(run) = self.runs.get_mut(&report.assignment_id) else {
             return;
         };
+        run.timer.observe(&report.event);
         match &report.event {
             RunEvent::Document { .. } | RunEvent::Output(_) => run.partial.push(report.clone()),
             RunEvent::Finished(outcome) => {

@@ -414,9 +414,7 @@ impl pb::admin_server::Admin for Admin {
         request: Request<pb::GetStatsRequest>,
     ) -> Result<Response<pb::Stats>, Status> {
         self.authorize(&request, Access::Read)?;
-        Err(Status::unimplemented(
-            "GetStats: contract only, being built",
-        ))
+        Ok(Response::new(crate::stats::collect(&self.ctx).await?))
     }
 
     type GetJobLogsStream =

@@ -28,6 +28,8 @@ pub struct AssignmentRecord {
 struct Entry {
     record: AssignmentRecord,
     events: mpsc::UnboundedSender<JobEvent>,
+    /// When it entered the table: just before the assignment is sent (or was recovered).
+    since: tokio::time::Instant,
 }
 
 /// Why a report from an agent was not routed.
@@ -92,8 +94,15 @@ impl AssignmentTable {
     }
 
     pub fn insert(&self, record: AssignmentRecord, events: mpsc::UnboundedSender<JobEvent>) {
-        self.lock()
-            .insert(record.assignment_id.clone(), Entry { record, events });
+        let since = tokio::time::Instant::now();
+        self.lock().insert(
+            record.assignment_id.clone(),
+            Entry {
+                record,
+                events,
+                since,
+            },
+        );
     }
 
     pub fn remove(&self, assignment_id: &str) {
@@ -121,6 +130,13 @@ impl AssignmentTable {
             .values()
             .find(|entry| entry.record.job_id == job_id)
             .map(|entry| entry.record.clone())
+    }
+
+    /// How long ago the assignment was handed out (or recovered), while it is in the table.
+    pub fn age(&self, assignment_id: &str) -> Option<std::time::Duration> {
+        self.lock()
+            .get(assignment_id)
+            .map(|entry| entry.since.elapsed())
     }
 
     pub fn get(&self, assignment_id: &str) -> Option<AssignmentRecord> {

@@ -46,6 +46,14 @@ pub struct CoordinatorConfig {
     #[arg(long, env = "ADDRESS_FILE")]
     pub address_file: Option<PathBuf>,
 
+    /// Address of the Prometheus `/metrics` endpoint (plain HTTP); off when empty.
+    #[arg(long, env = "METRICS_ADDR", default_value = "")]
+    pub metrics_addr: String,
+
+    /// File to write the bound METRICS_ADDR to once listening (useful with port 0).
+    #[arg(long, env = "METRICS_ADDRESS_FILE")]
+    pub metrics_address_file: Option<PathBuf>,
+
     /// Folder for the embedded job store and the coordinator's state (worker id).
     #[arg(long, env = "DATA_DIR", default_value = "./fondation-data")]
     pub data_dir: PathBuf,
@@ -113,6 +121,11 @@ pub struct CoordinatorConfig {
     #[arg(long, env = "RECLAIM_INTERVAL", default_value = "60000", value_parser = millis)]
     pub reclaim_interval: Duration,
 
+    /// The coordinator reports NOT_SERVING (health `""`) once calls to its job source have failed
+    /// for this long without a success in between (ms).
+    #[arg(long, env = "SOURCE_UNHEALTHY_AFTER", default_value = "60000", value_parser = millis)]
+    pub source_unhealthy_after: Duration,
+
     /// Clone URL built from a Convex repository document.
     #[arg(
         long,
@@ -142,8 +155,8 @@ pub struct CoordinatorConfig {
     #[arg(long, env = "ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
 
-    /// Token that allows the read-only Admin calls alone (GetJob, ListJobs, ListAgents), for
-    /// dashboards; needs ADMIN_TOKEN.
+    /// Token that allows the read-only Admin calls alone (GetJob, ListJobs, ListAgents, GetJobLogs,
+    /// GetStats), for dashboards; needs ADMIN_TOKEN.
     #[arg(long, env = "ADMIN_READ_TOKEN", hide_env_values = true)]
     pub admin_read_token: Option<Secret>,
 
@@ -287,6 +300,7 @@ impl CoordinatorConfig {
             ("CANCEL_CHECK_INTERVAL", self.cancel_check_interval),
             ("AGENT_TIMEOUT", self.agent_timeout),
             ("AGENT_HEARTBEAT_INTERVAL", self.agent_heartbeat_interval()),
+            ("SOURCE_UNHEALTHY_AFTER", self.source_unhealthy_after),
         ] {
             if value.is_zero() {
                 return invalid(name, "must be above 0".into());
@@ -441,6 +455,8 @@ mod tests {
         let config = parse(&[]);
         assert!(config.validate().is_ok());
         assert_eq!(config.lease_time, Duration::from_secs(300));
+        assert_eq!(config.source_unhealthy_after, Duration::from_secs(60));
+        assert_eq!(config.metrics_addr, "", "metrics are off unless asked for");
         assert_eq!(
             config.agent_heartbeat_interval(),
             Duration::from_secs(10) / 3
@@ -462,6 +478,7 @@ mod tests {
         assert!(error(&["--max-agent-slots", "0"]).starts_with("MAX_AGENT_SLOTS"));
         assert!(error(&["--max-agent-slots", "65"]).starts_with("MAX_AGENT_SLOTS"));
         assert!(error(&["--max-connections", "0"]).starts_with("MAX_CONNECTIONS"));
+        assert!(error(&["--source-unhealthy-after", "0"]).starts_with("SOURCE_UNHEALTHY_AFTER"));
         assert!(error(&["--admin-read-token", "r"]).starts_with("ADMIN_READ_TOKEN"));
         let key_error = error(&["--encryption-key", "not-hex-and-secret"]);
         assert!(key_error.starts_with("ENCRYPTION_KEY"), "{key_error}");

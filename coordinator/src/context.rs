@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     agents::AgentRegistry, assignments::AssignmentTable, config::CoordinatorConfig,
     history::History, job_logs::JobLogs, job_source::JobSource, journal::Journal,
+    metrics::CoordinatorMetrics, source_health::SourceHealth,
 };
 
 pub struct Context {
@@ -16,7 +17,13 @@ pub struct Context {
     pub allowlist: RepoAllowlist,
     /// Our `lockedBy` towards the job source.
     pub worker_id: String,
+    /// The job source, observed: every call is counted in `metrics` and `source_health`.
     pub source: Arc<dyn JobSource>,
+    /// How the job source's calls fare; the coordinator's readiness follows it.
+    pub source_health: Arc<SourceHealth>,
+    pub metrics: CoordinatorMetrics,
+    /// When this coordinator started, for `GetStats`' uptime.
+    pub started: std::time::Instant,
     pub agents: AgentRegistry,
     /// Durable record of in-flight assignments and undelivered results.
     pub journal: Journal,

@@ -214,6 +214,9 @@ impl Keeper {
             JobEvent::Run(RunEvent::Accepted) => {
                 info!(job_id = %self.record.job_id, agent_id = %self.record.agent_id, "assignment accepted");
                 self.attempt.started();
+                self.ctx
+                    .metrics
+                    .assignment_accepted(self.ctx.assignments.age(&self.record.assignment_id));
                 let text = self.ctx.config.progress_language.started();
                 self.set_status(ActiveStatus::Running, text.to_owned())
                     .await
@@ -332,6 +335,7 @@ impl Keeper {
             }
             JobSourceError::Canceled(_) | JobSourceError::NotFound(_) => {
                 info!(job_id = %self.record.job_id, "job canceled; stopping the run");
+                self.ctx.metrics.job_canceled();
                 Some(self.stop(Outcome::Canceled, "the job was canceled"))
             }
             error => {
@@ -354,6 +358,7 @@ impl Keeper {
         };
         if is_cancel_signal(&view) {
             info!(job_id = %self.record.job_id, status = %view.status, "job canceled; stopping the run");
+            self.ctx.metrics.job_canceled();
             return Some(self.stop(Outcome::Canceled, "the job was canceled"));
         }
         let ours = view.locked_by.as_deref() == Some(self.ctx.worker_id.as_str());
@@ -566,6 +571,7 @@ impl Keeper {
                 info!(job_id = %self.record.job_id, "job was canceled before its end was recorded");
                 self.attempt
                     .ended(Outcome::Canceled, Some("the job was canceled"));
+                self.ctx.metrics.job_canceled();
             }
             JobSourceError::NotOwned { .. } => {
                 warn!(job_id = %self.record.job_id, "job was taken over before its end was recorded; result dropped");

@@ -6,7 +6,7 @@ use fondation_proto::{
     pb::{admin_server::AdminServer, agent_gateway_server::AgentGatewayServer},
     ADMIN_SERVICE, AGENT_GATEWAY_SERVICE,
 };
-use fondation_runtime::{listener, serving, tls};
+use fondation_runtime::{listener, metrics as metrics_endpoint, serving, tls};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
@@ -28,10 +28,13 @@ use crate::{
     job_source::{
         convex::{ConvexConfig, ConvexSource},
         embedded_store::{EmbeddedOptions, EmbeddedStore},
+        observed::ObservedSource,
         JobSource, JobSourceError,
     },
     journal::{self, Journal},
     lease::{spawn_keeper, KeeperStart},
+    metrics::{CoordinatorMetrics, Scrape},
+    source_health::SourceHealth,
 };
 
 /// How long lease keepers get to suspend at shutdown before the server stops anyway.
@@ -58,6 +61,8 @@ pub enum ServeError {
     Serving(#[from] serving::ServingError),
     #[error(transparent)]
     Tls(#[from] tls::TlsFileError),
+    #[error(transparent)]
+    Listen(#[from] listener::ListenError),
     #[error("the gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
@@ -113,8 +118,21 @@ pub async fn run(
         Some(_) => History::capped(db.clone()),
         None => History::new(db.clone(), None),
     };
+    let metrics = CoordinatorMetrics::new(config.convex_url.is_none());
+    let source_health = Arc::new(SourceHealth::new(
+        source.kind(),
+        config.source_unhealthy_after,
+    ));
+    let source: Arc<dyn JobSource> = Arc::new(ObservedSource::new(
+        source,
+        metrics.source(),
+        source_health.clone(),
+    ));
     let job_logs = JobLogs::new(db.clone());
     let journal = Journal::new(db);
+    let metrics_listener =
+        metrics_endpoint::bind(&config.metrics_addr, config.metrics_address_file.as_deref())
+            .await?;
     info!(
         listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         source = source.kind(),
@@ -129,6 +147,9 @@ pub async fn run(
         allowlist,
         worker_id,
         source,
+        source_health,
+        metrics,
+        started: std::time::Instant::now(),
         agents: AgentRegistry::default(),
         journal,
         history,
@@ -140,11 +161,36 @@ pub async fn run(
     });
 
     let (health, health_service) = serving::health_service().await;
-    for service in ["", AGENT_GATEWAY_SERVICE, ADMIN_SERVICE] {
+    for service in [AGENT_GATEWAY_SERVICE, ADMIN_SERVICE] {
         health
             .set_service_status(service, ServingStatus::Serving)
             .await;
     }
+    // The whole server's readiness (`""`) follows the job source's health and shutdown.
+    let readiness = {
+        let (ctx, health) = (ctx.clone(), health.clone());
+        tokio::spawn(async move {
+            ctx.source_health
+                .drive_readiness(ctx.shutdown.clone(), |ready| {
+                    let status = if ready {
+                        ServingStatus::Serving
+                    } else {
+                        ServingStatus::NotServing
+                    };
+                    let health = health.clone();
+                    async move { health.set_service_status("", status).await }
+                })
+                .await
+        })
+    };
+    let metrics_server = metrics_listener.map(|listener| {
+        let shutdown = ctx.shutdown.clone().cancelled_owned();
+        tokio::spawn(metrics_endpoint::serve(
+            listener,
+            Arc::new(Scrape(ctx.clone())),
+            shutdown,
+        ))
+    });
 
     // Before serving: an agent re-attaching must find its journaled run.
     recover(&ctx).await?;
@@ -158,11 +204,13 @@ pub async fn run(
             info!(
                 "shutting down: no more claims; in-flight jobs stay journaled for the next start"
             );
-            for service in ["", AGENT_GATEWAY_SERVICE, ADMIN_SERVICE] {
+            for service in [AGENT_GATEWAY_SERVICE, ADMIN_SERVICE] {
                 health
                     .set_service_status(service, ServingStatus::NotServing)
                     .await;
             }
+            // Its last word is NOT_SERVING for `""`.
+            let _ = readiness.await;
             wait_for_keepers(&ctx).await;
             ctx.sessions_closed.cancel();
         }
@@ -184,6 +232,13 @@ pub async fn run(
     listener::serve(router, listener, &connections, stopping).await?;
     let _ = claimer.await;
     let _ = reclaimer.await;
+    if let Some(server) = metrics_server {
+        match server.await {
+            Ok(Err(error)) => warn!(%error, "the metrics endpoint failed"),
+            Err(error) => warn!(%error, "the metrics endpoint panicked"),
+            Ok(Ok(())) => {}
+        }
+    }
     info!("coordinator stopped");
     Ok(())
 }

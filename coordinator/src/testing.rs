@@ -238,6 +238,12 @@ impl Harness {
             allowlist: RepoAllowlist::default(),
             worker_id: WORKER_ID.into(),
             source: source.clone(),
+            source_health: Arc::new(crate::source_health::SourceHealth::new(
+                "fake",
+                std::time::Duration::from_secs(60),
+            )),
+            metrics: crate::metrics::CoordinatorMetrics::new(false),
+            started: std::time::Instant::now(),
             agents: AgentRegistry::default(),
             journal,
             history,

@@ -42,8 +42,9 @@ pub enum ListenError {
         addr: String,
         source: std::io::Error,
     },
-    #[error("cannot write the bound address to {path} (ADDRESS_FILE): {source}")]
+    #[error("cannot write the bound {variable} address to {path}: {source}")]
     AddressFile {
+        variable: &'static str,
         path: String,
         source: std::io::Error,
     },
@@ -67,6 +68,7 @@ pub async fn bind(
     tracing::info!(setting = variable, address = %bound, "listening");
     if let Some(path) = address_file {
         write_address_file(path, bound).map_err(|source| ListenError::AddressFile {
+            variable,
             path: path.display().to_string(),
             source,
         })?;

@@ -81,6 +81,8 @@ pub const OVERSIZE_PATH: &str = "chapters/chapter_99_oversize.md";
 
 /// Directives applied to every run (comma or whitespace separated).
 pub const ENV_DIRECTIVES: &str = "FIXTURE_DIRECTIVES";
+/// How often a held run (`hold=<file>`) looks for its file.
+const HOLD_POLL: Duration = Duration::from_millis(20);
 /// Default delay before each step, in milliseconds (the `slow=` directive overrides it).
 pub const ENV_STEP_DELAY_MS: &str = "FIXTURE_STEP_DELAY_MS";
 /// Path of the run log; unset means no accounting.
@@ -347,6 +349,11 @@ fn analyze(args: &AnalyzeArgs, config: &RunConfig<'_>) -> u8 {
         if !directives.no_output {
             if let Err(err) = write_step(&output_dir, step, &directives) {
                 return failed(&format!("step {step}: {err}"));
+            }
+        }
+        if let (1, Some(gate)) = (step, &directives.hold) {
+            while !Path::new(gate).exists() {
+                std::thread::sleep(HOLD_POLL);
             }
         }
         if step == 2 && fail {

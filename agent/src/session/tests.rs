@@ -45,6 +45,7 @@ async fn agent(workspace: &std::path::Path) -> Agent {
         template: CommandTemplate::parse(&config.analyzer_command).expect("default template"),
         allowlist: Default::default(),
         workspace_root: workspace.to_path_buf(),
+        metrics: crate::metrics::AgentMetrics::new(config.max_concurrent_jobs),
         config,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -250,6 +251,7 @@ fn printing_run(agent: &mut Agent, assignment_id: &str) -> OutputTail {
             cancel: CancellationToken::new(),
             result: None,
             partial: Vec::new(),
+            timer: agent.ctx.metrics.run_started(),
             output: output.clone(),
         },
     );

@@ -470,6 +470,38 @@ impl JobSource for EmbeddedStore {
         .await
     }
 
+    async fn count_by_status(&self) -> Result<Option<Vec<(JobStatus, u64)>>> {
+        self.run("counting jobs by status", |conn| {
+            let mut stmt =
+                conn.prepare_cached("SELECT status, COUNT(*) FROM jobs GROUP BY status")?;
+            let rows = stmt
+                .query_map([], |row| {
+                    Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let counts = rows
+                .into_iter()
+                .map(|(status, count)| Ok((parse_status(&status)?, count.max(0) as u64)))
+                .collect::<OpResult<Vec<_>>>()?;
+            Ok(Some(counts))
+        })
+        .await
+    }
+
+    async fn pending_count(&self) -> Result<Option<u64>> {
+        self.run("counting pending jobs", |conn| {
+            // The status leads the `jobs_by_due` index: a range of it, not a table scan.
+            let count: i64 = query_row(
+                conn,
+                "SELECT COUNT(*) FROM jobs WHERE status = 'pending'",
+                [],
+                |row| row.get(0),
+            )?;
+            Ok(Some(count.max(0) as u64))
+        })
+        .await
+    }
+
     async fn request_cancel(&self, job_id: &str) -> Result<JobStatus> {
         let job_id = job_id.to_owned();
         self.run("canceling a job", move |conn| {

@@ -3,10 +3,12 @@
 //! [`JobSource`] is the queue contract of `DESIGN.md` section 2 seen from the coordinator: claim
 //! with a lease, heartbeat, complete with documents, retry-or-fail, cancel detection. Two
 //! implementations: [`embedded_store::EmbeddedStore`] (SQLite in `DATA_DIR`, the default) and
-//! [`convex::ConvexSource`] (the production Convex deployment over its HTTP API).
+//! [`convex::ConvexSource`] (the production Convex deployment over its HTTP API). The coordinator
+//! calls either through [`observed::ObservedSource`], which records each call.
 
 pub mod convex;
 pub mod embedded_store;
+pub mod observed;
 
 use std::{fmt, str::FromStr, time::Duration};
 
@@ -415,6 +417,18 @@ pub trait JobSource: Send + Sync + 'static {
     /// When the next pending job becomes due (ms since the Unix epoch), for sources that know it
     /// cheaply; lets the claim loop wake for a retry instead of waiting a whole poll interval.
     async fn next_due_at_ms(&self) -> Result<Option<f64>> {
+        Ok(None)
+    }
+
+    /// How many jobs the source holds in each status (statuses with none left out), for
+    /// `GetStats`; `None` where the source cannot count its jobs (Convex has no such function).
+    async fn count_by_status(&self) -> Result<Option<Vec<(JobStatus, u64)>>> {
+        Ok(None)
+    }
+
+    /// Jobs waiting to be claimed (the queue depth an autoscaler reads), where the source can
+    /// count them cheaply; `None` elsewhere.
+    async fn pending_count(&self) -> Result<Option<u64>> {
         Ok(None)
     }
 

@@ -40,6 +40,9 @@ pub struct Directives {
     pub fail_attempts: Option<u64>,
     /// Print step 1, then never finish.
     pub hang: bool,
+    /// After step 1, wait until this file exists: a test holds the run mid-analysis, looks at
+    /// it, then lets it finish by creating the file.
+    pub hold: Option<String>,
     /// Survive SIGTERM, so the caller has to escalate to SIGKILL.
     pub ignore_term: bool,
     /// Delay before each step; `None` falls back to `FIXTURE_STEP_DELAY_MS`.
@@ -117,6 +120,7 @@ impl Directives {
             ("fail", None) => self.fail = true,
             ("fail-attempts", Some(value)) => self.fail_attempts = Some(number(token, value)?),
             ("hang", None) => self.hang = true,
+            ("hold", Some(path)) if !path.is_empty() => self.hold = Some(path.to_owned()),
             ("ignore-term", None) => self.ignore_term = true,
             ("slow", Some(value)) => self.slow_ms = Some(number(token, value)?),
             ("flood", Some(value)) => self.flood = number(token, value)?,

@@ -96,7 +96,7 @@ pub struct CoordinatorProc {
 
 /// Waits until the process that was told to write its bound address to `file` has done so, and
 /// returns that address. The binaries write the file whole (a rename), once they listen.
-async fn reported_address(proc: &mut Proc, file: &Path) -> std::net::SocketAddr {
+pub async fn reported_address(proc: &mut Proc, file: &Path) -> std::net::SocketAddr {
     let what = format!("{} to write its address to {}", proc.name, file.display());
     wait::until(&what, Duration::from_secs(30), || {
         proc.assert_running();

@@ -11,6 +11,7 @@ pub mod git;
 pub mod git_http;
 pub mod git_wrapper;
 pub mod grpcurl;
+pub mod metrics;
 pub mod process;
 pub mod wait;
 
