@@ -79,12 +79,30 @@ impl Tmux {
             "-p",
             "-t",
             "cli",
-            "#{pane_dead} #{pane_dead_status}",
+            "#{pane_dead} #{pane_dead_status} #{pane_pid}",
         ]);
         let shown = text(&shown.stdout);
-        let (dead, status) = shown.trim().split_once(' ')?;
-        (dead == "1").then(|| status.parse().ok()).flatten()
+        match shown.split_whitespace().collect::<Vec<_>>()[..] {
+            ["1", status, _] => status.parse().ok(),
+            // tmux may be slow to reap its child (seen here: a zombie for seconds): the kernel
+            // has its exit status already.
+            [_, pid] | [_, _, pid] => zombie_exit_status(pid),
+            _ => None,
+        }
     }
+}
+
+/// The exit status of process `pid` when it has exited and is not reaped yet: its state is `Z`
+/// and field 52 of `/proc/<pid>/stat` holds the wait status.
+fn zombie_exit_status(pid: &str) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    // After the command name: field 3 (state) is fields[0], field 52 (exit_code) is fields[49].
+    if fields.first() != Some(&"Z") {
+        return None;
+    }
+    let wait_status: i32 = fields.get(49)?.parse().ok()?;
+    Some((wait_status >> 8) & 0xff)
 }
 
 impl Drop for Tmux {
