@@ -123,6 +123,12 @@ impl Journal {
         Self { db }
     }
 
+    /// The database the journal shares with the embedded store (its commit counter, for the
+    /// metrics).
+    pub fn database(&self) -> &Database {
+        &self.db
+    }
+
     async fn with<T: Send + 'static>(
         &self,
         action: &'static str,

@@ -171,6 +171,8 @@ pub struct CoordinatorMetrics {
     pending_jobs: Option<Gauge>,
     source_healthy: Gauge,
     source_consecutive_errors: Gauge,
+    /// Follows the database's own commit counter at each scrape.
+    database_commits: Counter,
 }
 
 impl CoordinatorMetrics {
@@ -209,6 +211,13 @@ impl CoordinatorMetrics {
             "leases_renewed",
             "Heartbeats that extended a job's lease",
             source.leases_renewed.clone(),
+        );
+        let database_commits = Counter::default();
+        registry.register(
+            "database_commits",
+            "Transactions committed to coordinator.sqlite3 with a change (each one fsync with \
+             synchronous=FULL; group commit shares one among concurrent writes)",
+            database_commits.clone(),
         );
         let assignment_latency = Histogram::new(exponential_buckets(0.001, 2.0, 16));
         registry.register(
@@ -258,6 +267,7 @@ impl CoordinatorMetrics {
             pending_jobs,
             source_healthy,
             source_consecutive_errors,
+            database_commits,
             registry,
         }
     }
@@ -322,6 +332,10 @@ impl fondation_runtime::metrics::Exposition for Scrape {
         metrics.slots_total.set(fleet.slots_total.into());
         metrics.slots_free.set(fleet.slots_free.into());
         metrics.jobs_running.set(fleet.jobs_running.into());
+        let commits = ctx.journal.database().commits();
+        metrics
+            .database_commits
+            .inc_by(commits.saturating_sub(metrics.database_commits.get()));
         let health = ctx.source_health.snapshot();
         metrics.source_healthy.set(health.healthy.into());
         metrics

@@ -540,11 +540,11 @@ struct Metrics {
 }
 
 impl Metrics {
-    /// `fondation_database_commits_total`, when the coordinator exports it.
+    /// `fondation_coordinator_database_commits_total`, when the coordinator exports it.
     async fn commits(&self) -> Option<u64> {
         let text = reqwest::get(&self.url).await.ok()?.text().await.ok()?;
         text.lines().find_map(|line| {
-            line.strip_prefix("fondation_database_commits_total ")?
+            line.strip_prefix("fondation_coordinator_database_commits_total ")?
                 .trim()
                 .parse::<f64>()
                 .ok()
