@@ -37,10 +37,17 @@ const CONNECT_BATCH: usize = 100;
 /// Agents simulated in this process.
 pub struct SimFleet {
     stop: CancellationToken,
+    /// Names this fleet's agents apart from another fleet's on the same coordinator.
+    run: String,
+    assigned_tx: mpsc::UnboundedSender<(String, Instant)>,
     /// (job id, when its assignment reached an agent), in arrival order.
     assigned: mpsc::UnboundedReceiver<(String, Instant)>,
+    acknowledged_tx: watch::Sender<usize>,
     /// Results the coordinator acknowledged so far.
     acknowledged: watch::Receiver<usize>,
+    ack_latency_tx: mpsc::UnboundedSender<Duration>,
+    /// For each acknowledged result: from the result sent to its ResultAck received.
+    ack_latency: mpsc::UnboundedReceiver<Duration>,
     pub size: usize,
 }
 
@@ -54,11 +61,28 @@ impl SimFleet {
     /// Connects `size` agents of one slot each to the coordinator at `url` and waits until the
     /// coordinator lists them all.
     pub async fn connect(url: &str, admin: &Admin, size: usize) -> anyhow::Result<Self> {
-        let stop = CancellationToken::new();
         let (assigned_tx, assigned) = mpsc::unbounded_channel();
         let (acknowledged_tx, acknowledged) = watch::channel(0);
-        let run = uuid::Uuid::new_v4().simple().to_string();
-        for first in (0..size).step_by(CONNECT_BATCH) {
+        let (ack_latency_tx, ack_latency) = mpsc::unbounded_channel();
+        let mut fleet = SimFleet {
+            stop: CancellationToken::new(),
+            run: uuid::Uuid::new_v4().simple().to_string()[..8].to_string(),
+            assigned_tx,
+            assigned,
+            acknowledged_tx,
+            acknowledged,
+            ack_latency_tx,
+            ack_latency,
+            size: 0,
+        };
+        fleet.grow_to(url, admin, size).await?;
+        Ok(fleet)
+    }
+
+    /// Connects more agents until the fleet has `size`, and waits until the coordinator lists
+    /// them all.
+    pub async fn grow_to(&mut self, url: &str, admin: &Admin, size: usize) -> anyhow::Result<()> {
+        for first in (self.size..size).step_by(CONNECT_BATCH) {
             let mut batch = tokio::task::JoinSet::new();
             for _ in first..(first + CONNECT_BATCH).min(size) {
                 let endpoint = Endpoint::from_shared(url.to_string())?.tcp_nodelay(true);
@@ -68,24 +92,21 @@ impl SimFleet {
             while let Some(channel) = batch.join_next().await {
                 let channel = channel?.context("connecting a simulated agent")?;
                 let agent = SimAgent {
-                    id: format!("sim-{}-{n}", &run[..8]),
-                    assigned: assigned_tx.clone(),
-                    acknowledged: acknowledged_tx.clone(),
-                    stop: stop.clone(),
+                    id: format!("sim-{}-{n}", self.run),
+                    assigned: self.assigned_tx.clone(),
+                    acknowledged: self.acknowledged_tx.clone(),
+                    ack_latency: self.ack_latency_tx.clone(),
+                    stop: self.stop.clone(),
                 };
                 n += 1;
                 tokio::spawn(agent.run(AgentGatewayClient::new(channel)));
             }
         }
+        self.size = self.size.max(size);
         admin
-            .wait_agents_listed(size, Duration::from_secs(120))
+            .wait_agents_listed(self.size, Duration::from_secs(120))
             .await;
-        Ok(SimFleet {
-            stop,
-            assigned,
-            acknowledged,
-            size,
-        })
+        Ok(())
     }
 
     /// Waits for the assignment of `job_id` to reach an agent; when it did.
@@ -113,6 +134,7 @@ struct SimAgent {
     id: String,
     assigned: mpsc::UnboundedSender<(String, Instant)>,
     acknowledged: watch::Sender<usize>,
+    ack_latency: mpsc::UnboundedSender<Duration>,
     stop: CancellationToken,
 }
 
@@ -136,6 +158,8 @@ impl SimAgent {
         };
         let mut down = response.into_inner();
         let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
+        // When the last result went out (one slot: one result at a time).
+        let mut result_sent: Option<Instant> = None;
         loop {
             let message = tokio::select! {
                 message = down.message() => message,
@@ -171,8 +195,12 @@ impl SimAgent {
                             return;
                         }
                     }
+                    result_sent = Some(Instant::now());
                 }
                 Ok(ToAgent::ResultAck(_)) => {
+                    if let Some(sent) = result_sent.take() {
+                        let _ = self.ack_latency.send(sent.elapsed());
+                    }
                     self.acknowledged.send_modify(|count| *count += 1);
                 }
                 Ok(_) => {}
@@ -233,22 +261,42 @@ pub async fn idle(pid: u32, fleet: &SimFleet, window: Duration) -> anyhow::Resul
     })
 }
 
-/// SubmitJob -> the assignment at an agent, `samples` times, one job at a time: (p50, p99).
-pub async fn assignment_latency(
+/// Latencies of `samples` jobs run one at a time, as (p50, p99) pairs.
+pub struct Latencies {
+    /// SubmitJob -> the assignment at an agent.
+    pub assignment: (Duration, Duration),
+    /// The result sent by the agent -> its ResultAck received.
+    pub result_ack: (Duration, Duration),
+}
+
+pub async fn latencies(
     admin: &mut Admin,
     fleet: &mut SimFleet,
     repo_url: &str,
     samples: usize,
-) -> anyhow::Result<(Duration, Duration)> {
-    let mut latencies = Vec::with_capacity(samples);
+) -> anyhow::Result<Latencies> {
+    while fleet.ack_latency.try_recv().is_ok() {}
+    let mut assignment = Vec::with_capacity(samples);
+    let mut result_ack = Vec::with_capacity(samples);
     for _ in 0..samples {
         let start = Instant::now();
         let job_id = admin.submit(repo_url, "main", "zero work").await;
         let at = fleet.assignment_of(&job_id).await?;
-        latencies.push(at - start);
+        assignment.push(at - start);
+        let acked = tokio::time::timeout(Duration::from_secs(30), fleet.ack_latency.recv());
+        match acked.await {
+            Ok(Some(latency)) => result_ack.push(latency),
+            _ => bail!("the result of job {job_id} was not acknowledged within 30 s"),
+        }
     }
-    latencies.sort();
-    Ok((percentile(&latencies, 50), percentile(&latencies, 99)))
+    let p50_p99 = |mut samples: Vec<Duration>| {
+        samples.sort();
+        (percentile(&samples, 50), percentile(&samples, 99))
+    };
+    Ok(Latencies {
+        assignment: p50_p99(assignment),
+        result_ack: p50_p99(result_ack),
+    })
 }
 
 fn percentile(sorted: &[Duration], p: usize) -> Duration {
@@ -413,16 +461,20 @@ pub async fn run(settings: ScaleSettings) -> anyhow::Result<Vec<ScaleRow>> {
         .context("the coordinator is running")?;
     let repo_url = sandbox.repo.url.clone();
 
-    let mut fleets: Vec<SimFleet> = Vec::new();
-    let mut connected = 0;
+    let mut fleet: Option<SimFleet> = None;
     for &size in settings.fleets {
         eprintln!(
             "[scale] {size} simulated agents: idle {:?}, latency x{}",
             settings.window, settings.latency_samples
         );
-        fleets.push(SimFleet::connect(&coordinator.url(), &admin, size - connected).await?);
-        connected = size;
-        let idle = idle(pid, fleets.last().unwrap(), settings.window).await?;
+        let fleet = match &mut fleet {
+            Some(fleet) => {
+                fleet.grow_to(&coordinator.url(), &admin, size).await?;
+                fleet
+            }
+            None => fleet.insert(SimFleet::connect(&coordinator.url(), &admin, size).await?),
+        };
+        let idle = idle(pid, fleet, settings.window).await?;
         rows.push(ScaleRow {
             what: format!("coordinator RSS, {size} agents idle"),
             value: format!("{:.1} MiB", idle.rss_kib as f64 / 1024.0),
@@ -437,21 +489,21 @@ pub async fn run(settings: ScaleSettings) -> anyhow::Result<Vec<ScaleRow>> {
             value: format!("{:.2} ms/s", idle.cpu_per_second.as_secs_f64() * 1e3),
             against: String::new(),
         });
-        // Any one fleet receives the assignments; the newest is as good as another.
-        let (p50, p99) = assignment_latency(
-            &mut admin,
-            fleets.last_mut().unwrap(),
-            &repo_url,
-            settings.latency_samples,
-        )
-        .await?;
+        let latencies = latencies(&mut admin, fleet, &repo_url, settings.latency_samples).await?;
+        let (p50, p99) = latencies.assignment;
         rows.push(ScaleRow {
             what: format!("assignment latency p50 / p99, {size} agents"),
             value: format!("{} / {}", ms(p50), ms(p99)),
             against: "target p99 < 5 ms".into(),
         });
+        let (p50, p99) = latencies.result_ack;
+        rows.push(ScaleRow {
+            what: format!("result sent -> ResultAck p50 / p99, {size} agents"),
+            value: format!("{} / {}", ms(p50), ms(p99)),
+            against: "target <= 3 ms".into(),
+        });
     }
-    drop(fleets);
+    drop(fleet);
 
     for (place, data_dir) in [("disk", None), ("tmpfs", Some("/dev/shm"))] {
         eprintln!(
@@ -462,8 +514,25 @@ pub async fn run(settings: ScaleSettings) -> anyhow::Result<Vec<ScaleRow>> {
         let shm = data_dir.map(tempfile::tempdir_in).transpose()?;
         let (coordinator, metrics) =
             start_coordinator(&sandbox, shm.as_ref().map(|dir| dir.path())).await;
-        let admin = coordinator.admin().await;
-        let fleet = SimFleet::connect(&coordinator.url(), &admin, 100).await?;
+        let mut admin = coordinator.admin().await;
+        let mut fleet = SimFleet::connect(&coordinator.url(), &admin, 100).await?;
+        if data_dir.is_some() {
+            // The same latencies without the disk: what the fsyncs on their path cost.
+            let repo_url = sandbox.repo.url.clone();
+            let latencies =
+                latencies(&mut admin, &mut fleet, &repo_url, settings.latency_samples).await?;
+            let ((a50, a99), (r50, r99)) = (latencies.assignment, latencies.result_ack);
+            rows.push(ScaleRow {
+                what: format!("  assignment latency p50 / p99, 100 agents, {place}"),
+                value: format!("{} / {}", ms(a50), ms(a99)),
+                against: String::new(),
+            });
+            rows.push(ScaleRow {
+                what: format!("  result -> ResultAck p50 / p99, 100 agents, {place}"),
+                value: format!("{} / {}", ms(r50), ms(r99)),
+                against: String::new(),
+            });
+        }
         let commits = async || metrics.commits().await;
         let result = throughput(
             &coordinator,
