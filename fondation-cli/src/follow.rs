@@ -186,18 +186,13 @@ async fn watch(
 
 /// The line printed when a followed job completed.
 fn summary(job: &pb::Job) -> String {
-    let took = match (job.started_at.as_ref(), job.ended_at.as_ref()) {
+    let took = match (job.started_at, job.ended_at) {
         (Some(start), Some(end)) => {
-            let nanos = (i128::from(end.seconds) * 1_000_000_000 + i128::from(end.nanos))
-                - (i128::from(start.seconds) * 1_000_000_000 + i128::from(start.nanos));
-            let nanos = nanos.max(0);
-            format!(
-                " in {}",
-                output::duration(Some(&prost_types::Duration {
-                    seconds: (nanos / 1_000_000_000) as i64,
-                    nanos: (nanos % 1_000_000_000) as i32,
-                }))
-            )
+            let span = prost_types::Duration {
+                seconds: end.seconds - start.seconds,
+                nanos: end.nanos - start.nanos,
+            };
+            format!(" in {}", output::duration(Some(&span)))
         }
         _ => String::new(),
     };

@@ -87,17 +87,7 @@ pub fn median(samples: &[Duration]) -> Duration {
 }
 
 /// Peak resident set size (`VmHWM`) of a live process, in KiB; None once it has exited.
-pub fn peak_rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find_map(|line| {
-        line.strip_prefix("VmHWM:")?
-            .trim()
-            .strip_suffix("kB")?
-            .trim()
-            .parse()
-            .ok()
-    })
-}
+pub use crate::support::process::peak_rss_kib;
 
 /// The 1-minute load average, as `/proc/loadavg` shows it (`?` when unreadable): the other work
 /// on the machine, which every measurement shares with its baseline.

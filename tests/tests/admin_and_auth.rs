@@ -8,6 +8,7 @@ use std::time::Duration;
 use fondation_proto::pb;
 use fondation_testkit::support::{
     cluster::{with_token, Admin, AgentOptions, AgentProc, CoordinatorProc, Sandbox, ANY_PORT},
+    process::rss_kib,
     wait,
 };
 use tonic::{metadata::MetadataValue, Code, Request};
@@ -479,14 +480,9 @@ fn open_fds(pid: u32) -> usize {
         .count()
 }
 
-/// Resident memory of a process, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("its status");
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("a VmRSS line")
+/// Resident memory of a live process, in KiB.
+fn rss(pid: u32) -> u64 {
+    rss_kib(pid).unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status"))
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -506,7 +502,7 @@ async fn idle_connections_are_closed_after_the_timeout() {
     let pid = coordinator.proc.pid().expect("the coordinator runs");
     let _agent = AgentProc::connected(&sandbox, "busy", coordinator.url(), &[]).await;
     let baseline = open_fds(pid);
-    let baseline_rss = rss_kib(pid);
+    let baseline_rss = rss(pid);
 
     let mut idle = Vec::with_capacity(IDLE);
     for _ in 0..IDLE {
@@ -520,7 +516,7 @@ async fn idle_connections_are_closed_after_the_timeout() {
         fds >= baseline + IDLE
     })
     .await;
-    let flooded_rss = rss_kib(pid);
+    let flooded_rss = rss(pid);
     assert!(
         flooded_rss < baseline_rss + 64 * 1024,
         "{IDLE} idle connections took the coordinator from {baseline_rss} KiB to {flooded_rss} KiB"

@@ -9,7 +9,7 @@ use fondation_runtime::serving::probe_health;
 use fondation_testkit::{
     fixture_cli::read_run_log,
     support::{
-        cluster::{Admin, AgentOptions, AgentProc, CoordinatorProc, Sandbox, ANY_PORT},
+        cluster::{Admin, AgentProc, CoordinatorProc, Sandbox, ANY_PORT},
         wait,
     },
 };
@@ -205,16 +205,13 @@ async fn an_agent_whose_analyzer_cannot_start_is_quarantined_and_costs_no_job() 
     let coordinator = CoordinatorProc::start(&sandbox, ANY_PORT, &[]).await;
     let broken_command = exit_127_analyzer(&sandbox);
     let mut admin = coordinator.admin().await;
-    let mut broken = AgentProc::spawn(
+    let mut broken = AgentProc::connected(
         &sandbox,
-        AgentOptions {
-            id: "broken",
-            coordinator_url: coordinator.url(),
-            slots: 1,
-            extra: &[("ANALYZER_COMMAND", &broken_command)],
-        },
-    );
-    broken.wait_connected().await;
+        "broken",
+        coordinator.url(),
+        &[("ANALYZER_COMMAND", &broken_command)],
+    )
+    .await;
     // Its self-check passes: it is a black hole until it fails runs.
     wait_health(&mut broken, ServingStatus::Serving, Duration::from_secs(30)).await;
     let _healthy_1 = AgentProc::connected(&sandbox, "healthy-1", coordinator.url(), &[]).await;

@@ -12,7 +12,7 @@ use std::time::Duration;
 use fondation_testkit::{
     fake_convex::{CallRecord, FakeOptions},
     support::{
-        cluster::{read_tree, AgentOptions, AgentProc, CoordinatorProc},
+        cluster::{read_tree, AgentProc, CoordinatorProc},
         convex_world::ConvexWorld,
         git::GitFixture,
         git_http::{basic_authorization, GitHttpServer},
@@ -72,20 +72,17 @@ impl PrivateWorld {
         let coordinator = world.coordinator(None, &env).await;
         let wrapper = GitWrapper::install(world.sandbox.root.path());
         let path = wrapper.path_env();
-        let mut agent = AgentProc::spawn(
+        let agent = AgentProc::connected(
             &world.sandbox,
-            AgentOptions {
-                id: "agent-1",
-                coordinator_url: coordinator.url(),
-                slots: 1,
-                extra: &[
-                    ("PATH", path.as_str()),
-                    ("REPO_ALLOWLIST", base.as_str()),
-                    ("RUST_LOG", "debug"),
-                ],
-            },
-        );
-        agent.wait_connected().await;
+            "agent-1",
+            coordinator.url(),
+            &[
+                ("PATH", path.as_str()),
+                ("REPO_ALLOWLIST", base.as_str()),
+                ("RUST_LOG", "debug"),
+            ],
+        )
+        .await;
         Self {
             world,
             server,
@@ -302,16 +299,7 @@ async fn the_old_workers_french_texts_reach_the_heartbeats_in_order() {
     let coordinator = world
         .coordinator(None, &[("PROGRESS_INTERVAL", "50")])
         .await;
-    let mut agent = AgentProc::spawn(
-        &world.sandbox,
-        AgentOptions {
-            id: "agent-1",
-            coordinator_url: coordinator.url(),
-            slots: 1,
-            extra: &[],
-        },
-    );
-    agent.wait_connected().await;
+    let _agent = AgentProc::connected(&world.sandbox, "agent-1", coordinator.url(), &[]).await;
 
     let job_id = world
         .create_job("explain this fixture:format=marker fixture:slow=300")
@@ -345,16 +333,7 @@ async fn progress_language_en_writes_english() {
     let coordinator = world
         .coordinator(None, &[("PROGRESS_LANGUAGE", "en")])
         .await;
-    let mut agent = AgentProc::spawn(
-        &world.sandbox,
-        AgentOptions {
-            id: "agent-1",
-            coordinator_url: coordinator.url(),
-            slots: 1,
-            extra: &[],
-        },
-    );
-    agent.wait_connected().await;
+    let _agent = AgentProc::connected(&world.sandbox, "agent-1", coordinator.url(), &[]).await;
     let job_id = world.create_job("explain this").await;
     let job = world.wait_status(&job_id, TERMINAL, TIMEOUT).await;
     assert_eq!(job.status, "completed", "{job:?}");

@@ -10,6 +10,7 @@ use fondation_testkit::{
     support::{
         cluster::{with_token, Admin, AgentProc, CoordinatorProc, Sandbox, ANY_PORT},
         grpcurl,
+        process::peak_rss_kib,
     },
 };
 use tonic::Streaming;
@@ -222,15 +223,9 @@ async fn a_followed_job_shows_its_lines_as_they_come_and_keeps_them_after_its_en
     assert_eq!(unknown.code(), tonic::Code::NotFound, "{unknown:?}");
 }
 
-/// `VmHWM` of a process: its peak resident memory, in KiB.
-fn peak_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_else(|e| panic!("reading /proc/{pid}/status: {e}"));
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no VmHWM in /proc/{pid}/status"))
+/// `VmHWM` of a live process, in KiB.
+fn peak_rss(pid: u32) -> u64 {
+    peak_rss_kib(pid).unwrap_or_else(|| panic!("no VmHWM in /proc/{pid}/status"))
 }
 
 /// Peak memory of a fresh coordinator and agent after a followed job printed `lines` lines.
@@ -283,8 +278,8 @@ async fn flood(lines: u64) -> Flood {
         .is_some_and(|line| line.text.contains(COMPLETE_MESSAGE)));
 
     Flood {
-        agent_kib: peak_rss_kib(agent.proc.pid().expect("the agent runs")),
-        coordinator_kib: peak_rss_kib(coordinator.proc.pid().expect("the coordinator runs")),
+        agent_kib: peak_rss(agent.proc.pid().expect("the agent runs")),
+        coordinator_kib: peak_rss(coordinator.proc.pid().expect("the coordinator runs")),
         followed,
     }
 }

@@ -13,6 +13,7 @@ use std::{
 };
 
 use anyhow::{bail, Context as _};
+use fondation_coordinator::job_source::now_ms;
 use fondation_proto::{
     model::{FromAgent, Hello, RunEvent, RunOutcome, RunReport, ToAgent},
     pb::{self, agent_gateway_client::AgentGatewayClient},
@@ -28,6 +29,7 @@ use crate::{
         cluster::{Admin, AgentProc, CoordinatorProc, Sandbox, ANY_PORT},
         convex_world::ConvexWorld,
         free_port,
+        process::rss_kib,
     },
 };
 
@@ -208,23 +210,6 @@ impl SimAgent {
             }
         }
     }
-}
-
-/// Resident memory (`VmRSS`) of a live process, in KiB.
-pub fn rss_kib(pid: u32) -> Option<u64> {
-    proc_status_kib(pid, "VmRSS:")
-}
-
-fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find_map(|line| {
-        line.strip_prefix(field)?
-            .trim()
-            .strip_suffix("kB")?
-            .trim()
-            .parse()
-            .ok()
-    })
 }
 
 /// CPU time (user + system) a live process used so far.
@@ -697,12 +682,6 @@ async fn claim_calls(size: usize, window: Duration) -> anyhow::Result<(usize, us
     stop.cancel();
     let old = count(from, now_ms()).await?;
     Ok((ours, old))
-}
-
-fn now_ms() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64() * 1e3)
 }
 
 /// The scale table.

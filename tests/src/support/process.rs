@@ -147,3 +147,28 @@ fn capture(
         }
     });
 }
+
+/// A memory field of `/proc/<pid>/status` (`VmRSS`, `VmHWM`, ...), in KiB; `None` when the
+/// process is gone or the field missing.
+pub fn status_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|line| {
+        line.strip_prefix(field)?
+            .strip_prefix(':')?
+            .trim()
+            .strip_suffix("kB")?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// Resident memory (`VmRSS`) of a live process, in KiB.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    status_kib(pid, "VmRSS")
+}
+
+/// Peak resident memory (`VmHWM`) of a live process, in KiB.
+pub fn peak_rss_kib(pid: u32) -> Option<u64> {
+    status_kib(pid, "VmHWM")
+}
