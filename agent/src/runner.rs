@@ -24,7 +24,7 @@ use crate::{
     output_tail::OutputTail,
     process::{self, ExitStatusKind, OutputLine, ProcessEnd, ProcessError, ProcessSpec},
     progress::{self, TOTAL_STEPS},
-    sandbox::Sandbox,
+    sandbox::{Sandbox, SlotLease},
 };
 
 /// Folder of the CLI's output, relative to the analyzed repository (DESIGN.md section 3).
@@ -143,14 +143,16 @@ pub async fn run_assignment(
     info!(job_id = %assignment.job_id, attempt = assignment.attempt, "run started");
     let outcome = execute(&ctx, &assignment, &reporter, &cancel).await;
     let finished = match outcome {
-        Ok(documents) => {
+        Ok((documents, workspace)) => {
             let count = documents.len() as u32;
+            // The documents travel while the workspace is removed; the result follows both.
             for (index, document) in documents.into_iter().enumerate() {
                 reporter.send(RunEvent::Document {
                     index: index as u32,
                     document: into_document(document),
                 });
             }
+            workspace.remove().await;
             info!(job_id = %assignment.job_id, documents = count, "run succeeded");
             RunOutcome::Succeeded {
                 document_count: count,
@@ -207,7 +209,7 @@ async fn execute(
     assignment: &Assignment,
     reporter: &Reporter,
     cancel: &CancellationToken,
-) -> Result<Vec<CollectedDocument>, RunFailure> {
+) -> Result<(Vec<CollectedDocument>, Workspace), RunFailure> {
     // The coordinator checked these too; an agent trusts nothing it did not check itself.
     ctx.allowlist
         .check(&assignment.repo_url)
@@ -233,6 +235,10 @@ async fn execute(
                 ctx.workspace_root.display()
             ))
         })?;
+    let workspace = Workspace {
+        dir: workspace,
+        _slot: lease,
+    };
     ctx.sandbox
         .prepare_workspace(workspace.path(), slot)
         .map_err(|e| RunFailure::agent(e.to_string()))?;
@@ -283,8 +289,33 @@ async fn execute(
             message: e.to_string(),
             agent_fault: false,
         })?;
-    drop(workspace);
-    Ok(documents)
+    Ok((documents, workspace))
+}
+
+/// A run's workspace and the slot it was prepared for. Dropped on a failed run (removed on the
+/// spot); a successful run removes it off the runtime's threads while its documents are sent.
+struct Workspace {
+    dir: tempfile::TempDir,
+    /// Released after the folder is gone (fields drop in order).
+    _slot: SlotLease,
+}
+
+impl Workspace {
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    async fn remove(self) {
+        let Workspace { dir, _slot } = self;
+        let path = dir.path().to_path_buf();
+        match tokio::task::spawn_blocking(move || dir.close()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                warn!(workspace = %path.display(), %error, "could not remove the workspace; it is removed at the next start")
+            }
+            Err(error) => warn!(%error, "removing the workspace panicked"),
+        }
+    }
 }
 
 /// Where one analyzer run happens.

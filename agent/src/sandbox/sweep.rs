@@ -34,9 +34,11 @@ pub enum SweepError {
 /// (fork, wait, `/proc` scans): call it from a blocking thread.
 pub fn sweep(user: SlotUser) -> Result<usize, SweepError> {
     let started = Instant::now();
-    let initial = live_processes(user.uid).len();
+    // One scan of `/proc` per round (reading every process's status is most of a sweep's cost,
+    // and a sweep sits between a run's end and its result).
+    let mut alive = live_processes(user.uid);
+    let initial = alive.len();
     loop {
-        let alive = live_processes(user.uid);
         if alive.is_empty() {
             return Ok(initial);
         }
@@ -48,6 +50,7 @@ pub fn sweep(user: SlotUser) -> Result<usize, SweepError> {
         }
         kill_all_as(user)?;
         std::thread::sleep(ROUND_PAUSE);
+        alive = live_processes(user.uid);
     }
 }
 
