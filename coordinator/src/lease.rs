@@ -4,8 +4,9 @@
 //! reports into job-source writes (status changes at once, step progress coalesced to one write per
 //! `PROGRESS_INTERVAL`, both with the texts of [`crate::progress_text`]), watches for cancellation, and ends the job exactly once: completed with
 //! its documents, failed (retry or dead), handed back when its agent is lost, or left canceled.
-//! A run's end is journaled before the agent is released from it, and the journal entry is only
-//! dropped once the job source has the end: a restart or an outage delays a result, never loses it.
+//! A run's end is journaled before the agent is released from it (the embedded store, in the
+//! same database, records it directly), and the journal entry is only dropped once the job source
+//! has the end: a restart or an outage delays a result, never loses it.
 //! What the run does (accepted, each phase, how it ended) also goes to its attempt's history
 //! through a [`Recorder`] ([`crate::history`]).
 
@@ -449,20 +450,25 @@ impl Keeper {
             }
         };
         // Durable first, then the agent may let go of its copy. Without the journal, the agent
-        // keeps it until the job source has it.
-        let journaled = match self
-            .ctx
-            .journal
-            .record_end(&self.record.assignment_id, &run_end)
-            .await
-        {
-            Ok(()) => {
-                self.ack(true, "");
-                true
-            }
-            Err(error) => {
-                warn!(job_id = %self.record.job_id, %error, "could not journal the result; the agent keeps it until it is delivered");
-                false
+        // keeps it until the job source has it; a source in the coordinator's own database is
+        // as durable as the journal, so the end goes there directly.
+        let journaled = if self.ctx.source.records_ends_locally() {
+            false
+        } else {
+            match self
+                .ctx
+                .journal
+                .record_end(&self.record.assignment_id, &run_end)
+                .await
+            {
+                Ok(()) => {
+                    self.ack(true, "");
+                    true
+                }
+                Err(error) => {
+                    warn!(job_id = %self.record.job_id, %error, "could not journal the result; the agent keeps it until it is delivered");
+                    false
+                }
             }
         };
         let end = self.deliver(run_end).await;

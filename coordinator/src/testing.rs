@@ -69,6 +69,8 @@ pub struct FakeSource {
     pub claims_hang: std::sync::atomic::AtomicBool,
     /// What `parallel_claims` answers (1 when 0, the trait's default).
     pub parallel_claims: std::sync::atomic::AtomicUsize,
+    /// What `records_ends_locally` answers (false, the trait's default, unless set).
+    pub ends_locally: std::sync::atomic::AtomicBool,
     pub heartbeat_replies: Mutex<VecDeque<Result<()>>>,
     pub complete_replies: Mutex<VecDeque<Result<()>>>,
     pub fail_replies: Mutex<VecDeque<Result<FailOutcome>>>,
@@ -100,6 +102,10 @@ impl JobSource for FakeSource {
         self.parallel_claims
             .load(std::sync::atomic::Ordering::SeqCst)
             .max(1)
+    }
+
+    fn records_ends_locally(&self) -> bool {
+        self.ends_locally.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     async fn claim(&self, _worker_id: &str, _lease: Duration) -> Result<Option<ClaimedJob>> {

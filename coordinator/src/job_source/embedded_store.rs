@@ -220,6 +220,11 @@ impl JobSource for EmbeddedStore {
         PARALLEL_CLAIMS
     }
 
+    /// The jobs live in the journal's database.
+    fn records_ends_locally(&self) -> bool {
+        true
+    }
+
     async fn claim(&self, worker_id: &str, lease: Duration) -> Result<Option<ClaimedJob>> {
         let worker_id = worker_id.to_owned();
         let options = self.options.clone();

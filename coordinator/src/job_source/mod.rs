@@ -342,6 +342,15 @@ pub trait JobSource: Send + Sync + 'static {
         1
     }
 
+    /// Whether the source records a job's end in the coordinator's own database, as durably as
+    /// the journal would: a run's end then goes straight to the source before the agent's result
+    /// is acknowledged, instead of through the journal first (the documents written once, one
+    /// commit fewer between the result and the job's end). A remote source answers false: its
+    /// outages must not keep the agent waiting, so the journal holds the end meanwhile.
+    fn records_ends_locally(&self) -> bool {
+        false
+    }
+
     /// Claims the oldest due pending job, leasing it to `worker_id` for `lease`.
     async fn claim(&self, worker_id: &str, lease: Duration) -> Result<Option<ClaimedJob>>;
 

@@ -88,6 +88,10 @@ impl JobSource for ObservedSource {
         self.inner.parallel_claims()
     }
 
+    fn records_ends_locally(&self) -> bool {
+        self.inner.records_ends_locally()
+    }
+
     async fn claim(&self, worker_id: &str, lease: Duration) -> Result<Option<ClaimedJob>> {
         self.observe("claim", self.inner.claim(worker_id, lease))
             .await

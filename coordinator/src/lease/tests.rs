@@ -295,6 +295,49 @@ async fn a_result_waits_out_a_job_source_outage() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_source_that_records_ends_locally_holds_the_result_before_the_agent_lets_go() {
+    let mut harness = Harness::new(no_cancel_checks);
+    harness
+        .source
+        .ends_locally
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    harness.source.complete_replies.lock().unwrap().extend([
+        Err(JobSourceError::Unavailable("down".into())),
+        Err(JobSourceError::Unavailable("still down".into())),
+    ]);
+    let mut keeper = start_keeper(&harness).await;
+    keeper
+        .events
+        .send(run(RunEvent::Document {
+            index: 0,
+            document: document(),
+        }))
+        .unwrap();
+    keeper.events.send(succeeded(1)).unwrap();
+
+    // Not journaled: while the source does not have the end, the agent keeps its copy.
+    harness.next_final_call("the first complete attempt").await;
+    assert!(
+        keeper.agent.try_recv().is_err(),
+        "no acknowledgement before the source has the result"
+    );
+    let entries = harness.ctx.journal.load().await.unwrap();
+    assert_eq!(entries.len(), 1);
+    assert!(entries[0].end.is_none(), "the end is not written twice");
+
+    for _ in 0..2 {
+        harness.next_final_call("a complete attempt").await;
+    }
+    let message = next_message(&mut keeper.agent, "the acknowledgement").await;
+    assert!(
+        matches!(&message, ToAgent::ResultAck(ack) if ack.accepted),
+        "{message:?}"
+    );
+    ended(keeper, "the delivered result").await;
+    assert!(harness.ctx.journal.load().await.unwrap().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
 async fn shutdown_during_an_outage_leaves_the_result_in_the_journal() {
     let mut harness = Harness::new(no_cancel_checks);
     harness
