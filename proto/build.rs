@@ -19,9 +19,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out_dir.join("fondation_descriptor.bin"),
         fds.encode_to_vec(),
     )?;
-    // Assignment carries a clone credential: its Debug is written by hand, redacting it.
+    // Assignment carries a clone credential: its Debug is written by hand, redacting it. The
+    // services use the codec of `src/codec.rs` (small per-call buffers).
     tonic_prost_build::configure()
         .skip_debug([".fondation.v1.Assignment"])
+        .codec_path("crate::codec::LeanCodec")
         .compile_fds(fds)?;
     Ok(())
 }

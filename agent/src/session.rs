@@ -477,7 +477,7 @@ impl Agent {
 
     async fn on_message(&mut self, message: ToAgent, outbound: &mpsc::Sender<pb::AgentMessage>) {
         match message {
-            ToAgent::Assignment(assignment) => self.accept(assignment, outbound).await,
+            ToAgent::Assignment(assignment) => self.accept(*assignment, outbound).await,
             ToAgent::Cancel(cancel) => match self.runs.get(&cancel.assignment_id) {
                 Some(run) if run.result.is_some() => {
                     self.runs.remove(&cancel.assignment_id);

@@ -220,7 +220,7 @@ async fn dispatch(
     let clone_credential = target
         .credential
         .or_else(|| ctx.config.fallback_github_token().ok().flatten());
-    let message = ToAgent::Assignment(Assignment {
+    let message = ToAgent::Assignment(Box::new(Assignment {
         assignment_id: record.assignment_id.clone(),
         job_id: job.id.clone(),
         repo_url: target.url,
@@ -229,7 +229,7 @@ async fn dispatch(
         attempt: job.attempt,
         epoch: record.epoch,
         clone_credential,
-    });
+    }));
     info!(job_id = %job.id, agent_id = %record.agent_id, attempt = job.attempt, "job assigned");
     if sender.send(message).await.is_err() {
         // The stream closed under us: the keeper hears about it from the gateway's clean-up or,

@@ -4,12 +4,14 @@
 //!
 //! Layout:
 //! - [`pb`]: the generated protobuf types and tonic services;
+//! - [`codec`]: the services' codec (prost with small per-call buffers);
 //! - [`limits`]: every size limit of the project, each with the Convex limit it protects, and the
 //!   truncation of text over a cap;
 //! - [`model`]: the domain model of the agent link and its conversions from and to [`pb`];
 //! - [`validate`]: repository URL allow-list and git branch-name rules, shared so the coordinator
 //!   (before assigning) and the agent (before cloning) enforce the same thing;
 
+pub mod codec;
 pub mod limits;
 pub mod model;
 pub mod validate;

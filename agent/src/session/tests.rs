@@ -127,7 +127,7 @@ impl Session {
 /// An assignment the runner refuses at once (its repository is not allow-listed): a run that
 /// ends without cloning anything.
 fn doomed_assignment(id: &str) -> ToAgent {
-    ToAgent::Assignment(Assignment {
+    ToAgent::Assignment(Box::new(Assignment {
         assignment_id: id.into(),
         job_id: "job-1".into(),
         repo_url: "https://evil.example/owner/repo.git".into(),
@@ -136,7 +136,7 @@ fn doomed_assignment(id: &str) -> ToAgent {
         attempt: 1,
         epoch: 42,
         clone_credential: None,
-    })
+    }))
 }
 
 fn is_failed(report: &RunReport, retryable: bool) -> bool {

@@ -32,7 +32,7 @@ fn messages_to_the_agent_survive_the_wire() {
             coordinator_id: "coord".into(),
             heartbeat_interval: Duration::from_millis(1500),
         }),
-        ToAgent::Assignment(Assignment {
+        ToAgent::Assignment(Box::new(Assignment {
             assignment_id: "as-1".into(),
             job_id: "job-1".into(),
             repo_url: "https://github.com/o/r.git".into(),
@@ -41,8 +41,8 @@ fn messages_to_the_agent_survive_the_wire() {
             attempt: 2,
             epoch: 9,
             clone_credential: None,
-        }),
-        ToAgent::Assignment(Assignment {
+        })),
+        ToAgent::Assignment(Box::new(Assignment {
             assignment_id: "as-2".into(),
             job_id: "job-2".into(),
             repo_url: "https://github.com/o/private.git".into(),
@@ -51,7 +51,7 @@ fn messages_to_the_agent_survive_the_wire() {
             attempt: 1,
             epoch: 10,
             clone_credential: Some(CloneCredential::new("gho_secret".into())),
-        }),
+        })),
         ToAgent::Cancel(CancelRun {
             assignment_id: "as-1".into(),
             reason: "canceled".into(),
@@ -87,10 +87,10 @@ fn the_clone_credential_is_redacted_in_every_debug_output() {
         epoch: 1,
         clone_credential: Some(CloneCredential::new("gho_secret".into())),
     };
-    let model = format!("{:?}", ToAgent::Assignment(assignment.clone()));
+    let model = format!("{:?}", ToAgent::Assignment(Box::new(assignment.clone())));
     let wire = format!(
         "{:?}",
-        pb::CoordinatorMessage::from(ToAgent::Assignment(assignment))
+        pb::CoordinatorMessage::from(ToAgent::Assignment(Box::new(assignment)))
     );
     for printed in [model, wire] {
         assert!(!printed.contains("gho_secret"), "{printed}");

@@ -12,8 +12,9 @@ use crate::pb::{self, coordinator_message::Kind};
 pub enum ToAgent {
     /// The answer to `Hello`.
     Welcome(Welcome),
-    /// Run a job.
-    Assignment(Assignment),
+    /// Run a job. Boxed: it is by far the largest message, and every agent's outbound queue on
+    /// the coordinator allocates its slots at the size of the largest variant.
+    Assignment(Box<Assignment>),
     /// Stop a run (or drop a held result).
     Cancel(CancelRun),
     /// Take no new assignments.
@@ -158,7 +159,7 @@ impl TryFrom<pb::CoordinatorMessage> for ToAgent {
                     coordinator_id: w.coordinator_id,
                     heartbeat_interval: Duration::from_millis(u64::from(w.heartbeat_interval_ms)),
                 }),
-                Kind::Assignment(a) => ToAgent::Assignment(Assignment {
+                Kind::Assignment(a) => ToAgent::Assignment(Box::new(Assignment {
                     assignment_id: a.assignment_id,
                     job_id: a.job_id,
                     repo_url: a.repo_url,
@@ -169,7 +170,7 @@ impl TryFrom<pb::CoordinatorMessage> for ToAgent {
                     clone_credential: Some(a.clone_credential)
                         .filter(|token| !token.is_empty())
                         .map(CloneCredential),
-                }),
+                })),
                 Kind::Cancel(c) => ToAgent::Cancel(CancelRun {
                     assignment_id: c.assignment_id,
                     reason: c.reason,
