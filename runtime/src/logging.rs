@@ -1,6 +1,6 @@
 //! One tracing set-up for both binaries: `RUST_LOG` filter (default `info`), plain or JSON lines.
 
-use tracing_subscriber::{fmt, EnvFilter};
+use tracing_subscriber::{filter::Targets, fmt, prelude::*};
 
 /// Log line format, from `LOG_FORMAT`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -30,12 +30,40 @@ pub fn init(format: LogFormat) {
 /// Like [`init`], with `default_filter` in place of `info` when `RUST_LOG` is unset (the demo
 /// keeps its terminal for the progress bar).
 pub fn init_with_default(format: LogFormat, default_filter: &str) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let rust_log = std::env::var("RUST_LOG").ok();
+    let (filter, invalid) = log_filter(rust_log.as_deref(), default_filter);
+    let layer = fmt::layer().with_writer(std::io::stderr);
     match format {
-        LogFormat::Plain => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Plain => tracing_subscriber::registry()
+            .with(layer.with_filter(filter))
+            .init(),
+        LogFormat::Json => tracing_subscriber::registry()
+            .with(layer.json().with_filter(filter))
+            .init(),
+    }
+    if let Some(error) = invalid {
+        tracing::warn!(%error, rust_log = ?rust_log, default = default_filter, "RUST_LOG is not a valid filter (`level` or `target=level`, comma-separated); using the default");
+    }
+}
+
+/// The `RUST_LOG` filter: comma-separated `level` and `target=level` directives, e.g.
+/// `info,fondation_agent=debug,h2=warn`. Read as tracing-subscriber's `Targets` rather than
+/// `EnvFilter`: span and field filters are not supported, and the regular-expression engine
+/// `EnvFilter` compiles at start-up stays out of the binaries (its code was a good part of an
+/// idle agent's resident memory). An unset, empty or invalid value gives `default_filter`, with
+/// the parse error for the log.
+fn log_filter(rust_log: Option<&str>, default_filter: &str) -> (Targets, Option<String>) {
+    let default = || {
+        default_filter
+            .parse::<Targets>()
+            .unwrap_or_else(|_| Targets::new().with_default(tracing::Level::INFO))
+    };
+    match rust_log.map(str::trim).filter(|value| !value.is_empty()) {
+        None => (default(), None),
+        Some(value) => match value.parse::<Targets>() {
+            Ok(filter) => (filter, None),
+            Err(error) => (default(), Some(error.to_string())),
+        },
     }
 }
 
@@ -49,7 +77,30 @@ pub fn escaped(value: &str) -> std::str::EscapeDebug<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::escaped;
+    use tracing::Level;
+
+    use super::{escaped, log_filter};
+
+    #[test]
+    fn rust_log_sets_levels_per_target_and_falls_back_when_invalid() {
+        let (filter, invalid) = log_filter(Some("warn,fondation_agent::process=debug"), "info");
+        assert!(invalid.is_none());
+        assert!(filter.would_enable("fondation_agent::process", &Level::DEBUG));
+        assert!(!filter.would_enable("fondation_agent::session", &Level::INFO));
+        assert!(filter.would_enable("h2", &Level::WARN));
+
+        let (filter, invalid) = log_filter(Some("loud=yes"), "error");
+        assert!(invalid.is_some(), "an unknown level is reported");
+        assert!(filter.would_enable("anything", &Level::ERROR));
+        assert!(!filter.would_enable("anything", &Level::WARN));
+
+        for unset in [None, Some(""), Some("  ")] {
+            let (filter, invalid) = log_filter(unset, "info");
+            assert!(invalid.is_none());
+            assert!(filter.would_enable("fondation_coordinator", &Level::INFO));
+            assert!(!filter.would_enable("fondation_coordinator", &Level::DEBUG));
+        }
+    }
 
     #[test]
     fn control_characters_cannot_forge_a_line() {

@@ -41,10 +41,10 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     // Logs go to stderr: stdout's first line is the address, for whoever started us.
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .init();
+    fondation_runtime::logging::init_with_default(
+        fondation_runtime::logging::LogFormat::Plain,
+        "error",
+    );
     let args = Args::parse();
     let options = FakeOptions {
         backoff_base: Duration::from_millis(args.backoff_base_ms),
