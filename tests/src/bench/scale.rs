@@ -29,7 +29,7 @@ use crate::{
         cluster::{Admin, AgentProc, CoordinatorProc, Sandbox, ANY_PORT},
         convex_world::ConvexWorld,
         free_port,
-        process::rss_kib,
+        process::{pss_kib, rss_kib, status_kib},
     },
 };
 
@@ -230,6 +230,9 @@ pub fn cpu_time(pid: u32) -> Option<Duration> {
 pub struct Idle {
     pub agents: usize,
     pub rss_kib: u64,
+    /// The private part of the RSS (`RssAnon`: heap and stacks); the rest is the binary's
+    /// clean, shared file pages.
+    pub anon_kib: u64,
     pub cpu_per_second: Duration,
 }
 
@@ -242,6 +245,7 @@ pub async fn idle(pid: u32, fleet: &SimFleet, window: Duration) -> anyhow::Resul
     Ok(Idle {
         agents: fleet.size,
         rss_kib: rss_kib(pid).context("reading the coordinator's RSS")?,
+        anon_kib: status_kib(pid, "RssAnon").context("reading the coordinator's RssAnon")?,
         cpu_per_second: (after - before).div_f64(window.as_secs_f64()),
     })
 }
@@ -375,9 +379,12 @@ mod tests {
     }
 
     #[test]
-    fn own_cpu_time_and_rss_are_readable() {
-        assert!(cpu_time(std::process::id()).is_some());
-        assert!(rss_kib(std::process::id()).is_some_and(|kib| kib > 0));
+    fn own_cpu_time_and_memory_are_readable() {
+        let me = std::process::id();
+        assert!(cpu_time(me).is_some());
+        let rss = rss_kib(me).expect("VmRSS");
+        let pss = pss_kib(me).expect("Pss");
+        assert!(pss > 0 && pss <= rss, "PSS {pss} KiB, RSS {rss} KiB");
     }
 }
 
@@ -447,6 +454,8 @@ pub async fn run(settings: ScaleSettings) -> anyhow::Result<Vec<ScaleRow>> {
     let repo_url = sandbox.repo.url.clone();
 
     let mut fleet: Option<SimFleet> = None;
+    // The coordinator's private memory with the smallest fleet, to tell what each agent adds.
+    let mut first_anon: Option<(usize, u64)> = None;
     for &size in settings.fleets {
         eprintln!(
             "[scale] {size} simulated agents: idle {:?}, latency x{}",
@@ -469,6 +478,20 @@ pub async fn run(settings: ScaleSettings) -> anyhow::Result<Vec<ScaleRow>> {
                 String::new()
             },
         });
+        match first_anon {
+            None => first_anon = Some((size, idle.anon_kib)),
+            Some((first_size, first_kib)) => rows.push(ScaleRow {
+                what: format!("  private memory per agent, {first_size} -> {size} agents"),
+                value: format!(
+                    "{:.1} KiB",
+                    idle.anon_kib.saturating_sub(first_kib) as f64 / (size - first_size) as f64
+                ),
+                against: format!(
+                    "RssAnon {:.1} MiB of the RSS",
+                    idle.anon_kib as f64 / 1024.0
+                ),
+            }),
+        }
         rows.push(ScaleRow {
             what: format!("coordinator CPU, {size} agents idle"),
             value: format!("{:.2} ms/s", idle.cpu_per_second.as_secs_f64() * 1e3),
@@ -569,20 +592,42 @@ pub async fn run(settings: ScaleSettings) -> anyhow::Result<Vec<ScaleRow>> {
         });
     }
 
-    eprintln!("[scale] idle agent RSS");
-    let agent = AgentProc::connected(&sandbox, "idle-agent", coordinator.url(), &[]).await;
+    eprintln!("[scale] idle agent memory, {IDLE_AGENTS} real agents");
+    let mut agents = Vec::with_capacity(IDLE_AGENTS);
+    for n in 1..=IDLE_AGENTS {
+        let id = format!("idle-agent-{n}");
+        agents.push(AgentProc::connected(&sandbox, &id, coordinator.url(), &[]).await);
+    }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let agent_rss = agent.proc.pid().and_then(rss_kib);
-    rows.push(ScaleRow {
-        what: "idle agent RSS (the real agent)".into(),
-        value: agent_rss.map_or_else(
+    let pids: Vec<u32> = agents.iter().filter_map(|agent| agent.proc.pid()).collect();
+    let mib = |kib: Option<u64>| {
+        kib.map_or_else(
             || "n/a".into(),
             |kib| format!("{:.1} MiB", kib as f64 / 1024.0),
-        ),
+        )
+    };
+    let first = pids.first().copied();
+    rows.push(ScaleRow {
+        what: "idle agent RSS (the real agent)".into(),
+        value: mib(first.and_then(rss_kib)),
         against: "target <= 5 MiB (stretch)".into(),
+    });
+    rows.push(ScaleRow {
+        what: "  of which private (RssAnon)".into(),
+        value: mib(first.and_then(|pid| status_kib(pid, "RssAnon"))),
+        against: "the rest: the binary's clean file pages".into(),
+    });
+    let pss: Option<Vec<u64>> = pids.iter().map(|pid| pss_kib(*pid)).collect();
+    rows.push(ScaleRow {
+        what: format!("  PSS per agent, {} agents of one binary", pids.len()),
+        value: mib(pss.map(|pss| pss.iter().sum::<u64>() / pss.len().max(1) as u64)),
+        against: "file pages counted once per host".into(),
     });
     Ok(rows)
 }
+
+/// Real agents started for the idle memory rows: their code pages are shared, their heaps not.
+const IDLE_AGENTS: usize = 4;
 
 fn ms(duration: Duration) -> String {
     format!("{:.2} ms", duration.as_secs_f64() * 1e3)

@@ -151,8 +151,19 @@ fn capture(
 /// A memory field of `/proc/<pid>/status` (`VmRSS`, `VmHWM`, ...), in KiB; `None` when the
 /// process is gone or the field missing.
 pub fn status_kib(pid: u32, field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find_map(|line| {
+    kib_field(&format!("/proc/{pid}/status"), field)
+}
+
+/// Proportional set size of a live process, in KiB: its private pages, plus each shared page
+/// divided by the number of processes mapping it.
+pub fn pss_kib(pid: u32) -> Option<u64> {
+    kib_field(&format!("/proc/{pid}/smaps_rollup"), "Pss")
+}
+
+/// A `Field:   123 kB` line of a `/proc` file.
+fn kib_field(path: &str, field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines().find_map(|line| {
         line.strip_prefix(field)?
             .strip_prefix(':')?
             .trim()
