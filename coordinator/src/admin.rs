@@ -237,17 +237,13 @@ impl pb::admin_server::Admin for Admin {
             .map_err(invalid)?;
         validate::check_job_branch(&branch).map_err(invalid)?;
         validate::check_prompt(&request.prompt).map_err(invalid)?;
-        let job_id = self
-            .ctx
-            .source
-            .submit(NewJob {
-                repo_url: request.repo_url,
-                branch,
-                prompt: request.prompt,
-            })
-            .await?;
+        let job = NewJob {
+            repo_url: request.repo_url,
+            branch,
+            prompt: request.prompt,
+        };
+        let job_id = crate::dispatcher::submit(&self.ctx, job).await?;
         info!(job_id = %job_id, "job submitted");
-        self.ctx.wake_claimer.notify_one();
         Ok(Response::new(pb::SubmitJobResponse { job_id }))
     }
 

@@ -9,7 +9,12 @@
 //! ([`JobSource::claim_journaled`]): one commit, and no window in which a crash leaves a claimed
 //! job without its journal entry. With Convex the journal write follows the claim.
 //!
+//! A job submitted through the Admin API while an agent has a free slot skips the loop: its
+//! submit claims in the same transaction ([`JobSource::submit_and_claim`], the embedded store),
+//! so it reaches the agent after one commit instead of two.
+//!
 //! [`JobSource::claim_journaled`]: crate::job_source::JobSource::claim_journaled
+//! [`JobSource::submit_and_claim`]: crate::job_source::JobSource::submit_and_claim
 
 use std::{sync::Arc, time::Duration};
 
@@ -25,7 +30,7 @@ use crate::{
     agents::AgentSender,
     assignments::AssignmentRecord,
     context::Context,
-    job_source::{now_ms, ClaimedJob, RepoTarget},
+    job_source::{now_ms, ClaimedJob, JobId, JobSourceError, NewJob, RepoTarget},
     journal::PlannedAssignment,
     lease::{spawn_keeper, JobEvent, KeeperStart},
 };
@@ -82,19 +87,9 @@ async fn claim_round(ctx: &Arc<Context>) -> Option<Round> {
         .source
         .parallel_claims()
         .clamp(1, ctx.agents.free_slots().max(1) as usize);
-    let mut reserved = Vec::with_capacity(wanted);
-    for _ in 0..wanted {
-        let assignment_id = uuid::Uuid::new_v4().to_string();
-        let Some((agent_id, sender)) = ctx.agents.reserve_slot(&assignment_id, "") else {
-            break;
-        };
-        let planned = PlannedAssignment {
-            assignment_id,
-            epoch: ctx.assignments.next_epoch(),
-            agent_id,
-        };
-        reserved.push((planned, sender));
-    }
+    let reserved: Vec<_> = std::iter::from_fn(|| reserve_slot(ctx))
+        .take(wanted)
+        .collect();
     if reserved.is_empty() {
         return Some(Round::NoSlot);
     }
@@ -130,6 +125,62 @@ async fn claim_round(ctx: &Arc<Context>) -> Option<Round> {
         }
     }
     Some(round)
+}
+
+/// Reserves a free slot for an assignment not yet made: its id, epoch and agent are decided
+/// before the claim, so that the claim can journal it.
+fn reserve_slot(ctx: &Context) -> Option<(PlannedAssignment, AgentSender)> {
+    let assignment_id = uuid::Uuid::new_v4().to_string();
+    let (agent_id, sender) = ctx.agents.reserve_slot(&assignment_id, "")?;
+    let planned = PlannedAssignment {
+        assignment_id,
+        epoch: ctx.assignments.next_epoch(),
+        agent_id,
+    };
+    Some((planned, sender))
+}
+
+/// Queues a job submitted through the Admin API. With a free slot, the submit claims in its own
+/// transaction and the claimed job is dispatched at once; the claim loop is woken only when
+/// something may be left for it (no slot was free, or an older due job was claimed instead of
+/// the new one).
+pub async fn submit(ctx: &Arc<Context>, job: NewJob) -> Result<JobId, JobSourceError> {
+    let reserved = if ctx.shutdown.is_cancelled() {
+        None
+    } else {
+        reserve_slot(ctx)
+    };
+    let Some((planned, sender)) = reserved else {
+        let job_id = ctx.source.submit(job).await?;
+        ctx.wake_claimer.notify_one();
+        return Ok(job_id);
+    };
+    let submitted = ctx
+        .source
+        .submit_and_claim(job, &ctx.worker_id, ctx.config.lease_time, &planned)
+        .await;
+    match submitted {
+        Ok((job_id, Some(claimed))) => {
+            if claimed.id != job_id {
+                ctx.wake_claimer.notify_one();
+            }
+            // The caller gets its id without waiting for the agent's queue.
+            let ctx = ctx.clone();
+            tokio::spawn(async move { dispatch(&ctx, claimed, planned, sender, true).await });
+            Ok(job_id)
+        }
+        Ok((job_id, None)) => {
+            ctx.agents
+                .release(&planned.agent_id, &planned.assignment_id);
+            ctx.wake_claimer.notify_one();
+            Ok(job_id)
+        }
+        Err(error) => {
+            ctx.agents
+                .release(&planned.agent_id, &planned.assignment_id);
+            Err(error)
+        }
+    }
 }
 
 /// How long to wait after an empty claim: the poll interval, or until the next retry is due.

@@ -406,28 +406,42 @@ impl JobSource for EmbeddedStore {
     }
 
     async fn submit(&self, job: NewJob) -> Result<JobId> {
-        if job.repo_url.is_empty() {
-            return Err(JobSourceError::Invalid("repo_url is empty".to_owned()));
-        }
-        fondation_proto::validate::check_prompt(&job.prompt)
-            .map_err(|error| JobSourceError::Invalid(error.to_string()))?;
-        // An empty branch stays empty: the agent clones the repository's default branch.
-        let branch = job.branch;
+        check_new_job(&job)?;
         let id = new_id();
         let job_id = id.clone();
         self.run("submitting a job", move |conn| {
-            let now = now_ms();
-            exec(
-                conn,
-                "INSERT INTO jobs (id, status, repo_url, branch, prompt, attempts, run_at,
-                     created_at, updated_at)
-                 VALUES (?1, 'pending', ?2, ?3, ?4, 0, ?5, ?5, ?5)",
-                params![job_id, job.repo_url, branch, job.prompt, now],
-            )?;
-            Ok(())
+            insert_job(conn, &job_id, &job)
         })
         .await?;
         Ok(id)
+    }
+
+    /// The insert, the claim and the journal entry in one request, so one commit: a crash
+    /// leaves all three or none.
+    async fn submit_and_claim(
+        &self,
+        job: NewJob,
+        worker_id: &str,
+        lease: Duration,
+        planned: &PlannedAssignment,
+    ) -> Result<(JobId, Option<ClaimedJob>)> {
+        check_new_job(&job)?;
+        let id = new_id();
+        let job_id = id.clone();
+        let worker_id = worker_id.to_owned();
+        let options = self.options.clone();
+        let planned = planned.clone();
+        let claimed = self
+            .run("submitting and claiming a job", move |conn| {
+                insert_job(conn, &job_id, &job)?;
+                let Some(claimed) = claim_next(conn, &worker_id, lease, &options)? else {
+                    return Ok(None);
+                };
+                journal::insert_assignment(conn, &planned.record(&claimed))?;
+                Ok(Some(claimed))
+            })
+            .await?;
+        Ok((id, claimed))
     }
 
     async fn list_jobs(&self, query: &JobQuery) -> Result<Vec<JobView>> {
@@ -581,6 +595,29 @@ fn query_row<T, P: rusqlite::Params>(
 }
 
 /// Leases the oldest due pending job to `worker_id`, after taking back expired leases.
+/// What a submitted job must hold before it is stored.
+fn check_new_job(job: &NewJob) -> Result<()> {
+    if job.repo_url.is_empty() {
+        return Err(JobSourceError::Invalid("repo_url is empty".to_owned()));
+    }
+    fondation_proto::validate::check_prompt(&job.prompt)
+        .map_err(|error| JobSourceError::Invalid(error.to_string()))
+}
+
+/// Stores a submitted job as pending and due now. An empty branch stays empty: the agent clones
+/// the repository's default branch.
+fn insert_job(conn: &Connection, id: &str, job: &NewJob) -> OpResult<()> {
+    let now = now_ms();
+    exec(
+        conn,
+        "INSERT INTO jobs (id, status, repo_url, branch, prompt, attempts, run_at,
+             created_at, updated_at)
+         VALUES (?1, 'pending', ?2, ?3, ?4, 0, ?5, ?5, ?5)",
+        params![id, job.repo_url, job.branch, job.prompt, now],
+    )?;
+    Ok(())
+}
+
 fn claim_next(
     tx: &Connection,
     worker_id: &str,

@@ -415,6 +415,21 @@ pub trait JobSource: Send + Sync + 'static {
     /// Enqueues a job.
     async fn submit(&self, job: NewJob) -> Result<JobId>;
 
+    /// Enqueues a job and, in the same transaction, claims the oldest due job for `planned` (the
+    /// new one, unless older ones wait) and journals its assignment: a job submitted while a slot
+    /// is free then reaches its agent after one commit, not two (the submit's, then the claim's).
+    /// A claimed job is always journaled. The default, for a source that cannot, only enqueues.
+    async fn submit_and_claim(
+        &self,
+        job: NewJob,
+        worker_id: &str,
+        lease: Duration,
+        planned: &PlannedAssignment,
+    ) -> Result<(JobId, Option<ClaimedJob>)> {
+        let _ = (worker_id, lease, planned);
+        Ok((self.submit(job).await?, None))
+    }
+
     /// The jobs `query` selects, in its order: at most `limit` after skipping `offset`.
     /// [`JobSourceError::Unsupported`] where the source cannot list its jobs (Convex).
     async fn list_jobs(&self, query: &JobQuery) -> Result<Vec<JobView>>;

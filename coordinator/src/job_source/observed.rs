@@ -163,6 +163,20 @@ impl JobSource for ObservedSource {
         self.observe("submit", self.inner.submit(job)).await
     }
 
+    async fn submit_and_claim(
+        &self,
+        job: NewJob,
+        worker_id: &str,
+        lease: Duration,
+        planned: &PlannedAssignment,
+    ) -> Result<(JobId, Option<ClaimedJob>)> {
+        self.observe(
+            "submit",
+            self.inner.submit_and_claim(job, worker_id, lease, planned),
+        )
+        .await
+    }
+
     async fn list_jobs(&self, query: &JobQuery) -> Result<Vec<JobView>> {
         self.observe("list_jobs", self.inner.list_jobs(query)).await
     }

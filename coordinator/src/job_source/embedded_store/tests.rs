@@ -807,6 +807,65 @@ async fn a_claim_journals_its_assignment_in_the_same_commit() {
 }
 
 #[tokio::test]
+async fn a_submit_with_a_free_slot_claims_and_journals_in_its_own_commit_oldest_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Database::open(dir.path()).expect("open database");
+    let store = EmbeddedStore::new(db.clone(), EmbeddedOptions::default());
+    let journal = crate::journal::Journal::new(db.clone());
+    let planned = |n: u64| PlannedAssignment {
+        assignment_id: format!("assignment-{n}"),
+        epoch: n,
+        agent_id: "agent-1".into(),
+    };
+
+    // Nothing older waits: the new job is the one claimed, in the submit's commit.
+    let before = db.commits();
+    let (id, claimed) = store
+        .submit_and_claim(new_job(1), "w1", LEASE, &planned(1))
+        .await
+        .unwrap();
+    assert_eq!(
+        db.commits(),
+        before + 1,
+        "insert, claim and journal share one commit"
+    );
+    assert_eq!(claimed.expect("the new job is claimed").id, id);
+    assert_eq!(view(&store, &id).await.status, JobStatus::Claimed);
+    let entries = journal.load().await.unwrap();
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].record.job_id, id);
+    assert_eq!(entries[0].record.assignment_id, "assignment-1");
+
+    // An older due job goes first; the new one waits for the claim loop.
+    let older = store.submit(new_job(2)).await.unwrap();
+    let (newer, claimed) = store
+        .submit_and_claim(new_job(3), "w1", LEASE, &planned(2))
+        .await
+        .unwrap();
+    assert_eq!(claimed.expect("the older job is claimed").id, older);
+    assert_eq!(view(&store, &newer).await.status, JobStatus::Pending);
+    let journaled: HashSet<String> = journal
+        .load()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|entry| entry.record.job_id)
+        .collect();
+    assert_eq!(journaled, HashSet::from([id, older]));
+
+    // A refused job is neither stored nor claimed.
+    let mut empty = new_job(4);
+    empty.repo_url.clear();
+    assert!(matches!(
+        store
+            .submit_and_claim(empty, "w1", LEASE, &planned(3))
+            .await,
+        Err(JobSourceError::Invalid(_))
+    ));
+    assert_eq!(view(&store, &newer).await.status, JobStatus::Pending);
+}
+
+#[tokio::test]
 async fn release_gives_the_attempt_back_and_makes_the_job_due_at_once() {
     let dir = tempfile::tempdir().unwrap();
     // One attempt only: a released claim must not use it up.
