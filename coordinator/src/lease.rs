@@ -374,6 +374,13 @@ impl Keeper {
     }
 
     fn add_document(&mut self, index: u32, document: Document) {
+        // A result always starts at document 0: another 0 means the agent sends it again from the
+        // start (it reconnected before this coordinator saw its old session end).
+        if index == 0 {
+            self.documents.clear();
+            self.result_bytes = 0;
+            self.invalid_result = None;
+        }
         if self.invalid_result.is_some() {
             return;
         }

@@ -295,6 +295,38 @@ async fn a_result_waits_out_a_job_source_outage() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_result_sent_again_from_its_first_document_replaces_the_partial_one() {
+    let mut harness = Harness::new(no_cancel_checks);
+    let mut keeper = start_keeper(&harness).await;
+    let document_event = |index| {
+        run(RunEvent::Document {
+            index,
+            document: document(),
+        })
+    };
+    // Two documents on a session this coordinator has not seen end, then the whole result again
+    // on the agent's new session.
+    for index in [0, 1, 0, 1] {
+        keeper.events.send(document_event(index)).unwrap();
+    }
+    keeper.events.send(succeeded(2)).unwrap();
+    let (_, call) = harness.next_final_call("the complete").await;
+    assert_eq!(
+        call,
+        Call::Complete {
+            job_id: "job-1".into(),
+            documents: 2
+        }
+    );
+    let message = next_message(&mut keeper.agent, "the acknowledgement").await;
+    assert!(
+        matches!(&message, ToAgent::ResultAck(ack) if ack.accepted),
+        "{message:?}"
+    );
+    ended(keeper, "the delivered result").await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_source_that_records_ends_locally_holds_the_result_before_the_agent_lets_go() {
     let mut harness = Harness::new(no_cancel_checks);
     harness
