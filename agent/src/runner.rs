@@ -145,7 +145,8 @@ pub async fn run_assignment(
     let finished = match outcome {
         Ok((documents, workspace)) => {
             let count = documents.len() as u32;
-            // The documents travel while the workspace is removed; the result follows both.
+            // The documents travel while the workspace is removed; the end follows both (a
+            // reconnect in between re-sends the documents: see the session's held results).
             for (index, document) in documents.into_iter().enumerate() {
                 reporter.send(RunEvent::Document {
                     index: index as u32,

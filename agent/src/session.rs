@@ -377,11 +377,23 @@ impl Agent {
         }
     }
 
-    /// The reports of every ended run not yet acknowledged: documents, then `Finished`.
+    /// What a new session sends again first: the reports of every ended run not yet
+    /// acknowledged (documents, then `Finished`), and the documents already reported of a run
+    /// whose end has not come yet (its `Finished` then follows on the new session). The
+    /// coordinator starts a result over at its document 0, so documents it already had from the
+    /// old session are replaced, not counted twice.
     fn held_results(&self) -> Vec<RunReport> {
         self.runs
             .values()
-            .flat_map(|run| run.result.iter().flatten().cloned())
+            .flat_map(|run| match &run.result {
+                Some(result) => result.clone(),
+                None => run
+                    .partial
+                    .iter()
+                    .filter(|report| matches!(report.event, RunEvent::Document { .. }))
+                    .cloned()
+                    .collect(),
+            })
             .collect()
     }
 

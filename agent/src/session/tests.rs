@@ -5,8 +5,8 @@ use std::time::Duration;
 use clap::Parser;
 use fondation_proto::{
     model::{
-        Assignment, Drain, FollowOutput, FromAgent, OutputStream, ResultAck, RunEvent, RunOutcome,
-        RunReport, ToAgent,
+        Assignment, Document, DocumentKind, Drain, FollowOutput, FromAgent, OutputStream,
+        ResultAck, RunEvent, RunOutcome, RunReport, ToAgent,
     },
     pb,
 };
@@ -186,6 +186,54 @@ async fn a_result_is_held_across_a_lost_session_until_acknowledged() {
     let agent = session.lose().await;
     assert!(agent.hello().running.is_empty());
     assert!(agent.held_results().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn documents_sent_before_a_lost_session_go_again_before_the_runs_end() {
+    let workspace = tempfile::tempdir().unwrap();
+    let mut agent = agent(workspace.path()).await;
+    printing_run(&mut agent, "as-1");
+    let reports = agent.reports_tx.clone();
+    let report = |event| RunReport {
+        assignment_id: "as-1".into(),
+        epoch: 42,
+        event,
+    };
+    let document = |n: u32| {
+        report(RunEvent::Document {
+            index: n,
+            document: Document {
+                slug: format!("chapters/chapter_{n}.md"),
+                title: format!("Chapter {n}"),
+                kind: DocumentKind::Chapter,
+                chapter_index: Some(n),
+                content: format!("# Chapter {n}"),
+            },
+        })
+    };
+    let mut session = serve(agent, Shutdown::default());
+    for n in 0..2 {
+        reports
+            .send(document(n))
+            .expect("the session takes reports");
+        assert_eq!(session.next_report("a document").await, document(n));
+    }
+
+    // The session is lost before the run's end (the workspace is still being removed).
+    let agent = session.lose().await;
+    assert_eq!(agent.held_results(), [document(0), document(1)]);
+    let mut session = serve(agent, Shutdown::default());
+    for n in 0..2 {
+        assert_eq!(session.next_report("a re-sent document").await, document(n));
+    }
+    let end = report(RunEvent::Finished(RunOutcome::Succeeded {
+        document_count: 2,
+        message: "done".into(),
+    }));
+    reports
+        .send(end.clone())
+        .expect("the session takes reports");
+    assert_eq!(session.next_report("the end").await, end);
 }
 
 #[tokio::test(start_paused = true)]
