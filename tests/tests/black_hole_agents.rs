@@ -117,8 +117,9 @@ async fn an_agent_with_a_missing_workdir_takes_no_job_until_fixed_without_a_rest
         .await;
     assert!(line.contains("WARN"), "{line}");
     assert!(line.contains("ANALYZER_WORKDIR"), "{line}");
+    // Until its first self-check report, the agent is listed as not checked yet.
     let listed = wait_agent(&admin, "broken", "unready", |agent| {
-        !agent.unready_reason.is_empty()
+        agent.unready_reason.contains("ANALYZER_WORKDIR")
     })
     .await;
     assert!(
