@@ -84,7 +84,8 @@ pub fn duration(duration: Option<&prost_types::Duration>) -> String {
     let Some(d) = duration else {
         return "-".into();
     };
-    let total_ms = d.seconds.saturating_mul(1000) + i64::from(d.nanos / 1_000_000);
+    // A span computed from two clocks can come out below zero: shown as 0ms.
+    let total_ms = (d.seconds.saturating_mul(1000) + i64::from(d.nanos / 1_000_000)).max(0);
     if total_ms < 1000 {
         return format!("{total_ms}ms");
     }
@@ -126,6 +127,9 @@ mod tests {
         assert_eq!(duration(span(59, 0).as_ref()), "59s");
         assert_eq!(duration(span(3_723, 0).as_ref()), "1h 2m 3s");
         assert_eq!(duration(None), "-");
+        // The follow summary subtracts two Timestamps field by field.
+        assert_eq!(duration(span(1, -200_000_000).as_ref()), "800ms");
+        assert_eq!(duration(span(-1, 0).as_ref()), "0ms");
     }
 
     #[test]

@@ -15,7 +15,8 @@
 //! thread's current group commit and returns once that commit is on disk (`synchronous = FULL`),
 //! so an acknowledged change survives a crash. The coordinator's journal lives in the same file
 //! (its own tables), which lets a claim journal its assignment in the same transaction
-//! ([`EmbeddedStore::claim_journaled`]); apart from that this module only touches `jobs` and
+//! ([`EmbeddedStore::claim_journaled`], [`EmbeddedStore::submit_and_claim`]); apart from that
+//! this module only touches `jobs` and
 //! `documents`, and reads the attempt history ([`crate::history`]) to list jobs by agent.
 
 use std::{path::Path, time::Duration};
@@ -246,11 +247,8 @@ impl JobSource for EmbeddedStore {
         let options = self.options.clone();
         let planned = planned.clone();
         self.run("claiming and journaling a job", move |conn| {
-            let Some(job) = claim_next(conn, &worker_id, lease, &options)? else {
-                return Ok(None);
-            };
-            journal::insert_assignment(conn, &planned.record(&job))?;
-            Ok(Some((job, true)))
+            let claimed = claim_and_journal(conn, &worker_id, lease, &options, &planned)?;
+            Ok(claimed.map(|job| (job, true)))
         })
         .await
     }
@@ -434,11 +432,7 @@ impl JobSource for EmbeddedStore {
         let claimed = self
             .run("submitting and claiming a job", move |conn| {
                 insert_job(conn, &job_id, &job)?;
-                let Some(claimed) = claim_next(conn, &worker_id, lease, &options)? else {
-                    return Ok(None);
-                };
-                journal::insert_assignment(conn, &planned.record(&claimed))?;
-                Ok(Some(claimed))
+                claim_and_journal(conn, &worker_id, lease, &options, &planned)
             })
             .await?;
         Ok((id, claimed))
@@ -616,6 +610,21 @@ fn insert_job(conn: &Connection, id: &str, job: &NewJob) -> OpResult<()> {
         params![id, job.repo_url, job.branch, job.prompt, now],
     )?;
     Ok(())
+}
+
+/// Claims the oldest due job and journals `planned` for it, in the caller's transaction.
+fn claim_and_journal(
+    tx: &Connection,
+    worker_id: &str,
+    lease: Duration,
+    options: &EmbeddedOptions,
+    planned: &PlannedAssignment,
+) -> OpResult<Option<ClaimedJob>> {
+    let Some(job) = claim_next(tx, worker_id, lease, options)? else {
+        return Ok(None);
+    };
+    journal::insert_assignment(tx, &planned.record(&job))?;
+    Ok(Some(job))
 }
 
 fn claim_next(

@@ -249,6 +249,23 @@ fn document() -> Document {
     }
 }
 
+/// Document `index` of the run's result.
+fn document_at(index: u32) -> JobEvent {
+    run(RunEvent::Document {
+        index,
+        document: document(),
+    })
+}
+
+/// The next message to the agent is an acceptance of its result.
+async fn expect_accepted_ack(agent: &mut mpsc::Receiver<ToAgent>) {
+    let message = next_message(agent, "the acknowledgement").await;
+    assert!(
+        matches!(&message, ToAgent::ResultAck(ack) if ack.accepted),
+        "{message:?}"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_result_waits_out_a_job_source_outage() {
     let mut harness = Harness::new(no_cancel_checks);
@@ -257,21 +274,11 @@ async fn a_result_waits_out_a_job_source_outage() {
         Err(JobSourceError::Unavailable("still down".into())),
     ]);
     let mut keeper = start_keeper(&harness).await;
-    keeper
-        .events
-        .send(run(RunEvent::Document {
-            index: 0,
-            document: document(),
-        }))
-        .unwrap();
+    keeper.events.send(document_at(0)).unwrap();
     keeper.events.send(succeeded(1)).unwrap();
 
     // Journaled, so the agent may let go at once, before the job source has it.
-    let message = next_message(&mut keeper.agent, "the acknowledgement").await;
-    assert!(
-        matches!(&message, ToAgent::ResultAck(ack) if ack.accepted),
-        "{message:?}"
-    );
+    expect_accepted_ack(&mut keeper.agent).await;
     let mut times = Vec::new();
     for _ in 0..3 {
         let (at, call) = harness.next_final_call("a complete attempt").await;
@@ -298,16 +305,10 @@ async fn a_result_waits_out_a_job_source_outage() {
 async fn a_result_sent_again_from_its_first_document_replaces_the_partial_one() {
     let mut harness = Harness::new(no_cancel_checks);
     let mut keeper = start_keeper(&harness).await;
-    let document_event = |index| {
-        run(RunEvent::Document {
-            index,
-            document: document(),
-        })
-    };
     // Two documents on a session this coordinator has not seen end, then the whole result again
     // on the agent's new session.
     for index in [0, 1, 0, 1] {
-        keeper.events.send(document_event(index)).unwrap();
+        keeper.events.send(document_at(index)).unwrap();
     }
     keeper.events.send(succeeded(2)).unwrap();
     let (_, call) = harness.next_final_call("the complete").await;
@@ -318,11 +319,7 @@ async fn a_result_sent_again_from_its_first_document_replaces_the_partial_one() 
             documents: 2
         }
     );
-    let message = next_message(&mut keeper.agent, "the acknowledgement").await;
-    assert!(
-        matches!(&message, ToAgent::ResultAck(ack) if ack.accepted),
-        "{message:?}"
-    );
+    expect_accepted_ack(&mut keeper.agent).await;
     ended(keeper, "the delivered result").await;
 }
 
@@ -338,13 +335,7 @@ async fn a_source_that_records_ends_locally_holds_the_result_before_the_agent_le
         Err(JobSourceError::Unavailable("still down".into())),
     ]);
     let mut keeper = start_keeper(&harness).await;
-    keeper
-        .events
-        .send(run(RunEvent::Document {
-            index: 0,
-            document: document(),
-        }))
-        .unwrap();
+    keeper.events.send(document_at(0)).unwrap();
     keeper.events.send(succeeded(1)).unwrap();
 
     // Not journaled: while the source does not have the end, the agent keeps its copy.
@@ -360,11 +351,7 @@ async fn a_source_that_records_ends_locally_holds_the_result_before_the_agent_le
     for _ in 0..2 {
         harness.next_final_call("a complete attempt").await;
     }
-    let message = next_message(&mut keeper.agent, "the acknowledgement").await;
-    assert!(
-        matches!(&message, ToAgent::ResultAck(ack) if ack.accepted),
-        "{message:?}"
-    );
+    expect_accepted_ack(&mut keeper.agent).await;
     ended(keeper, "the delivered result").await;
     assert!(harness.ctx.journal.load().await.unwrap().is_empty());
 }
